@@ -1,0 +1,157 @@
+"""The model's variants, hidden states, vocabulary padding and checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from tga.model import (
+    CheckpointError,
+    ModelConfig,
+    ModelConfigError,
+    Transformer,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+TINY = dict(vocab_size=101, block_size=16, n_layer=3, n_head=2, n_embd=32)
+
+
+def build(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**TINY, **overrides}))
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_every_variant_has_right_shapes_and_hidden_state_count(norm_position, norm, activation):
+    model = build(norm_position=norm_position, norm=norm, activation=activation)
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10))
+    out = model(idx, idx, return_hidden_states=True)
+    assert out.logits.shape == (2, 10, TINY["vocab_size"])
+    assert len(out.hidden_states) == TINY["n_layer"] + 2
+    assert all(h.shape == (2, 10, TINY["n_embd"]) for h in out.hidden_states)
+    assert torch.isfinite(out.loss)
+    # the last hidden state is the final norm's output, which produces the logits
+    assert torch.allclose(out.logits, out.hidden_states[-1] @ model.token_embedding.weight[: TINY["vocab_size"]].T, atol=1e-5)
+
+
+def test_hidden_states_are_not_returned_unless_asked():
+    out = build()(torch.randint(0, 101, (1, 5)))
+    assert out.hidden_states is None and out.loss is None
+
+
+def test_pre_and_post_ln_give_different_outputs_from_identical_weights():
+    pre, post = build(norm_position="pre"), build(norm_position="post")
+    post.load_state_dict(pre.state_dict())
+    idx = torch.randint(0, 101, (2, 12))
+    assert not torch.allclose(pre(idx).logits, post(idx).logits, atol=1e-3)
+
+
+def test_post_ln_blocks_renormalize_the_residual_stream():
+    model = build(norm_position="post", norm="rmsnorm")
+    hidden = model(torch.randint(0, 101, (1, 12)), return_hidden_states=True).hidden_states
+    for h in hidden[1:]:  # every block ends in an RMSNorm with unit gains at init
+        rms = h.pow(2).mean(-1).sqrt()
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+
+
+def test_attention_is_causal():
+    model = build().eval()
+    idx = torch.randint(0, 101, (1, 12))
+    changed = idx.clone()
+    changed[0, 8] = (idx[0, 8] + 1) % 101
+    a, b = model(idx).logits, model(changed).logits
+    assert torch.allclose(a[0, :8], b[0, :8], atol=1e-6)
+    assert not torch.allclose(a[0, 8:], b[0, 8:], atol=1e-6)
+
+
+def test_padded_vocabulary_is_never_predicted_and_loss_matches_unpadded():
+    model = build()
+    assert model.config.padded_vocab_size == 128
+    idx = torch.randint(0, 101, (2, 9))
+    out = model(idx, idx)
+    assert out.logits.shape[-1] == 101
+    reference = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 101), idx.reshape(-1))
+    assert torch.allclose(out.loss, reference, atol=1e-6)
+
+
+def test_uniform_output_gives_loss_log_vocab():
+    model = build()
+    with torch.no_grad():
+        model.token_embedding.weight.zero_()  # tied head -> all logits 0 -> uniform
+    idx = torch.randint(0, 101, (2, 9))
+    assert math.isclose(model(idx, idx).loss.item(), math.log(101), rel_tol=1e-6)
+
+
+def test_swiglu_and_gelu_mlps_hold_about_the_same_weights():
+    assert ModelConfig(n_embd=384, activation="swiglu").mlp_hidden == 1024
+    swiglu = build(activation="swiglu").num_parameters()
+    gelu = build(activation="gelu").num_parameters()
+    assert abs(swiglu - gelu) / gelu < 0.05
+
+
+def test_tied_embeddings_and_depth_scaled_init():
+    model = build(n_layer=8)
+    assert model.token_embedding.weight.data_ptr() == model.token_embedding.weight.data_ptr()
+    proj_std = model.blocks[0].attn.proj.weight.std().item()
+    qkv_std = model.blocks[0].attn.qkv.weight.std().item()
+    assert proj_std == pytest.approx(0.02 / math.sqrt(16), rel=0.15)
+    assert qkv_std == pytest.approx(0.02, rel=0.1)
+
+
+def test_ablations_remove_residual_and_mlp():
+    no_mlp = build(mlp=False)
+    assert all(block.mlp is None for block in no_mlp.blocks)
+    attention_only = build(residual=False, mlp=False)
+    hidden = attention_only(torch.randint(0, 101, (1, 12)), return_hidden_states=True).hidden_states
+    assert len(hidden) == TINY["n_layer"] + 2
+
+
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
+        ({"norm_position": "middle"}, "norm_position"),
+        ({"activation": "relu"}, "activation"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_bad_model_settings_name_the_culprit(overrides, culprit):
+    with pytest.raises(ModelConfigError, match=culprit):
+        ModelConfig(**{**TINY, **overrides})
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    with pytest.raises(ValueError, match="block_size=16"):
+        build()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build()
+    save_checkpoint(tmp_path / "m.pt", model, {"step": 7})
+    loaded, extra = load_checkpoint(tmp_path / "m.pt")
+    assert extra == {"step": 7}
+    idx = torch.randint(0, 101, (1, 8))
+    assert torch.equal(model(idx).logits, loaded(idx).logits)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path):
+    model = build()
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model)
+    with pytest.raises(CheckpointError, match="another architecture: n_layer=3 \\(expected 4\\)"):
+        load_checkpoint(path, expected_config=ModelConfig(**{**TINY, "n_layer": 4}))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": 1}, foreign)
+    with pytest.raises(CheckpointError, match="not a tga checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")

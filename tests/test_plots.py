@@ -1,0 +1,328 @@
+"""Tests for tga.plots: files are real, readable PNGs; statistics match hand computations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tga import plots
+from tga.plots import (
+    METRIC_LABELS,
+    compute_differences,
+    mean_ci95,
+    plot_differences,
+    plot_geometry_layers,
+    plot_perplexity,
+    plot_similarity_by_layer,
+    plot_similarity_heatmaps,
+    plot_training_curves,
+    t_quantile,
+)
+
+DATA_LABEL = "trained on wiki.valid.raw, evaluated on wiki.test.raw"
+LAYER_NAMES = ["embedding", "block1", "block2", "final_norm"]
+METRICS = ["mean_cosine", "token_norm", "update_norm"]
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def make_summary(seed: int = 0, offset: float = 0.0, metrics=METRICS) -> pd.DataFrame:
+    """summary.csv for one model: stage,step,layer,layer_name,metric,mean,std,n_prompts."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for stage, step in (("init", 0), ("trained", 500)):
+        for layer, name in enumerate(LAYER_NAMES):
+            for metric in metrics:
+                if metric == "update_norm" and layer == 0:
+                    mean, std = math.nan, math.nan
+                else:
+                    mean = offset + 0.1 * layer + (0.3 if stage == "trained" else 0.0) + rng.normal(0, 0.01)
+                    mean = mean * (20 if metric == "token_norm" else 1)
+                    std = 0.05
+                rows.append(dict(stage=stage, step=step, layer=layer, layer_name=name, metric=metric,
+                                 mean=mean, std=std, n_prompts=4))
+    return pd.DataFrame(rows)
+
+
+def make_summaries(spec: dict[str, list[int]]) -> pd.DataFrame:
+    parts = []
+    for i, (variant, seeds) in enumerate(spec.items()):
+        for seed in seeds:
+            parts.append(make_summary(seed, offset=0.2 * i).assign(variant=variant, seed=seed))
+    return pd.concat(parts, ignore_index=True)
+
+
+def make_log(n: int = 50) -> pd.DataFrame:
+    steps = np.arange(n) * 10
+    loss = 5.0 * np.exp(-steps / 200) + 1.5
+    val = np.where(steps % 100 == 0, loss + 0.1, np.nan)
+    return pd.DataFrame(dict(step=steps, lr=np.minimum(1, (steps + 1) / 50) * 3e-4, train_loss=loss,
+                             val_loss=val, val_ppl=np.exp(val), tokens_per_s=1e4, elapsed_s=steps * 0.1))
+
+
+def make_npz(path: Path, T: int = 12, layers=(0, 1, 3)) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for stage in ("init", "trained"):
+        for j in layers:
+            for i in range(2):
+                x = rng.normal(size=(T, 8))
+                x /= np.linalg.norm(x, axis=1, keepdims=True)
+                arrays[f"{stage}/layer{j}/prompt{i}"] = (x @ x.T).astype(np.float32)
+    toks = [" the", "$", "\n", "cat$$x", "a"] * T
+    for i in range(2):
+        arrays[f"tokens/prompt{i}"] = np.array(toks[:T], dtype=np.str_)
+    np.savez(path, **arrays)
+    return path
+
+
+def assert_png(path: Path, min_w: int = 400, min_h: int = 250) -> tuple[int, int]:
+    assert path.exists() and path.stat().st_size > 5_000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+    assert w >= min_w and h >= min_h and w < 10_000 and h < 10_000
+    assert not list(path.parent.glob(".*.tmp")), "temp file left behind"
+    return w, h
+
+
+def figure_texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text"))]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (10, 2.228), (30, 2.042)])
+def test_t_quantile_matches_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+
+
+def test_t_quantile_tails_symmetry_and_normal_limit():
+    assert t_quantile(0.025, 5) == pytest.approx(-t_quantile(0.975, 5))
+    assert t_quantile(0.5, 3) == 0.0
+    assert t_quantile(0.9995, 1) == pytest.approx(636.619, abs=1e-2)
+    assert t_quantile(0.975, math.inf) == pytest.approx(1.95996, abs=1e-5)
+    # Welch gives non-integer df: must lie strictly between its integer neighbours.
+    assert t_quantile(0.975, 3) > t_quantile(0.975, 3.5) > t_quantile(0.975, 4)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError):
+        t_quantile(0.975, 0)
+
+
+def test_mean_ci95_hand_values():
+    m, lo, hi, n = mean_ci95([1.0, 2.0, 3.0, np.nan])
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert (m, n) == (2.0, 3)
+    assert lo == pytest.approx(2 - half, abs=1e-3) and hi == pytest.approx(2 + half, abs=1e-3)
+    m1, lo1, hi1, n1 = mean_ci95([5.0])
+    assert m1 == 5.0 and n1 == 1 and math.isnan(lo1) and math.isnan(hi1)
+
+
+def _two_layer_summaries(a_vals, b_vals, a_seeds, b_seeds) -> pd.DataFrame:
+    """2 variants x 3 seeds x 2 layers; values[layer][seed_idx], metric mean_cosine, stage trained."""
+    rows = []
+    for variant, vals, seeds in (("A", a_vals, a_seeds), ("B", b_vals, b_seeds)):
+        for layer in (0, 1):
+            for k, seed in enumerate(seeds):
+                rows.append(dict(variant=variant, seed=seed, stage="trained", step=100, layer=layer,
+                                 layer_name=f"L{layer}", metric="mean_cosine", mean=vals[layer][k],
+                                 std=0.1, n_prompts=4))
+    return pd.DataFrame(rows)
+
+
+def test_compute_differences_paired_by_seed():
+    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
+    b = {0: [0.5, 1.0, 2.0], 1: [2.0, 1.0, 3.5]}
+    out = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [0, 1, 2]), [("A", "B")], ["mean_cosine"])
+    assert list(out.columns[:12]) == ["comparison", "a", "b", "stage", "metric", "layer", "layer_name",
+                                      "mean_diff", "ci_low", "ci_high", "n_seeds", "excludes_zero"]
+    assert len(out) == 2 and set(out["method"]) == {"paired"}
+    r0, r1 = out.set_index("layer").loc[0], out.set_index("layer").loc[1]
+    # layer 0: d = [0.5, 1, 1]: mean 5/6, sd = sqrt(1/12), half = 4.303 * sd / sqrt(3)
+    half0 = 4.303 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert r0["mean_diff"] == pytest.approx(5 / 6)
+    assert r0["ci_low"] == pytest.approx(5 / 6 - half0, abs=1e-3)
+    assert r0["ci_high"] == pytest.approx(5 / 6 + half0, abs=1e-3)
+    assert bool(r0["excludes_zero"]) is True and r0["n_seeds"] == 3 and r0["layer_name"] == "L0"
+    # layer 1: d = [-1, 1, -0.5]: mean -1/6, sd = sqrt(13/12), CI straddles 0
+    half1 = 4.303 * math.sqrt(13 / 12) / math.sqrt(3)
+    assert r1["mean_diff"] == pytest.approx(-1 / 6)
+    assert r1["ci_low"] == pytest.approx(-1 / 6 - half1, abs=1e-3)
+    assert bool(r1["excludes_zero"]) is False
+
+
+def test_compute_differences_unpaired_welch():
+    # B has different seeds -> Welch. Layer 0: B constant, so Welch df = 2 exactly (t = 4.303).
+    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
+    b = {0: [0.0, 0.0, 0.0], 1: [-2.0, -1.0, 0.0]}
+    out = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [10, 11, 12]), [("A", "B")], ["mean_cosine"])
+    assert set(out["method"]) == {"welch"}
+    r0, r1 = out.set_index("layer").loc[0], out.set_index("layer").loc[1]
+    half0 = 4.303 * math.sqrt(1 / 3)
+    assert r0["mean_diff"] == pytest.approx(2.0)
+    assert r0["df"] == pytest.approx(2.0)
+    assert (r0["ci_low"], r0["ci_high"]) == (pytest.approx(2 - half0, abs=1e-3), pytest.approx(2 + half0, abs=1e-3))
+    assert bool(r0["excludes_zero"]) is False  # -0.484 .. 4.484
+    # Layer 1: equal variances (1 each) -> df = 4, t = 2.776, se = sqrt(2/3); CI = 3 +- 2.267 > 0
+    half1 = 2.776 * math.sqrt(2 / 3)
+    assert r1["df"] == pytest.approx(4.0)
+    assert r1["ci_low"] == pytest.approx(3 - half1, abs=1e-3)
+    assert bool(r1["excludes_zero"]) is True
+
+
+def test_paired_and_unpaired_differ_on_same_values():
+    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
+    b = {0: [0.9, 1.9, 2.9], 1: [0.9, 1.9, 2.9]}
+    paired = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [0, 1, 2]), [("A", "B")], ["mean_cosine"])
+    welch = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [5, 6, 7]), [("A", "B")], ["mean_cosine"])
+    assert paired["mean_diff"].to_numpy() == pytest.approx(welch["mean_diff"].to_numpy())
+    # Pairing removes the shared seed-to-seed spread: constant difference 0.1 -> zero-width CI.
+    assert paired["excludes_zero"].all() and not welch["excludes_zero"].any()
+
+
+def test_compute_differences_single_seed_and_missing_variant():
+    s = make_summaries({"A": [0], "B": [0]})
+    out = compute_differences(s, [("A", "B"), ("A", "ghost")], METRICS)
+    ab = out[out["comparison"] == "A - B"]
+    assert len(ab) == 2 * 4 * 3  # stages x layers x metrics
+    assert ab["ci_low"].isna().all() and not ab["excludes_zero"].any()
+    # update_norm at the embedding is NaN by definition: the difference is NaN, never 0.
+    is_emb_update = (ab["metric"] == "update_norm") & (ab["layer"] == 0)
+    assert ab.loc[is_emb_update, "mean_diff"].isna().all()
+    assert set(ab.loc[is_emb_update, "method"]) == {"no-data"} and (ab.loc[is_emb_update, "n_seeds"] == 0).all()
+    assert (ab.loc[~is_emb_update, "n_seeds"] == 1).all()
+    assert set(ab.loc[~is_emb_update, "method"]) == {"single-seed"}
+    ghost = out[out["comparison"] == "A - ghost"]
+    assert len(ghost) == 2 * 3 and set(ghost["missing"]) == {"ghost"} and ghost["layer"].isna().all()
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_metric_labels_have_units_for_all_metrics():
+    for m in ["mean_cosine", "token_norm", "update_norm", "centered_cosine", "effective_rank",
+              "rank1_residual", "intrinsic_dim", "knn_overlap"]:
+        assert m in METRIC_LABELS
+    assert "(unitless)" in METRIC_LABELS["mean_cosine"] and "L2 norm" in METRIC_LABELS["token_norm"]
+
+
+def test_plot_geometry_layers(tmp_path):
+    summary = make_summary()
+    out = plot_geometry_layers(summary, tmp_path / "g" / "geometry_layers.png", "preln_rmsnorm_swiglu, seed 0",
+                               DATA_LABEL, metrics=(*METRICS, "effective_rank"))
+    w, h = assert_png(out)
+    assert w > h
+    fig = plots._figure_geometry_layers(summary, "v, seed 0", DATA_LABEL, METRICS)
+    texts = figure_texts(fig)
+    assert any(DATA_LABEL in t for t in texts)
+    assert any("±1 s.d. across 4 prompts" in t for t in texts)
+    assert [ax.get_ylabel() for ax in fig.axes][0] == METRIC_LABELS["mean_cosine"]
+    assert all(ax.get_xlabel() == "layer" for ax in fig.axes)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == LAYER_NAMES
+    # an absent metric gets a visible 'no data' panel, not a silent gap
+    assert any("no data for effective_rank" in t for t in figure_texts(
+        plots._figure_geometry_layers(summary, "v", DATA_LABEL, ["effective_rank"])))
+
+
+def test_plot_similarity_heatmaps(tmp_path):
+    npz = make_npz(tmp_path / "similarity.npz", T=12)
+    out = plot_similarity_heatmaps(npz, tmp_path / "h.png", "v, seed 0", DATA_LABEL, prompt=1,
+                                   layer_names={0: "embedding", 1: "block1", 3: "final_norm"})
+    assert_png(out)
+    fig = plots._figure_similarity_heatmaps(npz, "v", DATA_LABEL, 0, 40, None)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 6  # 2 stages x 3 stored layers
+    assert all(ax.images[0].get_clim() == (-1.0, 1.0) for ax in image_axes)
+    colorbar_labels = [ax.get_ylabel() for ax in fig.axes if not ax.images]
+    assert any("cosine similarity" in lbl for lbl in colorbar_labels)
+    labels = [t.get_text() for t in image_axes[0].get_yticklabels()]
+    assert labels[:3] == ["␣the", r"\$", "↵"]  # whitespace visible, '$' escaped from mathtext
+    # long prompts: every k-th token labelled, at most max_tick_labels
+    fig_long = plots._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0, 20, None)
+    ax0 = [ax for ax in fig_long.axes if ax.images][0]
+    assert 1 < len(ax0.get_yticks()) <= 20
+
+
+def test_plot_similarity_heatmaps_rejects_wrong_prompt(tmp_path):
+    npz = make_npz(tmp_path / "similarity.npz")
+    with pytest.raises(ValueError):
+        plot_similarity_heatmaps(npz, tmp_path / "h.png", "v", DATA_LABEL, prompt=7)
+
+
+def test_plot_training_curves(tmp_path):
+    assert_png(plot_training_curves(make_log(), tmp_path / "training_curves.png", "v, seed 0", DATA_LABEL))
+    fig = plots._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL)
+    ylabels = [ax.get_ylabel() for ax in fig.axes]
+    assert "loss (nats/token)" in ylabels and fig.axes[1].get_yscale() == "log"
+    assert all(ax.get_xlabel() == "training step" for ax in fig.axes)
+
+
+def test_plot_similarity_by_layer_seed_bands(tmp_path):
+    summaries = make_summaries({"preln": [0, 1, 2], "postln": [0]})
+    assert_png(plot_similarity_by_layer(summaries, tmp_path / "sim.png", DATA_LABEL))
+    texts = figure_texts(plots._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine"))
+    assert any("preln: mean ± 95% CI over 3 seeds" in t for t in texts)
+    assert any("postln: seed 0, ±1 s.d. across 4 prompts" in t for t in texts)
+    # the line is the mean over seeds of per-seed means
+    fig = plots._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine")
+    line = next(l for l in fig.axes[1].get_lines() if "preln:" in l.get_label())
+    per_seed = summaries.query("variant == 'preln' and stage == 'trained' and metric == 'mean_cosine'")
+    assert line.get_ydata() == pytest.approx(per_seed.groupby("layer")["mean"].mean().to_numpy())
+
+
+def test_plot_differences_with_missing_variant(tmp_path):
+    summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2]})
+    diff = compute_differences(summaries, [("A", "B"), ("A", "failed_variant")], METRICS)
+    out = plot_differences(diff, tmp_path / "difference.png", DATA_LABEL)
+    assert_png(out)
+    texts = figure_texts(plots._figure_differences(diff, DATA_LABEL, METRICS))
+    assert sum("missing: failed_variant" in t for t in texts) == len(METRICS)
+    assert any("A − B" == t for t in texts)
+    assert sum("paired by seed, n = 3 seeds" in t for t in texts) == len(METRICS)
+    # also works from the CSV round trip (missing becomes NaN / empty, layer float)
+    diff.to_csv(tmp_path / "difference.csv", index=False)
+    again = pd.read_csv(tmp_path / "difference.csv")
+    assert_png(plot_differences(again, tmp_path / "difference2.png", DATA_LABEL))
+
+
+def test_plot_differences_marks_ci_excluding_zero():
+    summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2]})  # A is offset by -0.2 from B
+    diff = compute_differences(summaries, [("B", "A")], ["mean_cosine"])
+    assert diff.query("stage == 'trained'")["excludes_zero"].all()
+    fig = plots._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
+    stars = [l for l in fig.axes[0].get_lines() if l.get_marker() == "*"]
+    assert sum(len(l.get_xdata()) for l in stars) == int(diff["excludes_zero"].sum())
+    assert any("excludes 0" in t for t in figure_texts(fig))
+
+
+def test_plot_perplexity(tmp_path):
+    ppl = pd.DataFrame(dict(variant=["a", "a", "a", "b"], seed=[0, 1, 2, 0], token_ppl=[30.0, 32.0, 31.0, 40.0],
+                            bits_per_byte=[1.5, 1.6, 1.55, 1.8], word_ppl=[90.0, 95, 93, 120],
+                            split="test", tokenizer="char"))
+    assert_png(plot_perplexity(ppl, tmp_path / "perplexity.png", DATA_LABEL))
+    fig = plots._figure_perplexity(ppl, DATA_LABEL)
+    texts = figure_texts(fig)
+    half = 4.303 * 1.0 / math.sqrt(3)
+    assert f"31.00\n±{half:.2f}" in texts and "40.00" in texts
+    assert fig.axes[0].get_ylim()[0] == 0
+
+
+def test_reruns_are_byte_identical(tmp_path):
+    summaries = make_summaries({"A": [0, 1], "B": [0, 1]})
+    p1 = plot_similarity_by_layer(summaries, tmp_path / "one.png", DATA_LABEL)
+    p2 = plot_similarity_by_layer(summaries, tmp_path / "two.png", DATA_LABEL)
+    b1 = p1.read_bytes()
+    assert b1 == p2.read_bytes()
+    assert b"matplotlib" not in b1.lower()  # no Software/version metadata
+    plot_similarity_by_layer(summaries, p1, DATA_LABEL)  # overwrite in place, atomically
+    assert p1.read_bytes() == b1

@@ -1,0 +1,40 @@
+"""Where and in which precision to run: one place, shared by training, evaluation
+and analysis."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+
+class DeviceError(ValueError):
+    """A device that was asked for but is not there."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"device={name!r} is not a device: use auto, cpu, cuda[:N] or mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device={name!r} was asked for but CUDA is not available: use device: auto or cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"device={name!r} was asked for but MPS is not available: use device: auto or cpu")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """bf16 autocast (fp32 master weights) on CUDA by default; fp32 elsewhere, where
+    bf16 matmuls are usually slower than fp32 ones."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()

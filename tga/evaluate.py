@@ -1,0 +1,135 @@
+"""Perplexity over non-overlapping windows, so that every token of a split (but the
+very first, which has no context) is scored exactly once."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tga.data import load_token_file, non_overlapping_windows, read_token_metadata
+from tga.device import autocast_context, resolve_device
+from tga.model import load_checkpoint
+
+
+def summed_loss_over_windows(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    block_size: int,
+    batch_size: int,
+    amp: AbstractContextManager | None = None,
+    max_windows: int | None = None,
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) and number of scored tokens.
+
+    Windows are cut without overlap: window k feeds tokens [kT, kT+T) and scores
+    [kT+1, kT+T], so each token is predicted once, with between 0 and T-1 tokens of
+    context. That is the standard "non-overlapping" protocol (a strided evaluation
+    would give lower numbers at a higher cost).
+    """
+    inputs, targets, mask = non_overlapping_windows(tokens, block_size)
+    if max_windows is not None:
+        inputs, targets, mask = inputs[:max_windows], targets[:max_windows], mask[:max_windows]
+    amp = amp or nullcontext()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.inference_mode():
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start : start + batch_size].to(device=device, dtype=torch.long)
+            y = targets[start : start + batch_size].to(device=device, dtype=torch.long)
+            m = mask[start : start + batch_size].to(device)
+            y = torch.where(m, y, torch.full_like(y, -100))
+            n = int(m.sum())
+            with amp:
+                loss = model(x, y).loss
+            total += loss.double() * n
+            count += n
+    return float(total.item()), count
+
+
+def mean_loss_over_windows(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    block_size: int,
+    batch_size: int,
+    amp: AbstractContextManager | None = None,
+    max_windows: int | None = None,
+) -> float:
+    total, count = summed_loss_over_windows(model, tokens, block_size, batch_size, amp, max_windows)
+    return total / count
+
+
+def perplexity_metrics(total_nats: float, n_scored: int, n_bytes: int, n_words: int) -> dict[str, float]:
+    """Token perplexity, bits per byte and word-level perplexity from one summed NLL.
+
+    Bits per byte and word perplexity spread the same total over the split's UTF-8
+    bytes and whitespace-separated words, which makes tokenizers comparable.
+    """
+    return {
+        "loss_nats": total_nats / n_scored,
+        "token_ppl": _exp_or_inf(total_nats / n_scored),
+        "bits_per_byte": total_nats / math.log(2) / n_bytes,
+        "word_ppl": _exp_or_inf(total_nats / n_words),
+    }
+
+
+def _exp_or_inf(value: float) -> float:
+    """exp that reports an astronomically bad model as inf instead of crashing."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    token_file: Path,
+    out_json: Path,
+    labels: dict[str, Any] | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Score one checkpoint on one token file and write the metrics as JSON."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch_device = resolve_device(device)
+    model, _ = load_checkpoint(checkpoint, map_location=torch_device)
+    model.eval()
+    meta = read_token_metadata(token_file)
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise ValueError(
+            f"{token_file} was tokenized with vocab_size={meta['vocab_size']} but {checkpoint} expects "
+            f"{model.config.vocab_size}: evaluate with the tokenizer the model was trained with"
+        )
+    tokens = torch.from_numpy(np.asarray(load_token_file(token_file), dtype=np.int32))
+    total, count = summed_loss_over_windows(
+        model, tokens, model.config.block_size, batch_size, autocast_context(torch_device, "auto")
+    )
+    result: dict[str, Any] = dict(labels or {})
+    result.update({
+        "tokenizer": meta["tokenizer"],
+        "n_tokens_scored": count,
+        "n_bytes": int(meta["n_bytes"]),
+        "n_words": int(meta["n_words"]),
+        "block_size": model.config.block_size,
+    })
+    result.update(perplexity_metrics(total, count, int(meta["n_bytes"]), int(meta["n_words"])))
+    write_json(out_json, result)
+    return result
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,319 @@
+"""A small decoder-only transformer whose normalization placement, norm and MLP
+activation are switches, so that variants differ in exactly those choices.
+
+The layout follows nanoGPT: learned positional embeddings, tied input/output
+embeddings, causal attention through ``scaled_dot_product_attention``. The forward
+pass can return the residual stream at every depth for the geometry analysis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORM_POSITIONS = ("pre", "post")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu")
+CHECKPOINT_FORMAT = "tga-checkpoint-v1"
+VOCAB_PAD_MULTIPLE = 64
+
+
+class ModelConfigError(ValueError):
+    """A model setting that cannot build a model."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or belongs to another architecture."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    norm_position: str = "pre"
+    norm: str = "rmsnorm"
+    activation: str = "swiglu"
+    dropout: float = 0.0
+    bias: bool = False
+    norm_eps: float = 1e-5
+    residual: bool = True
+    mlp: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("norm_position", NORM_POSITIONS),
+            ("norm", NORMS),
+            ("activation", ACTIVATIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ModelConfigError(
+                    f"model setting {name}={getattr(self, name)!r} is not one of {list(allowed)}"
+                )
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelConfigError(f"model setting {name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ModelConfigError(
+                f"model setting n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_embd as a multiple of n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"model setting dropout={self.dropout!r} must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown model setting(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up so the output matmul has tensor-core friendly shapes."""
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU gets 2/3 of GELU's 4*d (rounded up to a multiple of 8 for the matmuls)
+        so both MLPs hold about the same number of weights."""
+        if self.activation == "gelu":
+            return 4 * self.n_embd
+        return math.ceil(8 * self.n_embd / 3 / 8) * 8
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    hidden_states: list[torch.Tensor] | None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 even under bf16 autocast, as LLaMA does.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.is_residual_projection = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(batch, seq, dim)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        hidden = config.mlp_hidden
+        # SwiGLU's gate and value projections are one matmul, split afterwards.
+        n_in = 2 * hidden if self.activation == "swiglu" else hidden
+        self.up = nn.Linear(config.n_embd, n_in, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.down.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """One transformer block; ``norm_position`` decides where the norms sit.
+
+    Pre-LN:  x + f(norm(x))      (the residual stream itself is never normalized)
+    Post-LN: norm(x + f(x))      (the residual stream is renormalized after every sublayer)
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pre = config.norm_position == "pre"
+        self.residual = config.residual
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config) if config.mlp else None
+        self.mlp_norm = make_norm(config) if config.mlp else None
+
+    def _sublayer(self, x: torch.Tensor, f: nn.Module, norm: nn.Module) -> torch.Tensor:
+        if self.pre:
+            update = f(norm(x))
+            return x + update if self.residual else update
+        out = x + f(x) if self.residual else f(x)
+        return norm(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._sublayer(x, self.attn, self.attn_norm)
+        if self.mlp is not None:
+            x = self._sublayer(x, self.mlp, self.mlp_norm)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.embedding_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init; residual projections shrink with depth so the stream's variance
+        at initialization does not grow with the number of layers."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.position_embedding.weight.numel() + self.token_embedding.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        return_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Logits over the real vocabulary; mean loss over targets != -100; and, when
+        asked, the residual stream: embedding, each block, final norm (n_layer + 2)."""
+        _, seq = idx.shape
+        if seq > self.config.block_size:
+            raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
+        positions = torch.arange(seq, device=idx.device)
+        x = self.embedding_dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        hidden = [x] if return_hidden_states else None
+        for block in self.blocks:
+            x = block(x)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.final_norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        logits = F.linear(x, self.token_embedding.weight)
+        vocab = self.config.vocab_size
+        if self.config.padded_vocab_size > vocab:
+            # Padding rows exist only for matmul speed; they can never be predicted.
+            logits[..., vocab:] = float("-inf")
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+            )
+        return ModelOutput(logits[..., :vocab], loss, hidden)
+
+
+def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None = None) -> None:
+    """Write atomically so an interrupted job never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = getattr(model, "_orig_mod", model)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": asdict(raw.config),
+        "state_dict": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    expected_config: ModelConfig | None = None,
+) -> tuple[Transformer, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: rerun the training job that makes it")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            "delete it and rerun the training job"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a tga checkpoint (expected format {CHECKPOINT_FORMAT!r}); "
+            "give a checkpoint written by tga's training"
+        )
+    try:
+        config = ModelConfig.from_dict(payload["model_config"])
+    except ModelConfigError as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from exc
+    if expected_config is not None and config != expected_config:
+        diffs = {
+            f.name: (getattr(config, f.name), getattr(expected_config, f.name))
+            for f in fields(ModelConfig)
+            if getattr(config, f.name) != getattr(expected_config, f.name)
+        }
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another architecture: "
+            + ", ".join(f"{k}={a!r} (expected {b!r})" for k, (a, b) in diffs.items())
+        )
+    model = Transformer(config)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not match its own config: {exc}") from exc
+    return model.to(map_location), payload.get("extra", {})

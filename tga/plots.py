@@ -1,0 +1,830 @@
+"""Figures for tga: one public function per figure, inputs are DataFrames / paths.
+
+Every figure states what it shows: axis labels carry units (``METRIC_LABELS``), the
+title names the variant(s) and seed(s), a subtitle carries the caller's ``data_label``
+(what was trained on / evaluated on), and every shaded band or error bar says in the
+legend what it is (±1 s.d. across prompts, or a 95% t-interval across seeds).
+
+Output is deterministic (Agg backend, no timestamps / software version in metadata) and
+written atomically (temp file in the target folder, then ``os.replace``), so Snakemake
+never sees a half-written figure and reruns on the same data are byte-identical.
+
+Statistics helpers (``t_quantile``, ``mean_ci95``, ``compute_differences``) live here
+too because they exist only to decide what the figures draw; they avoid scipy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+__all__ = [
+    "METRIC_LABELS",
+    "metric_label",
+    "t_quantile",
+    "mean_ci95",
+    "plot_geometry_layers",
+    "plot_similarity_heatmaps",
+    "plot_training_curves",
+    "plot_similarity_by_layer",
+    "compute_differences",
+    "plot_differences",
+    "plot_perplexity",
+]
+
+#: Axis label (with units) for every geometry metric; used by every figure.
+METRIC_LABELS: dict[str, str] = {
+    "mean_cosine": "mean pairwise cosine similarity (unitless)",
+    "centered_cosine": "mean pairwise cosine after mean-centring (unitless)",
+    "token_norm": "mean token L2 norm",
+    "update_norm": "mean update L2 norm ‖h_l − h_(l−1)‖",
+    "effective_rank": "effective rank (dimensions)",
+    "rank1_residual": "rank-1 residual fraction (unitless)",
+    "intrinsic_dim": "TwoNN intrinsic dimension (dimensions)",
+    "knn_overlap": "k-NN overlap fraction (unitless)",
+}
+
+#: Stage styling shared by all per-model and difference figures.
+STAGE_STYLE: dict[str, dict[str, str]] = {
+    "init": {"color": "tab:orange", "linestyle": "--"},
+    "trained": {"color": "tab:blue", "linestyle": "-"},
+}
+STAGES: tuple[str, str] = ("init", "trained")
+
+DPI = 120
+BAND_ALPHA = 0.2
+_COMPARISON_SEP = " - "
+_DIFF_COLUMNS = [
+    "comparison", "a", "b", "stage", "metric", "layer", "layer_name",
+    "mean_diff", "ci_low", "ci_high", "n_seeds", "excludes_zero",
+    "method", "n_a", "n_b", "df", "missing",
+]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def metric_label(metric: str) -> str:
+    """Axis label for a metric; unknown metrics fall back to their raw name (visible, not hidden)."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _metric_short(metric: str) -> str:
+    """Label without the trailing '(units)' part, for panel titles."""
+    return re.sub(r"\s*\([^()]*\)\s*$", "", metric_label(metric))
+
+
+def _esc(text: object) -> str:
+    """Escape '$' so user strings (variants, tokens, labels) are never parsed as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def _token_label(token: str, max_len: int = 12) -> str:
+    """Make whitespace visible and keep tick labels short; a bare ' the' must not look like 'the'."""
+    s = str(token).replace("\n", "↵").replace("\t", "→").replace("\r", "")
+    s = s.replace(" ", "␣")
+    if len(s) > max_len:
+        s = s[: max_len - 1] + "…"
+    return _esc(s) if s else "∅"
+
+
+def _fmt_seeds(seeds: Iterable[object]) -> str:
+    vals = sorted({int(s) for s in seeds})
+    if not vals:
+        return "seeds: none"
+    return f"seed {vals[0]}" if len(vals) == 1 else "seeds " + ", ".join(map(str, vals))
+
+
+def _fmt_range(values: Iterable[object]) -> str:
+    vals = sorted({int(v) for v in values if pd.notna(v)})
+    if not vals:
+        return "?"
+    return str(vals[0]) if vals[0] == vals[-1] else f"{vals[0]}–{vals[-1]}"
+
+
+def _title(fig: Figure, title: str, data_label: str) -> None:
+    """Title plus the data-provenance subtitle on its own line."""
+    fig.suptitle(f"{_esc(title)}\n{_esc(data_label)}", fontsize=11)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _save(fig: Figure, out_path: Path | str) -> Path:
+    """Write atomically with deterministic metadata so reruns are byte-identical."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    metadata = {
+        "png": {"Software": None},
+        "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+        "svg": {"Date": None, "Creator": None},
+    }.get(fmt)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        fig.clear()  # built without pyplot: nothing global to close, clearing frees the artists
+    return out
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction for the regularised incomplete beta (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_bt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    bt = math.exp(log_bt)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return bt * _betacf(a, b, x) / a
+    return 1.0 - bt * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: float) -> float:
+    if math.isinf(df):
+        return 0.5 * math.erfc(-t / math.sqrt(2.0))
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def _t_pdf(t: float, df: float) -> float:
+    if math.isinf(df):
+        return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+
+@lru_cache(maxsize=4096)
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t with (possibly non-integer, e.g. Welch) ``df``; df=inf is normal.
+
+    Exact to ~1e-12 via the incomplete beta function (no scipy): safeguarded Newton
+    iterations inside a bisection bracket.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if not df > 0:  # also rejects NaN
+        raise ValueError(f"df must be > 0, got {df}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e300:
+            return math.inf
+    t = 0.5 * (lo + hi)
+    for _ in range(500):
+        f = _t_cdf(t, df) - p
+        if f > 0:
+            hi = t
+        else:
+            lo = t
+        dens = _t_pdf(t, df)
+        step_to = t - f / dens if dens > 0 else math.nan
+        new_t = step_to if lo < step_to < hi else 0.5 * (lo + hi)
+        if abs(new_t - t) <= 1e-13 * max(1.0, abs(t)):
+            return new_t
+        t = new_t
+    return t
+
+
+def mean_ci95(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float, float, float, int]:
+    """Mean and two-sided 95% t-interval (n−1 df) of the finite values: (mean, low, high, n).
+
+    With fewer than 2 finite values the interval is NaN: one seed says nothing about seed variance.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    m = float(v.mean())
+    if n < 2:
+        return m, math.nan, math.nan, n
+    half = t_quantile(0.975, n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
+    return m, m - half, m + half, n
+
+
+def _welch_ci95(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    """Difference of means a−b with Welch's 95% interval: (diff, low, high, df)."""
+    na, nb = a.size, b.size
+    if na == 0 or nb == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    diff = float(a.mean() - b.mean())
+    if na < 2 or nb < 2:
+        return diff, math.nan, math.nan, math.nan
+    va, vb = float(a.var(ddof=1)) / na, float(b.var(ddof=1)) / nb
+    se2 = va + vb
+    if se2 == 0.0:
+        return diff, diff, diff, math.nan
+    df = se2 * se2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+    half = t_quantile(0.975, df) * math.sqrt(se2)
+    return diff, diff - half, diff + half, df
+
+
+def _excludes_zero(low: float, high: float) -> bool:
+    return bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0))
+
+
+# ----------------------------------------------------------------------------- layer axis
+
+
+def _layer_names(df: pd.DataFrame) -> dict[int, str]:
+    """layer index -> layer_name (first seen); the x axis is the layer index."""
+    if df.empty:
+        return {}
+    pairs = df[["layer", "layer_name"]].dropna().drop_duplicates("layer").sort_values("layer")
+    return {int(l): str(n) for l, n in zip(pairs["layer"], pairs["layer_name"])}
+
+
+def _setup_layer_axis(ax: Axes, names: dict[int, str], xlabel: str = "layer") -> None:
+    layers = sorted(names)
+    ax.set_xticks(layers)
+    ax.set_xticklabels([_esc(names[l]) for l in layers], rotation=45 if len(layers) > 4 else 0,
+                       ha="right" if len(layers) > 4 else "center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    if layers:
+        ax.set_xlim(layers[0] - 0.3, layers[-1] + 0.3)
+
+
+def _maybe_log_y(ax: Axes, values: np.ndarray, label: str) -> str:
+    """Norms can span orders of magnitude across depth (Pre-LN growth); switch to log y then, and say so."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and v.min() > 0 and v.max() / v.min() > 50:
+        ax.set_yscale("log")
+        return f"{label} [log scale]"
+    return label
+
+
+def _no_data(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, _esc(text), ha="center", va="center", transform=ax.transAxes,
+            fontsize=10, color="tab:red")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
+    """Colour by sorted name so a variant keeps its colour across figures."""
+    cmap = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(sorted(variants))}
+
+
+def _stage_step(df: pd.DataFrame, stage: str) -> str:
+    if "step" not in df.columns:
+        return stage
+    steps = df.loc[df["stage"] == stage, "step"].dropna().unique()
+    return f"{stage} (step {_fmt_range(steps)})" if len(steps) else stage
+
+
+def _prompt_band_label(df: pd.DataFrame) -> str:
+    n = _fmt_range(df["n_prompts"]) if "n_prompts" in df.columns else "?"
+    return f"shaded: ±1 s.d. across {n} prompts"
+
+
+# ----------------------------------------------------------------------------- 1. per-model layers
+
+
+def _figure_geometry_layers(summary: pd.DataFrame, title: str, data_label: str,
+                            metrics: Sequence[str]) -> Figure:
+    metrics = list(metrics)
+    fig = _new_figure(4.2 * len(metrics), 4.0)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    legend_done = False
+    for ax, metric in zip(axes, metrics):
+        sub = summary[(summary["metric"] == metric) & summary["stage"].isin(STAGES)]
+        ax.set_title(_metric_short(metric), fontsize=10)
+        if sub.empty:
+            _no_data(ax, f"no data for {metric}")
+            continue
+        for stage in STAGES:
+            s = sub[sub["stage"] == stage].sort_values("layer")
+            if s.empty:
+                continue
+            x = s["layer"].to_numpy(dtype=float)
+            m = s["mean"].to_numpy(dtype=float)
+            sd = s["std"].to_numpy(dtype=float)
+            style = STAGE_STYLE[stage]
+            ax.plot(x, m, marker="o", ms=3, label=_stage_step(summary, stage), **style)
+            ax.fill_between(x, m - sd, m + sd, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+        _setup_layer_axis(ax, _layer_names(sub))
+        lo_hi = np.concatenate([(sub["mean"] - sub["std"]).to_numpy(float), sub["mean"].to_numpy(float)])
+        ax.set_ylabel(_maybe_log_y(ax, lo_hi, metric_label(metric)) if "norm" in metric
+                      else metric_label(metric))
+        ax.grid(alpha=0.3)
+        if not legend_done:
+            handles, labels = ax.get_legend_handles_labels()
+            handles.append(Patch(color="0.6", alpha=0.5))
+            labels.append(_prompt_band_label(sub))
+            ax.legend(handles, labels, fontsize=8)
+            legend_done = True
+    _title(fig, title, data_label)
+    return fig
+
+
+def plot_geometry_layers(summary: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                         metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
+    """One model's per-layer geometry, init vs trained, so the effect of training is visible per depth.
+
+    ``summary`` is a geometry ``summary.csv`` (stage,step,layer,layer_name,metric,mean,std,n_prompts).
+    Bands are ±1 s.d. across prompts. A metric absent from the data gets a 'no data' panel.
+    """
+    return _save(_figure_geometry_layers(summary, title, data_label, metrics), out_path)
+
+
+# ----------------------------------------------------------------------------- 2. heatmaps
+
+_NPZ_KEY = re.compile(r"^(?P<stage>[^/]+)/layer(?P<layer>\d+)/prompt(?P<prompt>\d+)$")
+
+
+def _figure_similarity_heatmaps(npz_path: Path | str, title: str, data_label: str, prompt: int,
+                                max_tick_labels: int, layer_names: dict[int, str] | None) -> Figure:
+    with np.load(npz_path, allow_pickle=False) as npz:
+        mats: dict[tuple[str, int], np.ndarray] = {}
+        for key in npz.files:
+            m = _NPZ_KEY.match(key)
+            if m and int(m["prompt"]) == prompt and m["stage"] in STAGES:
+                mats[(m["stage"], int(m["layer"]))] = np.asarray(npz[key], dtype=float)
+        if layer_names is None and "layer_names" in npz.files:
+            layer_names = dict(enumerate(str(n) for n in npz["layer_names"]))
+        tok_key = f"tokens/prompt{prompt}"
+        tokens = [str(t) for t in npz[tok_key]] if tok_key in npz.files else None
+    if not mats:
+        raise ValueError(f"{npz_path}: no init/trained similarity matrices for prompt {prompt}")
+    stages = [s for s in STAGES if any(k[0] == s for k in mats)]
+    layers = sorted({k[1] for k in mats})
+    T = next(iter(mats.values())).shape[0]
+    if tokens is not None and len(tokens) != T:
+        tokens = None  # never label rows with the wrong tokens
+    step = max(1, math.ceil(T / max(1, max_tick_labels)))
+    ticks = list(range(0, T, step))
+    tick_labels = [_token_label(tokens[i]) for i in ticks] if tokens else [str(i) for i in ticks]
+    axis_name = "token" if tokens else "token position"
+    if step > 1:
+        axis_name += f" (1 in {step} labelled)"
+    fontsize = 8 if len(ticks) <= 12 else (6 if len(ticks) <= 24 else 4.5)
+
+    fig = _new_figure(2.5 * len(layers) + 1.2, 2.6 * len(stages) + 1.0)
+    axes = fig.subplots(len(stages), len(layers), squeeze=False)
+    im = None
+    for r, stage in enumerate(stages):
+        for c, layer in enumerate(layers):
+            ax = axes[r][c]
+            name = (layer_names or {}).get(layer, f"layer {layer}")
+            ax.set_title(f"{stage}: {_esc(name)}", fontsize=9)
+            mat = mats.get((stage, layer))
+            if mat is None:
+                _no_data(ax, "not stored")
+                continue
+            im = ax.imshow(mat, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            if r == len(stages) - 1:
+                ax.set_xticklabels(tick_labels, rotation=90, fontsize=fontsize)
+                ax.set_xlabel(axis_name, fontsize=8)
+            else:
+                ax.set_xticklabels([])
+            if c == 0:
+                ax.set_yticklabels(tick_labels, fontsize=fontsize)
+                ax.set_ylabel(axis_name, fontsize=8)
+            else:
+                ax.set_yticklabels([])
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="cosine similarity (unitless)")
+    fig.suptitle(f"{_esc(title)}\n{_esc(data_label)}\n"
+                 f"pairwise token cosine similarity, prompt {prompt} ({T} tokens), colour range fixed to [−1, 1]",
+                 fontsize=10)
+    return fig
+
+
+def plot_similarity_heatmaps(npz_path: Path | str, out_path: Path | str, title: str, data_label: str,
+                             prompt: int = 0, max_tick_labels: int = 40,
+                             layer_names: dict[int, str] | None = None) -> Path:
+    """Token×token cosine matrices per stored layer (rows init/trained) for one prompt.
+
+    The colour range is fixed to [−1, 1] so panels are comparable by eye. ``layer_names``
+    (layer index -> name) titles the columns; by default the npz's ``layer_names`` entry
+    (written by the geometry step) is used, else they read 'layer j'.
+    """
+    fig = _figure_similarity_heatmaps(npz_path, title, data_label, prompt, max_tick_labels, layer_names)
+    return _save(fig, out_path)
+
+
+# ----------------------------------------------------------------------------- 3. training curves
+
+
+def _figure_training_curves(log: pd.DataFrame, title: str, data_label: str) -> Figure:
+    log = log.sort_values("step")
+    fig = _new_figure(13.0, 4.0)
+    ax_loss, ax_ppl, ax_lr = fig.subplots(1, 3)
+
+    tr = log[["step", "train_loss"]].dropna()
+    va = log[["step", "val_loss", "val_ppl"]].dropna(subset=["val_loss"])
+    ax_loss.plot(tr["step"], tr["train_loss"], color="tab:blue", lw=1, label="train loss (batch)")
+    ax_loss.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3, label="validation loss")
+    ax_loss.set(xlabel="training step", ylabel="loss (nats/token)", title="cross-entropy loss")
+    ax_loss.legend(fontsize=8)
+
+    vp = log[["step", "val_ppl"]].dropna()
+    if vp.empty:
+        _no_data(ax_ppl, "no validation evaluations")
+    else:
+        ax_ppl.plot(vp["step"], vp["val_ppl"], color="tab:red", marker="o", ms=3, label="validation perplexity")
+        ax_ppl.set_yscale("log")
+        last = vp.iloc[-1]
+        ax_ppl.annotate(f"{last['val_ppl']:.2f}", (last["step"], last["val_ppl"]), textcoords="offset points",
+                        xytext=(-4, 6), ha="right", fontsize=8)
+        ax_ppl.legend(fontsize=8)
+    ax_ppl.set(xlabel="training step", ylabel="validation perplexity (tokens) [log scale]",
+               title="validation perplexity")
+
+    lr = log[["step", "lr"]].dropna()
+    ax_lr.plot(lr["step"], lr["lr"], color="tab:green", label="learning rate")
+    ax_lr.set(xlabel="training step", ylabel="learning rate (per step)", title="learning-rate schedule")
+    notes = []
+    if "tokens_per_s" in log.columns and log["tokens_per_s"].notna().any():
+        notes.append(f"median throughput {log['tokens_per_s'].median():,.0f} tokens/s")
+    if "elapsed_s" in log.columns and log["elapsed_s"].notna().any():
+        notes.append(f"wall time {log['elapsed_s'].max():,.0f} s")
+    if notes:
+        ax_lr.text(0.98, 0.02, "\n".join(notes), transform=ax_lr.transAxes, ha="right", va="bottom", fontsize=8)
+    ax_lr.legend(fontsize=8, loc="best")
+    for ax in (ax_loss, ax_ppl, ax_lr):
+        ax.grid(alpha=0.3)
+    _title(fig, title, data_label)
+    return fig
+
+
+def plot_training_curves(log: pd.DataFrame, out_path: Path | str, title: str, data_label: str) -> Path:
+    """Loss, validation perplexity and LR schedule vs step, to judge convergence and schedule sanity.
+
+    ``log`` is ``train_log.csv``; rows without validation values are skipped only for val series.
+    """
+    return _save(_figure_training_curves(log, title, data_label), out_path)
+
+
+# ----------------------------------------------------------------------------- 4. cross-variant
+
+
+def _per_seed(summaries: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """One row per (variant, seed, stage, metric, layer) with that seed's prompt-mean."""
+    df = summaries if metric is None else summaries[summaries["metric"] == metric]
+    keys = ["variant", "seed", "stage", "metric", "layer"]
+    agg = {"mean": ("mean", "mean"), "std": ("std", "mean"), "layer_name": ("layer_name", "first")}
+    if "n_prompts" in df.columns:
+        agg["n_prompts"] = ("n_prompts", "min")
+    return df.groupby(keys, as_index=False, sort=True).agg(**agg)
+
+
+def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric: str) -> Figure:
+    per_seed = _per_seed(summaries, metric)
+    variants = sorted(per_seed["variant"].unique())
+    colors = _variant_colors(variants)
+    fig = _new_figure(11.0, 4.6)
+    axes = fig.subplots(1, 2, sharey=True)
+    legend: dict[str, object] = {}
+    name_sets = per_seed.groupby("layer")["layer_name"].nunique() if not per_seed.empty else pd.Series(dtype=int)
+    consistent = bool((name_sets <= 1).all())
+    for ax, stage in zip(axes, STAGES):
+        ax.set_title(_stage_step(per_seed, stage), fontsize=10)
+        sdf = per_seed[per_seed["stage"] == stage]
+        if sdf.empty:
+            _no_data(ax, f"no {stage} data")
+            continue
+        for variant in variants:
+            vdf = sdf[sdf["variant"] == variant]
+            if vdf.empty:
+                continue
+            seeds = sorted(vdf["seed"].unique())
+            if len(seeds) >= 2:
+                rows = [(layer, *mean_ci95(g["mean"])) for layer, g in vdf.groupby("layer", sort=True)]
+                x = np.array([r[0] for r in rows], dtype=float)
+                m, lo, hi = (np.array([r[i] for r in rows], dtype=float) for i in (1, 2, 3))
+                label = f"{_esc(variant)}: mean ± 95% CI over {len(seeds)} seeds"
+            else:
+                g = vdf.sort_values("layer")
+                x = g["layer"].to_numpy(float)
+                m = g["mean"].to_numpy(float)
+                sd = g["std"].to_numpy(float)
+                lo, hi = m - sd, m + sd
+                n_p = _fmt_range(g["n_prompts"]) if "n_prompts" in g.columns else "?"
+                label = f"{_esc(variant)}: seed {int(seeds[0])}, ±1 s.d. across {n_p} prompts"
+            (line,) = ax.plot(x, m, marker="o", ms=3, color=colors[variant], label=label)
+            ax.fill_between(x, lo, hi, color=colors[variant], alpha=BAND_ALPHA, linewidth=0)
+            legend.setdefault(label, line)
+        if consistent:
+            _setup_layer_axis(ax, _layer_names(sdf))
+        else:
+            ax.set_xlabel("layer index (0 = embedding; depth differs across variants)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric_label(metric))
+    if legend:
+        fig.legend(list(legend.values()), list(legend.keys()), loc="outside lower center",
+                   ncols=2 if len(legend) > 3 else len(legend), fontsize=8)
+    seeds_txt = _fmt_seeds(per_seed["seed"]) if not per_seed.empty else "no data"
+    _title(fig, f"{_metric_short(metric)} by layer: {len(variants)} variants, {seeds_txt}", data_label)
+    return fig
+
+
+def plot_similarity_by_layer(summaries: pd.DataFrame, out_path: Path | str, data_label: str,
+                             metric: str = "mean_cosine") -> Path:
+    """All variants on one axis per stage, so architecture effects on a metric can be compared.
+
+    ``summaries`` = concatenated summary.csv files plus ``variant`` and ``seed`` columns.
+    ≥2 seeds: line = mean over seeds of per-seed prompt-means, band = 95% t-CI over seeds.
+    1 seed: line = prompt-mean, band = ±1 s.d. across prompts. The legend says which.
+    """
+    return _save(_figure_similarity_by_layer(summaries, data_label, metric), out_path)
+
+
+# ----------------------------------------------------------------------------- 5. differences
+
+
+def compute_differences(summaries: pd.DataFrame, comparisons: list[tuple[str, str]],
+                        metrics: Sequence[str]) -> pd.DataFrame:
+    """Per comparison (A, B), stage, metric and layer: A − B with a 95% CI across seeds.
+
+    If A and B have the same seed set (≥2 seeds) the difference is paired by seed (seeds share
+    data order / init RNG, so pairing removes shared noise); otherwise Welch's unpaired interval.
+    With a single seed on either side the CI is NaN and ``excludes_zero`` is False.
+    Extra columns: ``method`` (paired / welch / single-seed / no-data / missing), ``n_a``, ``n_b``,
+    ``df`` (t degrees of freedom), ``missing`` (comma-joined variants without data, else "").
+    ``n_seeds`` is the number of pairs when paired, else min(n_a, n_b).
+    A comparison whose variant has no data yields one row per (stage, metric) with
+    ``layer`` NA and ``missing`` set, so downstream figures can say so instead of dropping it.
+    """
+    metrics = list(metrics)
+    needed = {"variant", "seed", "stage", "metric", "layer", "layer_name", "mean"}
+    if needed.issubset(summaries.columns):
+        per_seed = _per_seed(summaries[summaries["metric"].isin(metrics)])
+    else:
+        per_seed = pd.DataFrame(columns=sorted(needed | {"std"}))
+    present = set(per_seed["variant"].unique())
+    all_stages = sorted(per_seed["stage"].unique(), key=_stage_order) or list(STAGES)
+    rows: list[dict] = []
+    for a, b in comparisons:
+        comp = f"{a}{_COMPARISON_SEP}{b}"
+        missing = [v for v in (a, b) if v not in present]
+        if missing:
+            for stage in all_stages:
+                for metric in metrics:
+                    rows.append(dict(comparison=comp, a=a, b=b, stage=stage, metric=metric, layer=pd.NA,
+                                     layer_name="", mean_diff=math.nan, ci_low=math.nan, ci_high=math.nan,
+                                     n_seeds=0, excludes_zero=False, method="missing", n_a=0, n_b=0,
+                                     df=math.nan, missing=", ".join(missing)))
+            continue
+        pa, pb = per_seed[per_seed["variant"] == a], per_seed[per_seed["variant"] == b]
+        paired = set(pa["seed"]) == set(pb["seed"])
+        ga, gb = _cells(pa), _cells(pb)
+        names = {**_layer_names(pb), **_layer_names(pa)}
+        for stage, metric, layer in sorted(set(ga) | set(gb),
+                                           key=lambda k: (_stage_order(k[0]), metrics.index(k[1]), k[2])):
+            sa, sb = ga.get((stage, metric, layer), {}), gb.get((stage, metric, layer), {})
+            if paired:
+                common = sorted(set(sa) & set(sb))
+                mean, lo, hi, n = mean_ci95(np.array([sa[k] - sb[k] for k in common], dtype=float))
+                n_a = n_b = n
+                df = float(n - 1) if n >= 2 else math.nan
+                method = "paired" if n >= 2 else ("single-seed" if n == 1 else "no-data")
+                n_seeds = n
+            else:
+                mean, lo, hi, df = _welch_ci95(np.fromiter(sa.values(), float), np.fromiter(sb.values(), float))
+                n_a, n_b = len(sa), len(sb)
+                method = "welch" if min(n_a, n_b) >= 2 else ("single-seed" if min(n_a, n_b) == 1 else "no-data")
+                n_seeds = min(n_a, n_b)
+            rows.append(dict(comparison=comp, a=a, b=b, stage=stage, metric=metric, layer=int(layer),
+                             layer_name=names.get(int(layer), str(layer)), mean_diff=mean, ci_low=lo,
+                             ci_high=hi, n_seeds=int(n_seeds), excludes_zero=_excludes_zero(lo, hi),
+                             method=method, n_a=int(n_a), n_b=int(n_b), df=df, missing=""))
+    out = pd.DataFrame(rows, columns=_DIFF_COLUMNS)
+    out["layer"] = out["layer"].astype("Int64")
+    out["excludes_zero"] = out["excludes_zero"].astype(bool)
+    return out
+
+
+def _cells(per_seed: pd.DataFrame) -> dict[tuple[str, str, int], dict[int, float]]:
+    """(stage, metric, layer) -> {seed: finite per-seed mean}; plain dicts keep this fast."""
+    cells: dict[tuple[str, str, int], dict[int, float]] = {}
+    cols = zip(per_seed["stage"], per_seed["metric"], per_seed["layer"], per_seed["seed"], per_seed["mean"])
+    for stage, metric, layer, seed, value in cols:
+        cell = cells.setdefault((str(stage), str(metric), int(layer)), {})
+        if np.isfinite(value):
+            cell[int(seed)] = float(value)
+    return cells
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    """init < step{N} (by N) < trained."""
+    if stage == "init":
+        return (0, 0)
+    if stage == "trained":
+        return (2, 0)
+    m = re.fullmatch(r"step(\d+)", str(stage))
+    return (1, int(m[1])) if m else (1, 10**12)
+
+
+def _method_text(g: pd.DataFrame) -> str:
+    """Per-panel note on how the CI was formed (layers without data, e.g. update_norm at 0, ignored)."""
+    g = g[g["method"] != "no-data"]
+    methods = set(g["method"])
+    if methods == {"paired"}:
+        return f"paired by seed, n = {_fmt_range(g['n_seeds'])} seeds"
+    if "welch" in methods:
+        return f"Welch (unpaired), n = {_fmt_range(g['n_a'])} vs {_fmt_range(g['n_b'])} seeds"
+    return "1 seed: no CI"
+
+
+def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequence[str]) -> Figure:
+    metrics = list(metrics)
+    df = diff_df.copy()
+    if "missing" not in df.columns:
+        df["missing"] = ""
+    df["missing"] = df["missing"].fillna("").astype(str)
+    comps = list(dict.fromkeys(zip(df["comparison"], df["a"], df["b"])))
+    n_rows = max(1, len(comps))
+    fig = _new_figure(4.2 * len(metrics), 2.9 * n_rows + 1.0)
+    axes = fig.subplots(n_rows, len(metrics), squeeze=False)
+    if not comps:
+        for ax in axes[0]:
+            _no_data(ax, "no comparisons")
+    any_ci = any_star = False
+    for r, (comp, a, b) in enumerate(comps):
+        cdf = df[df["comparison"] == comp]
+        missing = ", ".join(dict.fromkeys(m for m in cdf["missing"] if m))
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            ax.set_title(f"{_esc(a)} − {_esc(b)}", fontsize=9)
+            if missing:
+                _no_data(ax, f"missing: {missing}")
+                continue
+            g = cdf[(cdf["metric"] == metric) & cdf["stage"].isin(STAGES) & cdf["layer"].notna()]
+            if g.empty:
+                _no_data(ax, f"no data for {metric}")
+                continue
+            ax.axhline(0.0, color="black", lw=0.8)
+            for stage in STAGES:
+                s = g[g["stage"] == stage].sort_values("layer")
+                if s.empty:
+                    continue
+                style = STAGE_STYLE[stage]
+                x = s["layer"].to_numpy(dtype=float)
+                ax.plot(x, s["mean_diff"].to_numpy(float), marker="o", ms=3, **style)
+                lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
+                if np.isfinite(lo).any():
+                    any_ci = True
+                    ax.fill_between(x, lo, hi, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+                star = s[s["excludes_zero"].astype(bool)]
+                if not star.empty:
+                    any_star = True
+                    ax.plot(star["layer"].to_numpy(float), star["mean_diff"].to_numpy(float), linestyle="none",
+                            marker="*", ms=11, color=style["color"], markeredgecolor="black", markeredgewidth=0.5)
+            _setup_layer_axis(ax, _layer_names(g))
+            ax.set_ylabel(f"Δ {metric_label(metric)}", fontsize=8)
+            ax.text(0.02, 0.97, _method_text(g), transform=ax.transAxes, ha="left", va="top", fontsize=7,
+                    color="0.25", bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.85, "pad": 2})
+            ax.grid(alpha=0.3)
+    handles: list[object] = [Line2D([], [], marker="o", ms=3, **STAGE_STYLE[s]) for s in STAGES]
+    labels = ["init: A − B (dashed)", "trained: A − B (solid)"]
+    handles.append(Line2D([], [], color="black", lw=0.8))
+    labels.append("zero (no difference)")
+    if any_ci:
+        handles.append(Patch(color="0.6", alpha=0.5))
+        labels.append("shaded: 95% CI of A − B across seeds (paired t if same seeds, else Welch)")
+    if any_star:
+        handles.append(Line2D([], [], linestyle="none", marker="*", ms=11, color="0.5", markeredgecolor="black"))
+        labels.append("star: layer where the 95% CI excludes 0")
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    seeds_note = ""
+    if "method" in df.columns and (df["method"] == "single-seed").all():
+        seeds_note = " (single seed: no uncertainty estimate)"
+    _title(fig, f"Architecture differences A − B by layer{seeds_note}", data_label)
+    return fig
+
+
+def plot_differences(diff_df: pd.DataFrame, out_path: Path | str, data_label: str,
+                     metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
+    """Grid of A − B per layer (rows = comparisons, columns = metrics) from ``compute_differences``.
+
+    Stars mark layers whose 95% CI excludes zero; a comparison with a variant lacking data
+    shows 'missing: <variant>' instead of vanishing.
+    """
+    return _save(_figure_differences(diff_df, data_label, metrics), out_path)
+
+
+# ----------------------------------------------------------------------------- 6. perplexity
+
+
+def _bar_panel(ax: Axes, ppl: pd.DataFrame, variants: list[str], column: str, ylabel: str,
+               colors: dict[str, tuple]) -> None:
+    ymax = 0.0
+    for i, variant in enumerate(variants):
+        vals = ppl.loc[ppl["variant"] == variant, column].astype(float).dropna().to_numpy()
+        if vals.size == 0:
+            ax.text(i, 0.02, "missing", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=8, color="tab:red")
+            continue
+        mean, lo, hi, n = mean_ci95(vals)
+        yerr = None if n < 2 else np.array([[mean - lo], [hi - mean]])
+        ax.bar(i, mean, color=colors[variant], alpha=0.6, width=0.7, yerr=yerr, capsize=4,
+               error_kw={"elinewidth": 1.2})
+        offsets = np.linspace(-0.18, 0.18, vals.size) if vals.size > 1 else np.zeros(1)
+        ax.plot(i + offsets, vals, linestyle="none", marker="o", ms=4, color="black")
+        text = f"{mean:.2f}" if n < 2 else f"{mean:.2f}\n±{hi - mean:.2f}"
+        top = max(hi if n >= 2 else mean, float(vals.max()))
+        ymax = max(ymax, top)
+        ax.annotate(text, (i, top), textcoords="offset points", xytext=(0, 6), ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(variants)))
+    counts = [int(ppl.loc[ppl["variant"] == v, column].notna().sum()) for v in variants]
+    ax.set_xticklabels([f"{_esc(v)}\n(n={k})" for v, k in zip(variants, counts)], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_xlabel("variant (n = seeds)")
+    ax.set_ylim(0, ymax * 1.2 if ymax > 0 else 1.0)  # from zero: bar heights stay proportional
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _figure_perplexity(ppl: pd.DataFrame, data_label: str) -> Figure:
+    variants = list(dict.fromkeys(ppl["variant"]))
+    colors = _variant_colors(variants)
+    fig = _new_figure(max(9.0, 1.6 * len(variants) + 3.0), 4.8)
+    ax_ppl, ax_bpb = fig.subplots(1, 2)
+    split = ", ".join(sorted(ppl["split"].dropna().astype(str).unique())) if "split" in ppl.columns else "test"
+    split = split or "test"
+    _bar_panel(ax_ppl, ppl, variants, "token_ppl", f"{split} token perplexity (tokens)", colors)
+    ax_ppl.set_title("token perplexity (lower is better)", fontsize=10)
+    _bar_panel(ax_bpb, ppl, variants, "bits_per_byte", f"{split} bits per byte (bits/byte)", colors)
+    ax_bpb.set_title("bits per byte (tokenizer-independent)", fontsize=10)
+    handles = [Patch(color="0.6", alpha=0.6), Line2D([], [], color="black"),
+               Line2D([], [], linestyle="none", marker="o", ms=4, color="black")]
+    labels = ["bar: mean over seeds", "error bar: 95% CI over seeds (t, n−1 df; only n ≥ 2)", "dot: one seed"]
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    title = f"{split} perplexity by variant ({_fmt_seeds(ppl['seed'])})" if "seed" in ppl.columns \
+        else f"{split} perplexity by variant"
+    if "tokenizer" in ppl.columns and ppl["tokenizer"].nunique() > 1:
+        title += "; tokenizers differ, so compare bits/byte, not token perplexity"
+    _title(fig, title, data_label)
+    return fig
+
+
+def plot_perplexity(ppl: pd.DataFrame, out_path: Path | str, data_label: str) -> Path:
+    """Held-out token perplexity and bits/byte per variant: bars = mean over seeds, 95% CI, seed dots.
+
+    ``ppl`` is ``outputs/compare/perplexity.csv`` (variant, seed, token_ppl, bits_per_byte, ...).
+    Bars start at zero so relative differences are not exaggerated.
+    """
+    return _save(_figure_perplexity(ppl, data_label), out_path)

@@ -1,0 +1,104 @@
+"""Resolving a variant's settings from the workflow config, and the checks a JSON
+schema cannot express. Both run before any job starts, so a bad config never leaves
+half-written outputs behind."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from tga.model import ModelConfig, ModelConfigError
+from tga.train import TrainConfig, TrainConfigError
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
+TRAINING_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("seed", "threads"))
+
+
+class ConfigError(ValueError):
+    """A config that validates against the schema but cannot run."""
+
+
+def resolve_variant(config: dict[str, Any], variant: str) -> dict[str, dict[str, Any]]:
+    """The variant's full model and training settings: shared settings, then the
+    variant's own overrides. Rules take only this, so editing one variant never
+    invalidates another's outputs."""
+    if variant not in config["variants"]:
+        raise ConfigError(f"unknown variant {variant!r}; configured: {sorted(config['variants'])}")
+    overrides = config["variants"][variant] or {}
+    unknown = sorted(set(overrides) - set(MODEL_KEYS) - set(TRAINING_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"variants.{variant}: unknown key(s) {unknown}; a variant may set model keys {list(MODEL_KEYS)} "
+            f"or training keys {list(TRAINING_KEYS)}"
+        )
+    model = {k: v for k, v in config["model"].items() if k in MODEL_KEYS}
+    training = {k: v for k, v in config["training"].items() if k in TRAINING_KEYS}
+    model.update({k: v for k, v in overrides.items() if k in MODEL_KEYS})
+    training.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS})
+    return {"model": model, "training": training}
+
+
+def _check_file(path: str | None, key: str, hint: str) -> None:
+    if not path:
+        raise ConfigError(f"{key} is not set: {hint}")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: file {path!r} does not exist: {hint}")
+    if p.stat().st_size == 0:
+        raise ConfigError(f"{key}: file {path!r} is empty: {hint}")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Cross-key checks that the schema cannot make; raises one ConfigError naming
+    the key at fault."""
+    for variant in config["variants"]:
+        resolved = resolve_variant(config, variant)
+        try:
+            ModelConfig(**resolved["model"])
+            TrainConfig(**resolved["training"])
+        except (ModelConfigError, TrainConfigError) as exc:
+            raise ConfigError(f"variants.{variant}: {exc}") from None
+
+    for index, pair in enumerate(config["comparisons"]):
+        for name in pair:
+            if name not in config["variants"]:
+                raise ConfigError(
+                    f"comparisons[{index}] = {list(pair)} names unknown variant {name!r}; "
+                    f"configured variants: {sorted(config['variants'])}"
+                )
+        if pair[0] == pair[1]:
+            raise ConfigError(f"comparisons[{index}] compares {pair[0]!r} with itself: name two different variants")
+
+    prompts = config["geometry"]["prompts"]
+    _check_file(prompts, "geometry.prompts", "give a text file with one prompt per line")
+    lines = [ln.strip() for ln in Path(prompts).read_text(encoding="utf-8").splitlines()]
+    if not any(ln and not ln.startswith("#") for ln in lines):
+        raise ConfigError(f"geometry.prompts: {prompts!r} holds no prompt (only blank or # lines): add one prompt per line")
+
+    data = config["data"]
+    if data["source"] == "text":
+        for split in ("train", "validation", "test"):
+            _check_file(data[split], f"data.{split}", "with data.source: text, give a UTF-8 text file for each split")
+    elif data["archive"]:
+        _check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
+
+    tokenizer = config["tokenizer"]
+    given = [k for k in ("encoder_json", "vocab_bpe") if tokenizer[k]]
+    if given and tokenizer["name"] != "gpt2":
+        raise ConfigError(f"tokenizer.{given[0]} is only used by tokenizer.name: gpt2 (got {tokenizer['name']!r})")
+    if len(given) == 1:
+        missing = "vocab_bpe" if given[0] == "encoder_json" else "encoder_json"
+        raise ConfigError(f"tokenizer.{given[0]} is set but tokenizer.{missing} is not: give both GPT-2 files")
+    for key in given:
+        _check_file(tokenizer[key], f"tokenizer.{key}", "give the GPT-2 BPE file, or remove the key to use tiktoken")
+
+    n_layer_max = max(resolve_variant(config, v)["model"]["n_layer"] for v in config["variants"])
+    n_layer_min = min(resolve_variant(config, v)["model"]["n_layer"] for v in config["variants"])
+    for layer in config["geometry"]["heatmap_layers"]:
+        if not -(n_layer_min + 2) <= layer < n_layer_min + 2:
+            raise ConfigError(
+                f"geometry.heatmap_layers: layer {layer} is out of range; valid layers are "
+                f"{-(n_layer_min + 2)}..{n_layer_min + 1} (0 = embedding, {n_layer_min + 1} or -1 = final norm)"
+                + (f" for the shallowest variant (n_layer={n_layer_min})" if n_layer_max != n_layer_min else "")
+            )

@@ -1,0 +1,63 @@
+# WikiText-2 (or user text) -> plain-text splits -> one token file per split.
+
+
+localrules:
+    prepare_corpus,
+
+
+rule prepare_corpus:
+    output:
+        expand("outputs/data/corpus/{split}.txt", split=SPLITS),
+    params:
+        data=config["data"],
+    log:
+        "outputs/logs/prepare_corpus.log",
+    benchmark:
+        "outputs/benchmarks/prepare_corpus.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/prepare_corpus.py"
+
+
+rule build_tokenizer:
+    input:
+        train="outputs/data/corpus/train.txt",
+    output:
+        "outputs/data/tokens/tokenizer.json",
+    params:
+        tokenizer=config["tokenizer"],
+    log:
+        "outputs/logs/build_tokenizer.log",
+    benchmark:
+        "outputs/benchmarks/build_tokenizer.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/build_tokenizer.py"
+
+
+rule tokenize_split:
+    input:
+        text="outputs/data/corpus/{split}.txt",
+        tokenizer="outputs/data/tokens/tokenizer.json",
+    output:
+        tokens="outputs/data/tokens/{split}.bin",
+        meta="outputs/data/tokens/{split}.json",
+    log:
+        "outputs/logs/tokenize_split/{split}.log",
+    benchmark:
+        "outputs/benchmarks/tokenize_split/{split}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/tokenize_split.py"

@@ -1,0 +1,23 @@
+# Test-split perplexity of each trained model.
+
+
+rule evaluate:
+    input:
+        model="outputs/models/{variant}/seed{seed}/final.pt",
+        tokens="outputs/data/tokens/test.bin",
+        meta="outputs/data/tokens/test.json",
+    output:
+        "outputs/eval/{variant}/seed{seed}/perplexity.json",
+    params:
+        evaluation=config["evaluation"],
+    log:
+        "outputs/logs/evaluate/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/evaluate/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/evaluate.py"

@@ -1,0 +1,64 @@
+# Figures of one model: geometry across layers, similarity heatmaps, training curves.
+
+
+rule plot_geometry_layers:
+    input:
+        summary="outputs/geometry/{variant}/seed{seed}/summary.csv",
+    output:
+        "outputs/figures/{variant}/seed{seed}/geometry_layers.png",
+    params:
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_geometry_layers/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_geometry_layers/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_geometry_layers.py"
+
+
+rule plot_similarity_heatmaps:
+    input:
+        similarity="outputs/geometry/{variant}/seed{seed}/similarity.npz",
+    output:
+        "outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png",
+    params:
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_similarity_heatmaps/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_similarity_heatmaps/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_similarity_heatmaps.py"
+
+
+rule plot_training_curves:
+    input:
+        log="outputs/models/{variant}/seed{seed}/train_log.csv",
+    output:
+        "outputs/figures/{variant}/seed{seed}/training_curves.png",
+    params:
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_training_curves/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_training_curves/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_training_curves.py"

@@ -1,0 +1,27 @@
+# Token geometry of each model at initialization and after training.
+
+
+rule geometry:
+    input:
+        init="outputs/models/{variant}/seed{seed}/init.pt",
+        final="outputs/models/{variant}/seed{seed}/final.pt",
+        tokenizer="outputs/data/tokens/tokenizer.json",
+        prompts=config["geometry"]["prompts"],
+    output:
+        metrics="outputs/geometry/{variant}/seed{seed}/metrics.csv",
+        summary="outputs/geometry/{variant}/seed{seed}/summary.csv",
+        similarity="outputs/geometry/{variant}/seed{seed}/similarity.npz",
+        prompts="outputs/geometry/{variant}/seed{seed}/prompts.csv",
+    params:
+        geometry=config["geometry"],
+    log:
+        "outputs/logs/geometry/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/geometry/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/geometry.py"

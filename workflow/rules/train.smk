@@ -1,0 +1,28 @@
+# One training job per variant and seed.
+
+
+rule train:
+    input:
+        train="outputs/data/tokens/train.bin",
+        train_meta="outputs/data/tokens/train.json",
+        validation="outputs/data/tokens/validation.bin",
+        validation_meta="outputs/data/tokens/validation.json",
+    output:
+        init="outputs/models/{variant}/seed{seed}/init.pt",
+        final="outputs/models/{variant}/seed{seed}/final.pt",
+        log="outputs/models/{variant}/seed{seed}/train_log.csv",
+        checkpoints=directory("outputs/models/{variant}/seed{seed}/checkpoints"),
+    params:
+        settings=variant_settings,
+    log:
+        "outputs/logs/train/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/train/{variant}/seed{seed}.tsv"
+    threads: config["resources"]["train_threads"]
+    resources:
+        gpu=config["resources"]["train_gpus"],
+        mem_mb=8000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,6 @@
+"""Build the tokenizer (the char vocabulary comes from the training split)."""
+from tga.joblog import logged_job
+from tga.tokenizers import build_tokenizer
+
+with logged_job(snakemake.log[0]):
+    build_tokenizer(snakemake.params.tokenizer, snakemake.input.train).save(snakemake.output[0])

@@ -1,0 +1,10 @@
+"""Per-model figure: geometry metrics across layers, init vs trained."""
+import pandas as pd
+
+from tga.joblog import logged_job
+from tga.plots import plot_geometry_layers
+
+with logged_job(snakemake.log[0]):
+    plot_geometry_layers(
+        pd.read_csv(snakemake.input.summary), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+    )

@@ -1,0 +1,6 @@
+"""Comparison figure: test perplexity and bits per byte per variant."""
+from tga.compare import plot_perplexity_table
+from tga.joblog import logged_job
+
+with logged_job(snakemake.log[0]):
+    plot_perplexity_table(snakemake.input[0], snakemake.output[0], snakemake.params.data_label)
