@@ -42,6 +42,7 @@ PEAK_FLOPS = {
 MODELS = {
     "default": ModelConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=6, n_embd=384,
                            norm_position="post", activation="gelu"),
+
     "quick": ModelConfig(vocab_size=200, block_size=64, n_layer=4, n_head=4, n_embd=64,
                          norm_position="post", activation="gelu"),
 }
@@ -70,14 +71,14 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int, device: torch.device,
-                   compile_model: bool) -> dict[str, Any]:
+                   compile_model: bool, compile_mode: str = "default") -> dict[str, Any]:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     model = Transformer(config).to(device)
     optimizer = make_optimizer(model, TrainConfig(), device)
-    forward_model = torch.compile(model) if compile_model else model
+    forward_model = torch.compile(model, mode=compile_mode) if compile_model else model
     amp = autocast_context(device)
     data = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -99,7 +100,7 @@ def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int
     result = {
         "batch_size": batch_size,
         "block_size": config.block_size,
-        "compile": compile_model,
+        "compile": compile_mode if compile_model else False,
         "steps_timed": steps,
         "warmup_s": round(warmup_s, 3),
         "step_ms": round(1000 * elapsed / steps, 3),
@@ -191,7 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for compile_model in compiles:
                 steps = args.steps or (200 if on_gpu else (3 if name == "default" else 50))
                 warmup = args.warmup if args.warmup is not None else (30 if on_gpu else 1)
-                entry["train"].append(bench_training(config, batch, steps, warmup, device, compile_model))
+                entry["train"].append(
+                    bench_training(config, batch, steps, warmup, device, compile_model, args.compile_mode))
         eval_tokens = args.eval_tokens or (2_000_000 if on_gpu else (20_000 if name == "default" else 100_000))
         entry["eval"] = bench_evaluation(config, 64 if on_gpu else 16, eval_tokens, device)
         entry["geometry"] = bench_geometry(config, n_prompts=16, prompt_tokens=128)
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="training batch sizes (default: 8 and 64 on GPU, 8 on CPU)")
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="time training without and/or with torch.compile")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode (reduce-overhead adds CUDA graphs)")
     parser.add_argument("--steps", type=int, help="timed training steps (default: 200 on GPU, few on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps")
     parser.add_argument("--eval-tokens", type=int, help="tokens scored by the evaluation timing")

@@ -49,6 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     residual: bool = True
     mlp: bool = True
+    scale_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -200,6 +201,7 @@ class Transformer(nn.Module):
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
+        self.embedding_multiplier = math.sqrt(config.n_embd)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -233,7 +235,11 @@ class Transformer(nn.Module):
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
         positions = torch.arange(seq, device=idx.device)
-        x = self.embedding_dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        x = self.token_embedding(idx) + self.position_embedding(positions)
+        if self.config.scale_embeddings:
+            # O(1) inputs from the small tied embeddings (Vaswani et al. 2017; Gemma).
+            x = x * self.embedding_multiplier
+        x = self.embedding_dropout(x)
         hidden = [x] if return_hidden_states else None
         for block in self.blocks:
             x = block(x)

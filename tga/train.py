@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +142,8 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step; returns the loss without synchronising with the host.
     ``forward_model`` may be the compiled wrapper of ``model``."""
+    if forward_model is not model:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays may reuse buffers
     with amp:
         loss = forward_model(x, y).loss
     loss.backward()
@@ -208,7 +211,7 @@ def train_model(
     save_checkpoint(out_dir / "init.pt", model, {"step": 0, "seed": train_config.seed, "run": run_name})
     model.to(device)
     optimizer = make_optimizer(model, train_config, device)
-    step_fn_model = torch.compile(model) if train_config.compile else model
+    step_fn_model = torch.compile(model, mode=train_config.compile_mode) if train_config.compile else model
 
     train_data = load_tokens_to_device(train_tokens, device)
     val_data = load_tokens_to_device(val_tokens, device)

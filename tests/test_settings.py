@@ -1,0 +1,78 @@
+"""Config resolution, the schema's defaults, and the checks the schema cannot make."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tga.model import ModelConfig
+from tga.settings import MODEL_KEYS, TRAINING_KEYS, ConfigError, check_config, resolve_variant
+from tga.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+
+
+def base_config(tmp_path: Path) -> dict:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nthe first prompt\n")
+    return {
+        "data": {"source": "wikitext2", "archive": None, "train": None, "validation": None, "test": None, "label": "x"},
+        "tokenizer": {"name": "char", "encoder_json": None, "vocab_bpe": None},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "training": {"max_steps": 10, "learning_rate": 1e-3, "warmup_steps": 2},
+        "seeds": [0],
+        "variants": {"a": {"norm_position": "pre"}, "b": {"norm_position": "post", "learning_rate": 5e-4}},
+        "comparisons": [["a", "b"]],
+        "evaluation": {"batch_size": 4, "device": "cpu"},
+        "geometry": {"prompts": str(prompts), "heatmap_layers": [0, -1], "exclude_first_token": False,
+                     "knn_k": 5, "device": "cpu"},
+    }
+
+
+def test_schema_defaults_equal_the_dataclass_defaults():
+    """The schema is the user-facing source of defaults; the library must agree with it."""
+    model_defaults = {k: v["default"] for k, v in SCHEMA["properties"]["model"]["properties"].items()}
+    training_defaults = {k: v["default"] for k, v in SCHEMA["properties"]["training"]["properties"].items()}
+    assert model_defaults == {f.name: f.default for f in fields(ModelConfig) if f.name in MODEL_KEYS}
+    assert training_defaults == {f.name: f.default for f in fields(TrainConfig) if f.name in TRAINING_KEYS}
+    assert set(SCHEMA["$defs"]["model_keys"]["properties"]) == set(MODEL_KEYS)
+    assert set(SCHEMA["$defs"]["training_keys"]["properties"]) == set(TRAINING_KEYS)
+
+
+def test_variant_overrides_shared_settings_and_nothing_else(tmp_path):
+    config = base_config(tmp_path)
+    a, b = resolve_variant(config, "a"), resolve_variant(config, "b")
+    assert a["model"]["norm_position"] == "pre" and b["model"]["norm_position"] == "post"
+    assert a["training"]["learning_rate"] == 1e-3 and b["training"]["learning_rate"] == 5e-4
+    assert a["model"]["n_embd"] == b["model"]["n_embd"] == 32
+    assert "vocab_size" not in a["model"] and "seed" not in a["training"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["variants"]["b"].update(n_embd=30, n_head=4), r"variants\.b: .*n_embd=30 is not divisible by n_head=4"),
+        (lambda c: c["variants"]["a"].update(warmup_steps=50), r"variants\.a: .*warmup_steps=50"),
+        (lambda c: c["comparisons"].append(["a", "zz"]), r"comparisons\[1\] .* unknown variant 'zz'"),
+        (lambda c: c["comparisons"].append(["a", "a"]), r"comparisons\[1\] compares 'a' with itself"),
+        (lambda c: c["variants"]["a"].update(colour="red"), r"variants\.a: unknown key\(s\) \['colour'\]"),
+        (lambda c: c["geometry"].update(prompts="/nonexistent/prompts.txt"), r"geometry\.prompts: file .* does not exist"),
+        (lambda c: Path(c["geometry"]["prompts"]).write_text(""), r"geometry\.prompts: file .* is empty"),
+        (lambda c: Path(c["geometry"]["prompts"]).write_text("# only a comment\n\n"), r"geometry\.prompts: .* holds no prompt"),
+        (lambda c: c["geometry"].update(heatmap_layers=[4]), r"geometry\.heatmap_layers: layer 4 is out of range"),
+        (lambda c: c["data"].update(source="text"), r"data\.train is not set"),
+        (lambda c: c["tokenizer"].update(name="gpt2", encoder_json="x.json"), r"tokenizer\.encoder_json is set but tokenizer\.vocab_bpe is not"),
+        (lambda c: c["data"].update(archive="/nonexistent.zip"), r"data\.archive: file '/nonexistent.zip' does not exist"),
+    ],
+)
+def test_check_config_names_the_culprit(tmp_path, edit, message):
+    config = base_config(tmp_path)
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+def test_valid_config_passes(tmp_path):
+    check_config(base_config(tmp_path))
