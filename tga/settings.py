@@ -4,9 +4,12 @@ half-written outputs behind."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tga.model import ModelConfig, ModelConfigError
 from tga.train import TrainConfig, TrainConfigError
@@ -102,3 +105,23 @@ def check_config(config: dict[str, Any]) -> None:
                 f"{-(n_layer_min + 2)}..{n_layer_min + 1} (0 = embedding, {n_layer_min + 1} or -1 = final norm)"
                 + (f" for the shallowest variant (n_layer={n_layer_min})" if n_layer_max != n_layer_min else "")
             )
+
+
+
+def schema_error_message(error: BaseException, schema_path: str | Path) -> str:
+    """One line naming the config key that failed the JSON schema, instead of the
+    validator's dump of the whole schema."""
+    candidates = [error.__cause__, error.__context__, *getattr(error, "args", ())]
+    inner = next((c for c in candidates if hasattr(c, "absolute_path")), None)
+    if inner is None:
+        return str(error)
+    key = ".".join(str(p) for p in inner.absolute_path) or "<top level>"
+    message = inner.message
+    if inner.validator in ("additionalProperties", "unevaluatedProperties"):
+        defs = yaml.safe_load(Path(schema_path).read_text()).get("$defs", {})
+        allowed = set(inner.schema.get("properties", {}))
+        for part in inner.schema.get("allOf", []):
+            allowed |= set(defs.get(part.get("$ref", "").split("/")[-1], {}).get("properties", {}))
+        message = re.sub(r"^(Unevaluated|Additional) properties are not allowed", "unknown key", message)
+        message += f"; valid keys: {sorted(allowed)}"
+    return f"Invalid config: {key}: {message}"

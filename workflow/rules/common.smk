@@ -4,10 +4,14 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tga.settings import ConfigError, check_config, resolve_variant
+from tga.settings import ConfigError, check_config, resolve_variant, schema_error_message
 
 
-validate(config, "../schemas/config.schema.yaml")
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError as error:
+    schema = workflow.current_basedir.join("../schemas/config.schema.yaml").get_path_or_uri(secret_free=True)
+    raise WorkflowError(schema_error_message(error, schema)) from None
 try:
     check_config(config)
 except ConfigError as error:

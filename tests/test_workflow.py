@@ -1,0 +1,178 @@
+"""End-to-end runs of the real workflow on a tiny config in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["llama-preln", "llama-postln", "standard-preln", "standard-postln"]
+
+TINY = {
+    "data": {
+        "source": "text",
+        "train": "resources/wikitext-2-sample/train.txt",
+        "validation": "resources/wikitext-2-sample/validation.txt",
+        "test": "resources/wikitext-2-sample/test.txt",
+        "label": "tiny test run",
+    },
+    "tokenizer": {"name": "char"},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 4,
+                 "eval_interval": 10, "eval_batches": 2, "checkpoint_interval": 10, "device": "cpu"},
+    "evaluation": {"batch_size": 32, "device": "cpu"},
+    "geometry": {"prompts": "tiny_prompts.txt", "heatmap_layers": [0, -1]},
+    "resources": {"train_threads": 1},
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "tiny.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_workdir(path: Path, config: dict) -> Path:
+    for name in ("Snakefile", "workflow", "config", "resources"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
+    (path / "tiny_prompts.txt").write_text(
+        "# two short prompts\nThe lobster is a species of clawed lobster.\nIt may grow to a length of 60 cm.\n"
+    )
+    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
+def planned_jobs(workdir: Path, *targets: str) -> list[tuple[str, str]]:
+    """(rule, variant-or-'') of every job a dry run would execute."""
+    out = snakemake(workdir, "--dry-run", *targets).stdout
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        rule = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if rule:
+            variant = re.search(r"wildcards:.*?variant=([\w.-]+)", block)
+            jobs.append((rule.group(1), variant.group(1) if variant else ""))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    workdir = make_workdir(tmp_path_factory.mktemp("workflow"), TINY)
+    snakemake(workdir)
+    return workdir
+
+
+def test_every_declared_output_exists_and_is_sane(finished_run):
+    out = finished_run / "outputs"
+    for split in ("train", "validation", "test"):
+        meta = json.loads((out / "data" / "tokens" / f"{split}.json").read_text())
+        assert meta["tokenizer"] == "char" and meta["n_tokens"] > 1000
+    vocab = json.loads((out / "data" / "tokens" / "test.json").read_text())["vocab_size"]
+    for variant in VARIANTS:
+        model = out / "models" / variant / "seed0"
+        assert {p.name for p in (model / "checkpoints").glob("*.pt")} == {"step000010.pt", "step000020.pt"}
+        log = pd.read_csv(model / "train_log.csv")
+        assert list(log["step"]) == [0, 10, 20] and log["val_loss"].iloc[-1] < log["val_loss"].iloc[0]
+        ppl = json.loads((out / "eval" / variant / "seed0" / "perplexity.json").read_text())
+        assert 1 < ppl["token_ppl"] < vocab and math.isfinite(ppl["bits_per_byte"])
+        assert ppl["n_tokens_scored"] == json.loads((out / "data" / "tokens" / "test.json").read_text())["n_tokens"] - 1
+        geometry = out / "geometry" / variant / "seed0"
+        summary = pd.read_csv(geometry / "summary.csv")
+        assert set(summary["stage"]) == {"init", "trained"}
+        assert sorted(summary["layer"].unique()) == [0, 1, 2, 3]  # embedding, 2 blocks, final norm
+        cos = summary[(summary.metric == "mean_cosine")]["mean"]
+        assert cos.between(-1, 1).all()
+        with np.load(geometry / "similarity.npz") as npz:
+            assert {"init/layer0/prompt0", "trained/layer3/prompt1"} <= set(npz.files)
+        for figure in ("geometry_layers", "similarity_heatmaps", "training_curves"):
+            assert Image.open(out / "figures" / variant / "seed0" / f"{figure}.png").size[0] > 300
+    table = pd.read_csv(out / "compare" / "perplexity.csv")
+    assert sorted(table["variant"]) == sorted(VARIANTS)
+    differences = pd.read_csv(out / "compare" / "difference.csv")
+    assert len(differences["comparison"].unique()) == 4
+    for figure in ("difference", "similarity_by_layer", "perplexity"):
+        assert Image.open(out / "compare" / f"{figure}.png").size[0] > 300
+    for log in (out / "logs").rglob("*.log"):
+        assert "Traceback" not in log.read_text(), log
+    assert any((out / "benchmarks").rglob("*.tsv"))
+
+
+def test_second_run_has_nothing_to_do(finished_run):
+    assert planned_jobs(finished_run) == []
+
+
+def test_editing_one_variant_reruns_only_its_jobs(finished_run, tmp_path):
+    config = yaml.safe_load((finished_run / "tiny.yaml").read_text())
+    config["variants"] = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["variants"]
+    config["variants"]["llama-postln"]["learning_rate"] = 1e-3
+    (finished_run / "tiny.yaml").write_text(yaml.safe_dump(config))
+    try:
+        jobs = planned_jobs(finished_run)
+    finally:
+        (finished_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    per_variant = {rule for rule, variant in jobs if variant}
+    assert {variant for _, variant in jobs if variant} == {"llama-postln"}
+    assert {"train", "evaluate", "geometry"} <= per_variant
+    assert {rule for rule, variant in jobs if not variant} <= {
+        "all", "perplexity_table", "plot_perplexity", "plot_similarity_by_layer", "plot_differences"}
+    assert not {"prepare_corpus", "tokenize_split", "build_tokenizer"} & {rule for rule, _ in jobs}
+
+
+def test_one_figure_builds_only_what_it_needs(tmp_path):
+    config = {**TINY, "variants": {"a": {"norm_position": "pre"}, "b": {"norm_position": "post"}},
+              "comparisons": [["a", "b"]]}
+    workdir = make_workdir(tmp_path, config)
+    rules = {rule for rule, _ in planned_jobs(workdir, "outputs/compare/difference.png")}
+    snakemake(workdir, "outputs/compare/difference.png")
+    assert (workdir / "outputs" / "compare" / "difference.png").is_file()
+    assert "evaluate" not in rules and "plot_training_curves" not in rules
+    assert not (workdir / "outputs" / "eval").exists()
+
+
+def _with(path: list[str], value):
+    def edit(config: dict) -> dict:
+        config = json.loads(json.dumps(config))
+        node = config
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        return config
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_with(["model", "colour"], "red"), r"Invalid config: model: unknown key \('colour' was unexpected\)"),
+        (_with(["model", "n_layer"], "six"), r"Invalid config: model\.n_layer: 'six' is not of type 'integer'"),
+        (_with(["model", "n_head"], 3), r"n_embd=32 is not divisible by n_head=3"),
+        (_with(["comparisons"], [["llama-preln", "gpt5"]]), r"comparisons\[0\] .* unknown variant 'gpt5'"),
+        (_with(["geometry", "prompts"], "missing.txt"), r"geometry\.prompts: file 'missing.txt' does not exist"),
+        (_with(["geometry", "prompts"], "empty.txt"), r"geometry\.prompts: file 'empty.txt' is empty"),
+        (_with(["data", "test"], "nowhere/test.txt"), r"data\.test: file 'nowhere/test.txt' does not exist"),
+        (_with(["training", "learning_rate"], -1), r"training\.learning_rate: -1 is less than or equal to the minimum of 0"),
+    ],
+)
+def test_bad_config_stops_before_any_job_with_one_clear_message(tmp_path, edit, message):
+    workdir = make_workdir(tmp_path, edit(TINY))
+    (workdir / "empty.txt").write_text("")
+    proc = snakemake(workdir, check=False)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "outputs").exists()
