@@ -155,3 +155,10 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_are_byte_identical_whatever_their_file_name(tmp_path):
+    model = build()
+    save_checkpoint(tmp_path / "a.pt", model, {"step": 1})
+    save_checkpoint(tmp_path / "sub" / "b.pt", model, {"step": 1})
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "sub" / "b.pt").read_bytes()

@@ -37,9 +37,9 @@ TINY = {
 }
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True, cores: int = 4) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "tiny.yaml"],
+        [sys.executable, "-m", "snakemake", *args, "--cores", str(cores), "--configfile", "tiny.yaml"],
         cwd=workdir, capture_output=True, text=True, timeout=600,
     )
     if check and proc.returncode != 0:
@@ -47,9 +47,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def make_workdir(path: Path, config: dict) -> Path:
+def make_workdir(path: Path, config: dict, source_root: Path = ROOT) -> Path:
     for name in ("Snakefile", "workflow", "config", "resources"):
-        source = ROOT / name
+        source = source_root / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
     (path / "tiny_prompts.txt").write_text(
         "# two short prompts\nThe lobster is a species of clawed lobster.\nIt may grow to a length of 60 cm.\n"
@@ -110,6 +110,26 @@ def test_every_declared_output_exists_and_is_sane(finished_run):
     for log in (out / "logs").rglob("*.log"):
         assert "Traceback" not in log.read_text(), log
     assert any((out / "benchmarks").rglob("*.tsv"))
+
+
+def test_parallel_and_serial_runs_give_identical_outputs(finished_run, tmp_path):
+    """--cores 4 (all variants at once on this 2-core machine) equals --cores 1, byte for
+    byte, except the wall-clock columns of the training logs."""
+    serial = make_workdir(tmp_path, TINY, source_root=finished_run)
+    snakemake(serial, cores=1)
+    skip = {"logs", "benchmarks"}
+    parallel_files = sorted(p.relative_to(finished_run) for p in (finished_run / "outputs").rglob("*")
+                            if p.is_file() and not skip & set(p.parts) and not p.name.startswith(".snakemake"))
+    serial_files = sorted(p.relative_to(serial) for p in (serial / "outputs").rglob("*")
+                          if p.is_file() and not skip & set(p.parts) and not p.name.startswith(".snakemake"))
+    assert parallel_files == serial_files
+    for rel in parallel_files:
+        if rel.name == "train_log.csv":
+            timing = ["tokens_per_s", "elapsed_s"]
+            pd.testing.assert_frame_equal(pd.read_csv(finished_run / rel).drop(columns=timing),
+                                          pd.read_csv(serial / rel).drop(columns=timing))
+        else:
+            assert (finished_run / rel).read_bytes() == (serial / rel).read_bytes(), rel
 
 
 def test_second_run_has_nothing_to_do(finished_run):

@@ -8,6 +8,7 @@ pass can return the residual stream at every depth for the geometry analysis.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -272,10 +273,14 @@ def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None
         "state_dict": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
         "extra": extra or {},
     }
+    # Serialized in memory: torch names the archive after the file, so saving to a
+    # temporary name directly would make identical weights differ byte for byte.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getvalue())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
