@@ -1,0 +1,170 @@
+"""Table-driven: every kind of bad input gives one clear error that names the culprit
+(and, where something is written, leaves no partial output). The README's
+troubleshooting section lists the same cases."""
+
+from __future__ import annotations
+
+import copy
+import json
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from tga.data import DataError, copy_text_splits, download_wikitext2, load_token_file, tokenize_to_file
+from tga.geometry import GeometryError, load_prompts, resolve_layer_indices
+from tga.model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_checkpoint
+from tga.settings import ConfigError, check_config, schema_error_message
+from tga.tokenizers import CharTokenizer, TokenizerError, create_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+BASE = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+
+
+def config_error(edit: Callable[[dict], None], tmp_path: Path) -> str:
+    """Validate an edited copy of config/config.yaml as the workflow does; return the message."""
+    config = copy.deepcopy(BASE)
+    config["geometry"]["prompts"] = str(ROOT / "config" / "prompts.txt")
+    edit(config)
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as error:
+        return schema_error_message(error, SCHEMA)
+    with pytest.raises(ConfigError) as info:
+        check_config(config)
+    return str(info.value)
+
+
+def setter(*path_and_value):
+    *path, value = path_and_value
+
+    def edit(config: dict) -> None:
+        node = config
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return edit
+
+
+CONFIG_CASES = [
+    ("unknown top-level key", setter("colour", "red"), "<top level>: unknown key ('colour'"),
+    ("unknown model key", setter("model", "n_layers", 6), "model: unknown key ('n_layers'"),
+    ("wrong type", setter("model", "n_layer", "six"), "model.n_layer: 'six' is not of type 'integer'"),
+    ("out of range", setter("training", "learning_rate", 0), "training.learning_rate: 0 is less than or equal"),
+    ("dropout range", setter("model", "dropout", 1.0), "model.dropout: 1.0 is greater than or equal"),
+    ("bad enum", setter("model", "norm_position", "middle"), "model.norm_position: 'middle' is not one of"),
+    ("bad variant name", setter("variants", "my variant", {}), "variants: 'my variant' does not match"),
+    ("unknown variant key", setter("variants", "llama-preln", {"lr": 1e-3}), "variants.llama-preln: unknown key ('lr'"),
+    ("variant wrong type", setter("variants", "llama-preln", {"n_head": 2.5}), "variants.llama-preln.n_head: 2.5 is not of type 'integer'"),
+    ("comparison unknown variant", setter("comparisons", [["llama-preln", "gpt5"]]), "names unknown variant 'gpt5'"),
+    ("comparison of one", setter("comparisons", [["llama-preln"]]), "comparisons.0: ['llama-preln'] is too short"),
+    ("comparison with itself", setter("comparisons", [["llama-preln", "llama-preln"]]), "compares 'llama-preln' with itself"),
+    ("no seeds", setter("seeds", []), "seeds: [] should be non-empty"),
+    ("duplicate seeds", setter("seeds", [0, 0]), "seeds: [0, 0] has non-unique elements"),
+    ("heads do not divide width", setter("variants", "llama-preln", {"n_head": 5}), "variants.llama-preln: model setting n_embd=384 is not divisible by n_head=5"),
+    ("warmup longer than training", setter("training", "warmup_steps", 5000), "warmup_steps=5000 must be in [0, max_steps=1000]"),
+    ("heatmap layer out of range", setter("geometry", "heatmap_layers", [9]), "geometry.heatmap_layers: layer 9 is out of range"),
+    ("unknown tokenizer", setter("tokenizer", "name", "sentencepiece"), "tokenizer.name: 'sentencepiece' is not one of"),
+    ("half of the GPT-2 files", setter("tokenizer", "encoder_json", str(ROOT / "README.md")), "tokenizer.encoder_json is set but tokenizer.vocab_bpe is not"),
+    ("missing prompts file", setter("geometry", "prompts", "nowhere/prompts.txt"), "geometry.prompts: file 'nowhere/prompts.txt' does not exist"),
+    ("text source without files", setter("data", "source", "text"), "data.train is not set"),
+    ("missing data file", lambda c: c["data"].update(source="text", train="a.txt", validation="b.txt", test="c.txt"), "data.train: file 'a.txt' does not exist"),
+    ("missing archive", setter("data", "archive", "nowhere.zip"), "data.archive: file 'nowhere.zip' does not exist"),
+]
+
+
+@pytest.mark.parametrize("name, edit, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config(tmp_path, name, edit, message):
+    assert message in config_error(edit, tmp_path)
+
+
+def test_empty_and_comment_only_prompts_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "geometry.prompts: file" in config_error(setter("geometry", "prompts", str(empty)), tmp_path)
+    comments = tmp_path / "comments.txt"
+    comments.write_text("# nothing but a comment\n\n")
+    assert "holds no prompt" in config_error(setter("geometry", "prompts", str(comments)), tmp_path)
+    with pytest.raises(GeometryError, match="contains only comments"):
+        load_prompts(comments)
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_bad_data_files_leave_nothing_behind(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("some text\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    out = tmp_path / "corpus"
+    for bad, message in [(tmp_path / "missing.txt", "missing.txt"), (empty, "empty"), (latin1, "UTF-8")]:
+        with pytest.raises(DataError, match=message):
+            copy_text_splits(good, good, bad, out)
+        assert _files_in(out) == []
+
+
+def test_corrupt_archive_is_refused(tmp_path):
+    archive = tmp_path / "wikitext-2-raw-v1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("wikitext-2-raw/wiki.train.raw", "not the real thing\n")
+    out = tmp_path / "corpus"
+    with pytest.raises(DataError, match="sha256"):
+        download_wikitext2(out, archive=archive)
+    assert _files_in(out) == []
+
+
+def test_bad_tokenizer_files(tmp_path, gpt2_files):
+    broken = tmp_path / "encoder.json"
+    broken.write_text(json.dumps({"a": 0}))
+    with pytest.raises(TokenizerError, match="encoder.json"):
+        create_tokenizer("bpe", encoder_json=broken, vocab_bpe=gpt2_files["vocab_bpe"])
+    with pytest.raises(TokenizerError, match="vocab.bpe"):
+        create_tokenizer("bpe", encoder_json=gpt2_files["encoder_json"], vocab_bpe=tmp_path / "vocab.bpe")
+    with pytest.raises(TokenizerError, match="encoder_json"):
+        create_tokenizer("bpe")
+
+
+def test_truncated_or_orphaned_token_files(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    tokenize_to_file(text, CharTokenizer.from_text(text.read_text()), tmp_path / "t.bin")
+    data = (tmp_path / "t.bin").read_bytes()
+    (tmp_path / "t.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.bin"):
+        load_token_file(tmp_path / "t.bin")
+    (tmp_path / "t.json").unlink()
+    with pytest.raises(DataError, match="t.json"):
+        load_token_file(tmp_path / "t.bin")
+
+
+def test_bad_checkpoints(tmp_path):
+    config = ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    save_checkpoint(tmp_path / "good.pt", Transformer(config))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:200])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    cases = [
+        (tmp_path / "missing.pt", {}, "does not exist"),
+        (tmp_path / "truncated.pt", {}, "corrupt or truncated"),
+        (tmp_path / "foreign.pt", {}, "not a tga checkpoint"),
+        (tmp_path / "good.pt", {"expected_config": ModelConfig(**{**config.__dict__, "n_layer": 2})},
+         "another architecture: n_layer=1 (expected 2)"),
+    ]
+    for path, kwargs, message in cases:
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path, **kwargs)
+        assert message in str(info.value) and path.name in str(info.value)
+
+
+def test_layer_index_out_of_range():
+    with pytest.raises(GeometryError, match="layer index 7 is out of range"):
+        resolve_layer_indices([7], 4)
