@@ -45,6 +45,11 @@ __all__ = [
     "compute_differences",
     "plot_differences",
     "plot_perplexity",
+    "EVOLUTION_METRICS",
+    "plot_metrics_by_step",
+    "plot_heatmaps_before_after",
+    "plot_similarity_change",
+    "plot_loss_by_step",
 ]
 
 #: Axis label (with units) for every geometry metric; used by every figure.
@@ -495,13 +500,6 @@ def _figure_training_curves(log: pd.DataFrame, title: str, data_label: str) -> F
     lr = log[["step", "lr"]].dropna()
     ax_lr.plot(lr["step"], lr["lr"], color="tab:green", label="learning rate")
     ax_lr.set(xlabel="training step", ylabel="learning rate (per step)", title="learning-rate schedule")
-    notes = []
-    if "tokens_per_s" in log.columns and log["tokens_per_s"].notna().any():
-        notes.append(f"median throughput {log['tokens_per_s'].median():,.0f} tokens/s")
-    if "elapsed_s" in log.columns and log["elapsed_s"].notna().any():
-        notes.append(f"wall time {log['elapsed_s'].max():,.0f} s")
-    if notes:
-        ax_lr.text(0.98, 0.02, "\n".join(notes), transform=ax_lr.transAxes, ha="right", va="bottom", fontsize=8)
     ax_lr.legend(fontsize=8, loc="best")
     for ax in (ax_loss, ax_ppl, ax_lr):
         ax.grid(alpha=0.3)
@@ -828,3 +826,357 @@ def plot_perplexity(ppl: pd.DataFrame, out_path: Path | str, data_label: str) ->
     Bars start at zero so relative differences are not exaggerated.
     """
     return _save(_figure_perplexity(ppl, data_label), out_path)
+
+
+# ----------------------------------------------------------------------------- 7. model evolution
+
+#: Metrics drawn against the training step (every metric the geometry step writes).
+EVOLUTION_METRICS: tuple[str, ...] = (
+    "mean_cosine", "centered_cosine", "token_norm", "update_norm",
+    "effective_rank", "rank1_residual", "intrinsic_dim", "knn_overlap",
+)
+STEP_AXIS_LABEL = "training step (optimizer updates; 0 = initialization)"
+_ANALYSED_STYLE = {"color": "0.55", "lw": 0.8, "linestyle": ":"}
+
+
+def _stage_steps(df: pd.DataFrame) -> dict[str, int]:
+    """stage -> step, ordered along training (init first)."""
+    pairs = df[["stage", "step"]].drop_duplicates("stage")
+    ordered = sorted(zip(pairs["stage"].astype(str), pairs["step"].astype(int)),
+                     key=lambda p: (p[1], _stage_order(p[0])))
+    return {stage: step for stage, step in ordered}
+
+
+def _step_limits(*step_sets: Iterable[float]) -> tuple[float, float]:
+    """One x range from every step drawn, so figures of the same run share their step axis."""
+    values = [float(s) for steps in step_sets for s in steps if pd.notna(s) and np.isfinite(float(s))]
+    lo, hi = (min(0.0, min(values)), max(values)) if values else (0.0, 1.0)
+    pad = 0.03 * max(hi - lo, 1.0)
+    return lo - pad, hi + pad
+
+
+def _depth_colormap(layers: Sequence[int]) -> tuple[matplotlib.colors.Colormap, matplotlib.colors.Normalize]:
+    """Discrete viridis over the layer indices: dark = shallow, yellow = deep."""
+    from matplotlib.colors import BoundaryNorm
+
+    layers = sorted(layers) or [0]
+    cmap = matplotlib.colormaps["viridis"].resampled(max(2, len(layers)))
+    bounds = np.arange(len(layers) + 1, dtype=float) - 0.5
+    return cmap, BoundaryNorm(bounds, cmap.N)
+
+
+def _loss_panel(ax: Axes, log: pd.DataFrame, analysed_steps: Sequence[int]) -> None:
+    log = log.sort_values("step")
+    tr = log[["step", "train_loss"]].dropna()
+    va = log[["step", "val_loss"]].dropna()
+    for step in analysed_steps:
+        ax.axvline(step, **_ANALYSED_STYLE)
+    handles: list[object] = []
+    labels: list[str] = []
+    if not tr.empty:
+        (h,) = ax.plot(tr["step"], tr["train_loss"], color="0.15", lw=1.2, marker=".", ms=4)
+        handles.append(h)
+        labels.append("train loss (mean since the previous log row)")
+    if not va.empty:
+        (h,) = ax.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3)
+        handles.append(h)
+        labels.append("validation loss")
+    if not handles:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes, color="tab:red")
+    if len(analysed_steps):
+        handles.append(Line2D([], [], **_ANALYSED_STYLE))
+        labels.append("checkpoint whose geometry is measured")
+    ax.legend(handles, labels, fontsize=7, loc="upper right", framealpha=0.85)
+    ax.set_ylabel("loss (nats/token)", fontsize=8)
+    ax.set_title("cross-entropy loss", fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _undefined_layers(sub: pd.DataFrame, names: dict[int, str]) -> list[str]:
+    finite = sub.groupby("layer")["mean"].apply(lambda v: bool(np.isfinite(v.to_numpy(float)).any()))
+    return [names.get(int(layer), str(layer)) for layer, ok in finite.items() if not ok]
+
+
+def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, train_log: pd.DataFrame | None,
+                            metrics: Sequence[str]) -> Figure:
+    metrics = list(metrics)
+    stage_steps = _stage_steps(summary)
+    names = _layer_names(summary)
+    layers = sorted(names)
+    cmap, norm = _depth_colormap(layers)
+    color_of = {layer: cmap(norm(i)) for i, layer in enumerate(layers)}
+    n_panels = len(metrics) + (train_log is not None)
+    ncols = 3 if n_panels > 4 else n_panels
+    nrows = math.ceil(n_panels / ncols)
+    fig = _new_figure(4.3 * ncols + 1.2, 3.0 * nrows + 1.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    flat = list(axes.flat)
+    limits = _step_limits(stage_steps.values(), [] if train_log is None else train_log["step"])
+    panel = 0
+    if train_log is not None:
+        _loss_panel(flat[0], train_log, sorted(stage_steps.values()))
+        panel = 1
+    counts = summary["n_prompts"] if "n_prompts" in summary.columns else pd.Series(dtype=float)
+    n_prompts = _fmt_range(counts[counts > 0])  # 0 where a metric is undefined (layer 0)
+    for metric in metrics:
+        ax = flat[panel]
+        panel += 1
+        ax.set_title(_metric_short(metric), fontsize=10)
+        sub = summary[summary["metric"] == metric]
+        if sub.empty:  # not _no_data: clearing the x ticks would clear every shared axis
+            ax.text(0.5, 0.5, _esc(f"no data for {metric}"), ha="center", va="center", transform=ax.transAxes,
+                    fontsize=10, color="tab:red")
+            ax.set_yticks([])
+            continue
+        for layer in layers:
+            g = sub[sub["layer"] == layer].copy()
+            g["order"] = [stage_steps.get(str(s), 0) for s in g["stage"]]
+            g = g.sort_values("order")
+            y = g["mean"].to_numpy(float)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(g["step"].to_numpy(float)[ok], y[ok], marker="o", ms=3, lw=1.3, color=color_of[layer])
+        undefined = _undefined_layers(sub, names)
+        if undefined:
+            ax.text(0.98, 0.02, "not defined at " + ", ".join(map(_esc, undefined)), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="0.35")
+        values = sub["mean"].to_numpy(float)
+        label = metric_label(metric)
+        ax.set_ylabel(_maybe_log_y(ax, values, label) if "norm" in metric else label, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in flat[panel:]:
+        ax.remove()
+    used = flat[:panel]
+    for col in range(ncols):
+        column = [ax for i, ax in enumerate(used) if i % ncols == col]
+        if column:
+            column[-1].xaxis.set_tick_params(labelbottom=True)
+            column[-1].set_xlabel(STEP_AXIS_LABEL, fontsize=8)
+    flat[0].set_xlim(*limits)
+    metric_axes = used[1:] if train_log is not None else used
+    if layers and metric_axes:
+        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+        bar = fig.colorbar(sm, ax=metric_axes, ticks=list(range(len(layers))), shrink=0.9, aspect=30)
+        bar.ax.set_yticklabels([_esc(names[layer]) for layer in layers], fontsize=8)
+        bar.set_label("layer (line colour = depth)", fontsize=9)
+    steps_txt = ", ".join(str(s) for s in stage_steps.values())
+    fig.legend([Line2D([], [], color="0.4", marker="o", ms=3)],
+               [f"one line per layer: mean over {n_prompts} prompts at each analysed step ({steps_txt}); "
+                "all panels share the step axis"],
+               loc="outside lower center", fontsize=8)
+    _title(fig, f"{title}: geometry across training", data_label)
+    return fig
+
+
+def plot_metrics_by_step(summary: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                         train_log: pd.DataFrame | None = None,
+                         metrics: Sequence[str] = EVOLUTION_METRICS) -> Path:
+    """Each geometry metric against the training step, one line per layer (colour = depth).
+
+    Shows *when* during training the geometry forms and whether it tracks the loss: with
+    ``train_log`` (``train_log.csv``) the top-left panel is the loss on the same step axis,
+    dotted lines marking the analysed checkpoints. ``summary`` is an evolution ``summary.csv``
+    (stages ``init``, ``step{N}``; x = its ``step`` column). Lines are prompt means; the
+    prompt spread is left out here to keep eight layers readable.
+    """
+    return _save(_figure_metrics_by_step(summary, title, data_label, train_log, metrics), out_path)
+
+
+def _load_similarity(npz_path: Path | str, prompt: int) -> tuple[dict[tuple[str, int], np.ndarray],
+                                                                  list[str] | None, dict[int, str]]:
+    """(stage, layer) -> cosine matrix of one prompt, its tokens, and the layer names stored with them."""
+    with np.load(npz_path, allow_pickle=False) as npz:
+        mats: dict[tuple[str, int], np.ndarray] = {}
+        for key in npz.files:
+            m = _NPZ_KEY.match(key)
+            if m and int(m["prompt"]) == prompt:
+                mats[(m["stage"], int(m["layer"]))] = np.asarray(npz[key], dtype=float)
+        names = dict(enumerate(str(n) for n in npz["layer_names"])) if "layer_names" in npz.files else {}
+        tok_key = f"tokens/prompt{prompt}"
+        tokens = [str(t) for t in npz[tok_key]] if tok_key in npz.files else None
+    return mats, tokens, names
+
+
+def _stage_step_text(stage: str) -> str:
+    if stage == "init":
+        return "init, step 0"
+    m = re.fullmatch(r"step(\d+)", stage)
+    return f"step {m[1]}" if m else stage
+
+
+def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: str, before: str,
+                                  after: str | None, prompt: int, max_tick_labels: int) -> Figure:
+    mats, tokens, names = _load_similarity(npz_path, prompt)
+    if not mats:
+        raise ValueError(f"{npz_path}: no similarity matrices for prompt {prompt}")
+    stages = sorted({k[0] for k in mats}, key=_stage_order)
+    after = after or stages[-1]
+    for stage in (before, after):
+        if stage not in stages:
+            raise ValueError(f"{npz_path}: stage {stage!r} not stored; stored stages: {stages}")
+    layers = sorted({k[1] for k in mats if k[0] in (before, after)})
+    T = next(iter(mats.values())).shape[0]
+    if tokens is not None and len(tokens) != T:
+        tokens = None  # never label rows with the wrong tokens
+    every = max(1, math.ceil(T / max(1, max_tick_labels)))
+    ticks = list(range(0, T, every))
+    tick_labels = [_token_label(tokens[i]) for i in ticks] if tokens else [str(i) for i in ticks]
+    axis_name = ("token" if tokens else "token position") + (f" (1 in {every} labelled)" if every > 1 else "")
+    fontsize = 8 if len(ticks) <= 12 else (6 if len(ticks) <= 24 else 4.5)
+
+    diffs = {layer: mats[(after, layer)] - mats[(before, layer)] for layer in layers
+             if (before, layer) in mats and (after, layer) in mats}
+    biggest = max((float(np.nanmax(np.abs(d))) for d in diffs.values()), default=0.0)
+    dlim = max(0.1, math.ceil(biggest * 10) / 10)
+    rows = [(f"before ({_stage_step_text(before)})", before), (f"after ({_stage_step_text(after)})", after),
+            ("change: after − before", None)]
+    fig = _new_figure(2.6 * len(layers) + 1.6, 2.6 * len(rows) + 1.2)
+    axes = fig.subplots(len(rows), len(layers), squeeze=False)
+    im = im_diff = None
+    for r, (row_title, stage) in enumerate(rows):
+        for c, layer in enumerate(layers):
+            ax = axes[r][c]
+            name = names.get(layer, f"layer {layer}")
+            ax.set_title(f"{row_title}\n{_esc(name)}", fontsize=8)
+            if stage is None:
+                mat = diffs.get(layer)
+                if mat is not None:
+                    im_diff = ax.imshow(mat, cmap="PuOr_r", vmin=-dlim, vmax=dlim, interpolation="nearest")
+            else:
+                mat = mats.get((stage, layer))
+                if mat is not None:
+                    im = ax.imshow(mat, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
+            if mat is None:
+                _no_data(ax, "not stored")
+                continue
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            if r == len(rows) - 1:
+                ax.set_xticklabels(tick_labels, rotation=90, fontsize=fontsize)
+                ax.set_xlabel(axis_name, fontsize=8)
+            else:
+                ax.set_xticklabels([])
+            if c == 0:
+                ax.set_yticklabels(tick_labels, fontsize=fontsize)
+                ax.set_ylabel(axis_name, fontsize=8)
+            else:
+                ax.set_yticklabels([])
+    if im is not None:
+        fig.colorbar(im, ax=axes[:2, :], shrink=0.8, label="cosine similarity (unitless), range [−1, 1]")
+    if im_diff is not None:
+        fig.colorbar(im_diff, ax=axes[2:, :], shrink=0.8, label=f"Δ cosine (after − before), range ±{dlim:.1f}")
+    fig.suptitle(f"{_esc(title)}\n{_esc(data_label)}\n"
+                 f"pairwise token cosine similarity before and after training, prompt {prompt} ({T} tokens)",
+                 fontsize=10)
+    return fig
+
+
+def plot_heatmaps_before_after(npz_path: Path | str, out_path: Path | str, title: str, data_label: str,
+                               before: str = "init", after: str | None = None, prompt: int = 0,
+                               max_tick_labels: int = 40) -> Path:
+    """Token×token cosine matrices at the stored layers: before, after, and their difference.
+
+    ``after`` defaults to the last stage in the npz (by training step). Before/after share
+    the fixed [−1, 1] colour range; the difference row has its own symmetric range (stated
+    on its colour bar) so small changes stay visible.
+    """
+    fig = _figure_heatmaps_before_after(npz_path, title, data_label, before, after, prompt, max_tick_labels)
+    return _save(fig, out_path)
+
+
+def _figure_similarity_change(metrics_df: pd.DataFrame, title: str, data_label: str, before: str,
+                              after: str | None, metric: str) -> Figure:
+    df = metrics_df[metrics_df["metric"] == metric]
+    if df.empty:
+        raise ValueError(f"no {metric} values in the metrics table")
+    stage_steps = _stage_steps(df)
+    after = after or list(stage_steps)[-1]
+    for stage in (before, after):
+        if stage not in stage_steps:
+            raise ValueError(f"stage {stage!r} not in the metrics table; stages: {list(stage_steps)}")
+    names = _layer_names(df)
+    b = df[df["stage"] == before].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
+    a = df[df["stage"] == after].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
+    delta = (a - b).dropna(how="all")
+    n_prompts = int(delta.shape[0])
+
+    fig = _new_figure(11.0, 4.4)
+    ax_abs, ax_diff = fig.subplots(1, 2)
+    for stage, frame, style_key in ((before, b, "init"), (after, a, "trained")):
+        style = STAGE_STYLE[style_key]
+        x = frame.columns.to_numpy(float)
+        m = frame.mean(axis=0).to_numpy(float)
+        sd = frame.std(axis=0, ddof=1).to_numpy(float)
+        ax_abs.plot(x, m, marker="o", ms=3, label=f"{'before' if stage == before else 'after'}: "
+                    f"{_stage_step_text(stage)}", **style)
+        ax_abs.fill_between(x, m - sd, m + sd, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+    handles, labels = ax_abs.get_legend_handles_labels()
+    if n_prompts >= 2:
+        handles.append(Patch(color="0.6", alpha=0.5))
+        labels.append(f"shaded: ±1 s.d. across {n_prompts} prompts")
+    else:
+        handles.append(Patch(color="none"))
+        labels.append("1 prompt: no spread to show")
+    ax_abs.legend(handles, labels, fontsize=8)
+    ax_abs.set_ylabel(metric_label(metric), fontsize=9)
+    ax_abs.set_title(f"{_metric_short(metric)} before and after", fontsize=10)
+    _setup_layer_axis(ax_abs, names)
+    ax_abs.grid(alpha=0.3)
+
+    x = delta.columns.to_numpy(float)
+    m = delta.mean(axis=0).to_numpy(float)
+    sd = delta.std(axis=0, ddof=1).to_numpy(float)
+    ax_diff.axhline(0.0, color="black", lw=0.8)
+    offsets = np.linspace(-0.15, 0.15, n_prompts) if n_prompts > 1 else np.zeros(max(n_prompts, 1))
+    for i, (_, row) in enumerate(delta.iterrows()):
+        ax_diff.plot(x + offsets[i], row.to_numpy(float), linestyle="none", marker="o", ms=2.5, color="0.6",
+                     zorder=1)
+    has_sd = bool(np.isfinite(sd).any())
+    ax_diff.errorbar(x, m, yerr=np.where(np.isfinite(sd), sd, 0.0) if has_sd else None, color="tab:purple",
+                     marker="o", ms=4, capsize=4, lw=1.5, zorder=2)
+    handles = [Line2D([], [], color="tab:purple", marker="o", ms=4),
+               Line2D([], [], linestyle="none", marker="o", ms=2.5, color="0.6"),
+               Line2D([], [], color="black", lw=0.8)]
+    labels = [f"mean change over {n_prompts} prompts ± 1 s.d. across prompts (error bar)" if has_sd
+              else f"change ({n_prompts} prompt{'s' if n_prompts != 1 else ''}: no spread)",
+              "one prompt (after − before, paired by prompt)", "zero (no change)"]
+    ax_diff.legend(handles, labels, fontsize=8, loc="best", framealpha=0.85)
+    ax_diff.set_ylabel(f"Δ {metric_label(metric)}", fontsize=9)
+    ax_diff.set_title(f"change: after ({_stage_step_text(after)}) − before ({_stage_step_text(before)})",
+                      fontsize=10)
+    _setup_layer_axis(ax_diff, names)
+    ax_diff.grid(alpha=0.3)
+    _title(fig, f"{title}: change of {_metric_short(metric)} with training", data_label)
+    return fig
+
+
+def plot_similarity_change(metrics_df: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                           before: str = "init", after: str | None = None,
+                           metric: str = "mean_cosine") -> Path:
+    """Per layer, how training changed the mean pairwise cosine (after − before, paired by prompt).
+
+    ``metrics_df`` is a per-prompt geometry ``metrics.csv``; ``after`` defaults to the last
+    stage by training step. Left: both stages with ±1 s.d. bands; right: the per-prompt
+    differences (dots), their mean and ±1 s.d. across prompts.
+    """
+    return _save(_figure_similarity_change(metrics_df, title, data_label, before, after, metric), out_path)
+
+
+def _figure_loss_by_step(log: pd.DataFrame, title: str, data_label: str, analysed_steps: Sequence[int]) -> Figure:
+    fig = _new_figure(10.0, 4.4)
+    ax = fig.subplots()
+    _loss_panel(ax, log, sorted(int(s) for s in analysed_steps))
+    ax.set_xlim(*_step_limits(analysed_steps, log["step"]))
+    ax.set_xlabel(STEP_AXIS_LABEL, fontsize=9)
+    _title(fig, f"{title}\ntraining loss on the step axis of the geometry-evolution figures", data_label)
+    return fig
+
+
+def plot_loss_by_step(log: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                      analysed_steps: Sequence[int] = ()) -> Path:
+    """Training and validation loss against the step, with the analysed checkpoints marked.
+
+    Uses the same x range as :func:`plot_metrics_by_step` (union of logged and analysed steps),
+    so a change in geometry can be read against the loss at the same step.
+    """
+    return _save(_figure_loss_by_step(log, title, data_label, list(analysed_steps)), out_path)

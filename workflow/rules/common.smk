@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from tga.settings import ConfigError, check_config, resolve_variant, schema_error_message
+from tga.evolution import evolution_stages, evolution_steps
 
 
 try:
@@ -53,6 +54,25 @@ def model_labels():
     return [{"variant": v, "seed": s} for v in VARIANTS for s in SEEDS]
 
 
+EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png"]
+
+
+def evolution_stage_paths(wildcards):
+    """init + every checkpoint the variant's training settings keep, as {stage: path}."""
+    training = resolve_variant(config, wildcards.variant)["training"]
+    return evolution_stages(training, f"outputs/models/{wildcards.variant}/seed{wildcards.seed}")
+
+
+def evolution_analysed_steps(wildcards):
+    """Training steps whose geometry the evolution figures show (0 = init)."""
+    return evolution_steps(resolve_variant(config, wildcards.variant)["training"])
+
+
+def evolution_outputs():
+    """Every evolution figure of every variant and seed."""
+    return expand("outputs/evolution/{variant}/seed{seed}/{name}", variant=VARIANTS, seed=SEEDS, name=EVOLUTION_FIGURES)
+
+
 def all_outputs():
     return [
         *per_model("outputs/figures/{variant}/seed{seed}/geometry_layers.png"),
@@ -63,4 +83,5 @@ def all_outputs():
         "outputs/compare/similarity_by_layer.png",
         "outputs/compare/difference.png",
         "outputs/compare/difference.csv",
+        *evolution_outputs(),
     ]

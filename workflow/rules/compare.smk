@@ -1,12 +1,21 @@
 # Across all variants and seeds: perplexity table and bars, similarity by layer,
 # and A − B differences for every configured comparison.
+from tga.fingerprint import code_fingerprint
 
 
 rule perplexity_table:
     input:
         per_model("outputs/eval/{variant}/seed{seed}/perplexity.json"),
     output:
-        "outputs/compare/perplexity.csv",
+        report(
+            "outputs/compare/perplexity.csv",
+            caption="../report/perplexity_table.rst",
+            category="evaluation",
+            subcategory="perplexity",
+            labels={"figure": "perplexity table"},
+        ),
+    params:
+        code=code_fingerprint("tga.compare"),
     log:
         "outputs/logs/compare/perplexity_table.log",
     benchmark:
@@ -24,8 +33,15 @@ rule plot_perplexity:
     input:
         "outputs/compare/perplexity.csv",
     output:
-        "outputs/compare/perplexity.png",
+        report(
+            "outputs/compare/perplexity.png",
+            caption="../report/perplexity.rst",
+            category="evaluation",
+            subcategory="perplexity",
+            labels={"figure": "perplexity by variant"},
+        ),
     params:
+        code=code_fingerprint("tga.compare"),
         data_label=config["data"]["label"],
     log:
         "outputs/logs/compare/plot_perplexity.log",
@@ -44,8 +60,15 @@ rule plot_similarity_by_layer:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
     output:
-        "outputs/compare/similarity_by_layer.png",
+        report(
+            "outputs/compare/similarity_by_layer.png",
+            caption="../report/similarity_by_layer.rst",
+            category="comparison",
+            subcategory="all variants",
+            labels={"figure": "similarity by layer"},
+        ),
     params:
+        code=code_fingerprint("tga.compare"),
         labels=model_labels(),
         data_label=config["data"]["label"],
     log:
@@ -65,9 +88,22 @@ rule plot_differences:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
     output:
-        figure="outputs/compare/difference.png",
-        table="outputs/compare/difference.csv",
+        figure=report(
+            "outputs/compare/difference.png",
+            caption="../report/difference.rst",
+            category="comparison",
+            subcategory="differences A − B",
+            labels={"figure": "differences A − B"},
+        ),
+        table=report(
+            "outputs/compare/difference.csv",
+            caption="../report/difference_table.rst",
+            category="comparison",
+            subcategory="differences A − B",
+            labels={"figure": "differences table"},
+        ),
     params:
+        code=code_fingerprint("tga.compare"),
         labels=model_labels(),
         comparisons=config["comparisons"],
         data_label=config["data"]["label"],

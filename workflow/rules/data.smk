@@ -1,4 +1,5 @@
 # WikiText-2 (or user text) -> plain-text splits -> one token file per split.
+from tga.fingerprint import code_fingerprint
 
 
 localrules:
@@ -9,6 +10,7 @@ rule prepare_corpus:
     output:
         expand("outputs/data/corpus/{split}.txt", split=SPLITS),
     params:
+        code=code_fingerprint("tga.data"),
         data=config["data"],
     log:
         "outputs/logs/prepare_corpus.log",
@@ -29,6 +31,7 @@ rule build_tokenizer:
     output:
         "outputs/data/tokens/tokenizer.json",
     params:
+        code=code_fingerprint("tga.tokenizers"),
         tokenizer=config["tokenizer"],
     log:
         "outputs/logs/build_tokenizer.log",
@@ -50,6 +53,8 @@ rule tokenize_split:
     output:
         tokens="outputs/data/tokens/{split}.bin",
         meta="outputs/data/tokens/{split}.json",
+    params:
+        code=code_fingerprint("tga.data", "tga.tokenizers"),
     log:
         "outputs/logs/tokenize_split/{split}.log",
     benchmark:

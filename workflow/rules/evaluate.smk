@@ -1,4 +1,5 @@
 # Test-split perplexity of each trained model.
+from tga.fingerprint import code_fingerprint
 
 
 rule evaluate:
@@ -9,6 +10,7 @@ rule evaluate:
     output:
         "outputs/eval/{variant}/seed{seed}/perplexity.json",
     params:
+        code=code_fingerprint("tga.evaluate"),
         evaluation=config["evaluation"],
     log:
         "outputs/logs/evaluate/{variant}/seed{seed}.log",

@@ -1,12 +1,20 @@
 # Figures of one model: geometry across layers, similarity heatmaps, training curves.
+from tga.fingerprint import code_fingerprint
 
 
 rule plot_geometry_layers:
     input:
         summary="outputs/geometry/{variant}/seed{seed}/summary.csv",
     output:
-        "outputs/figures/{variant}/seed{seed}/geometry_layers.png",
+        report(
+            "outputs/figures/{variant}/seed{seed}/geometry_layers.png",
+            caption="../report/geometry_layers.rst",
+            category="geometry",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "geometry by layer"},
+        ),
     params:
+        code=code_fingerprint("tga.plots"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -26,8 +34,15 @@ rule plot_similarity_heatmaps:
     input:
         similarity="outputs/geometry/{variant}/seed{seed}/similarity.npz",
     output:
-        "outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png",
+        report(
+            "outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png",
+            caption="../report/similarity_heatmaps.rst",
+            category="geometry",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity heatmaps"},
+        ),
     params:
+        code=code_fingerprint("tga.plots"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -47,8 +62,15 @@ rule plot_training_curves:
     input:
         log="outputs/models/{variant}/seed{seed}/train_log.csv",
     output:
-        "outputs/figures/{variant}/seed{seed}/training_curves.png",
+        report(
+            "outputs/figures/{variant}/seed{seed}/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="training",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "training curves"},
+        ),
     params:
+        code=code_fingerprint("tga.plots"),
         title=model_title,
         data_label=config["data"]["label"],
     log:

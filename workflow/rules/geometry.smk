@@ -1,4 +1,5 @@
 # Token geometry of each model at initialization and after training.
+from tga.fingerprint import code_fingerprint
 
 
 rule geometry:
@@ -13,6 +14,7 @@ rule geometry:
         similarity="outputs/geometry/{variant}/seed{seed}/similarity.npz",
         prompts="outputs/geometry/{variant}/seed{seed}/prompts.csv",
     params:
+        code=code_fingerprint("tga.geometry"),
         geometry=config["geometry"],
     log:
         "outputs/logs/geometry/{variant}/seed{seed}.log",

@@ -1,4 +1,5 @@
 # One training job per variant and seed.
+from tga.fingerprint import code_fingerprint
 
 
 rule train:
@@ -13,6 +14,7 @@ rule train:
         log="outputs/models/{variant}/seed{seed}/train_log.csv",
         checkpoints=directory("outputs/models/{variant}/seed{seed}/checkpoints"),
     params:
+        code=code_fingerprint("tga.train"),
         settings=variant_settings,
     log:
         "outputs/logs/train/{variant}/seed{seed}.log",

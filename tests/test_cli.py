@@ -1,0 +1,432 @@
+"""The ``tga`` command line: the seed study's workflow end to end on tiny models, the
+help of every subcommand, GPT-2 BPE from local files, and one clear error (exit 2,
+nothing written) for each kind of bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tga.plots
+from tga.cli import build_parser, main
+from tga.data import read_token_metadata
+from tga.model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
+from tga.tokenizers import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "resources" / "wikitext-2-sample"
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
+        "--eval-batches", "2", "--device", "cpu"]
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank today ."  # > 32 chars
+PROMPTS = f"# comment line\n{LONG_PROMPT}\nHomarus gammarus is a lobster .\nA short one .\n"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def cli(*args: object) -> tuple[int, str, str]:
+    """Run ``tga`` in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def download_sample(data_dir: Path) -> tuple[int, str, str]:
+    return cli("download", "--data-dir", data_dir, "--text-train", SAMPLE / "train.txt",
+               "--text-validation", SAMPLE / "validation.txt", "--text-test", SAMPLE / "test.txt")
+
+
+def assert_error(result: tuple[int, str, str], *needles: str) -> str:
+    """Exit code 2 and exactly one ``tga: error:`` line naming every needle."""
+    code, _, err = result
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tga: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """download -> train (defaults: Post-LN, GELU, RMSNorm) on the shipped sample, char tokenizer."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    downloaded = download_sample(data)
+    trained = cli("train", "--tokenizer", "char", "--data-dir", data, "--output-dir", root / "models",
+                  "--model-name", "tiny", "--max-steps", 5, "--checkpoint-interval", 2, *TINY)
+    prompts = root / "prompts.txt"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    return {"root": root, "data": data, "model": root / "models" / "tiny", "prompts": prompts,
+            "downloaded": downloaded, "trained": trained}
+
+
+# --------------------------------------------------------------------------- the workflow
+
+
+def test_download_copies_the_splits(study: dict) -> None:
+    code, out, err = study["downloaded"]
+    assert code == 0, err
+    for split in ("train", "validation", "test"):
+        assert (study["data"] / f"{split}.txt").read_bytes() == (SAMPLE / f"{split}.txt").read_bytes()
+        assert f"{split}.txt" in out
+
+
+def test_train_writes_the_run_and_token_files(study: dict) -> None:
+    code, out, err = study["trained"]
+    assert code == 0, err
+    run = study["model"]
+    for name in ("init.pt", "final.pt", "train_log.csv", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["step000002.pt", "step000004.pt"]
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log["step"]) == [0, 5]
+    assert np.isfinite(log["val_loss"]).all()
+
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    model, extra = load_checkpoint(run / "final.pt")
+    assert extra["step"] == 5
+    # The seed's defaults: Post-LN unless --pre-ln, GELU unless --use-swiglu.
+    assert (model.config.norm_position, model.config.activation, model.config.norm) == ("post", "gelu", "rmsnorm")
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.block_size) == (1, 32, 2, 32)
+    assert model.config.vocab_size == tokenizer.vocab_size
+    for split in ("train", "validation", "test"):
+        meta = read_token_metadata(study["data"] / "tokens" / "char" / f"{split}.bin")
+        assert (meta["tokenizer"], meta["vocab_size"]) == ("char", tokenizer.vocab_size)
+    assert "tokenized" in out and "trained tiny: 5 steps" in out
+
+
+def test_evaluate_writes_sane_perplexities(study: dict) -> None:
+    out_json = study["root"] / "eval" / "tiny.json"
+    code, out, err = cli("evaluate", "--model", study["model"], "--data-dir", study["data"],
+                         "--output", out_json, "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    meta = read_token_metadata(study["data"] / "tokens" / "char" / "test.bin")
+    vocab = meta["vocab_size"]
+    assert (result["variant"], result["seed"], result["split"], result["tokenizer"]) == ("tiny", 0, "test", "char")
+    assert result["n_tokens_scored"] == meta["n_tokens"] - 1
+    # 5 steps from a random init: near the uniform distribution, certainly not worse than 2x it.
+    assert 1.0 < result["token_ppl"] < 2 * vocab
+    assert math.isclose(result["bits_per_byte"],
+                        result["loss_nats"] * result["n_tokens_scored"] / math.log(2) / meta["n_bytes"])
+    assert result["word_ppl"] > result["token_ppl"]  # a word spans several characters
+    assert out.count("\n") == 2  # "reusing ..." and the one-line summary
+    assert f"token ppl {result['token_ppl']:.3f}" in out and str(out_json) in out
+    assert "reusing" in out  # the test split was tokenized by train
+
+
+def test_analyze_writes_geometry_and_figures(study: dict) -> None:
+    out_dir = study["root"] / "geometry"
+    code, out, err = cli("analyze", "--trained-model", study["model"], "--prompts", study["prompts"],
+                         "--output-dir", out_dir, "--layers", 0, -1)
+    assert code == 0, err
+    metrics = pd.read_csv(out_dir / "metrics.csv")
+    assert set(metrics["stage"]) == {"init", "trained"}
+    assert set(metrics["layer"]) == {0, 1, 2}
+    assert set(metrics["prompt"]) == {0, 1, 2}
+    summary = pd.read_csv(out_dir / "summary.csv")
+    cos = summary[summary["metric"] == "mean_cosine"]["mean"]
+    assert ((cos > -1) & (cos <= 1)).all()
+    with np.load(out_dir / "similarity.npz") as npz:
+        stored = {k for k in npz.files if k.startswith(("init/", "trained/"))}
+        assert stored == {f"{s}/layer{j}/prompt{i}" for s in ("init", "trained") for j in (0, 2) for i in range(3)}
+        assert npz["trained/layer2/prompt0"].shape == (32, 32)
+    # The long prompt is cut to the block size, and the output says so.
+    table = pd.read_csv(out_dir / "prompts.csv")
+    assert list(table["truncated"]) == [True, False, False]
+    assert table.loc[0, "n_tokens_input"] == 32 and table.loc[0, "n_tokens_original"] == len(LONG_PROMPT)
+    assert "tga: note: prompt(s) 0 " in err and "truncated to their first 32 tokens" in err
+    assert is_png(out_dir / "geometry_layers.png") and is_png(out_dir / "similarity_heatmaps.png")
+
+
+def test_evolve_analyses_every_checkpoint(study: dict) -> None:
+    out_dir = study["root"] / "evolution"
+    code, out, err = cli("evolve", "--iterations", 5, "--learning-rate", "1e-3", "--output-dir", out_dir,
+                         "--prompts", study["prompts"], "--data-dir", study["data"], "--tokenizer", "char",
+                         "--pre-ln", "--use-swiglu", "--norm", "layernorm", "--eval-interval", 5, "--layers", 0, -1, *TINY)
+    assert code == 0, err
+    run = out_dir / "model"
+    model, _ = load_checkpoint(run / "final.pt")
+    assert (model.config.norm_position, model.config.activation, model.config.norm) == ("pre", "swiglu", "layernorm")
+    # --checkpoint-interval defaults to a fifth of --iterations: a checkpoint every step.
+    assert len(list((run / "checkpoints").glob("step*.pt"))) == 5
+    summary = pd.read_csv(out_dir / "summary.csv")
+    steps = summary.drop_duplicates("stage").set_index("stage")["step"].to_dict()
+    assert steps == {"init": 0, "step1": 1, "step2": 2, "step3": 3, "step4": 4, "step5": 5}
+    for name in ("metrics.csv", "prompts.csv", "similarity.npz"):
+        assert (out_dir / name).is_file()
+    figures = ["geometry_layers.png", "training_curves.png"]
+    optional = {"plot_metrics_by_step": "metrics_by_step.png", "plot_heatmaps_before_after": "heatmaps_before_after.png",
+                "plot_similarity_change": "similarity_change.png", "plot_loss_by_step": "training_loss.png"}
+    figures += [png for func, png in optional.items() if hasattr(tga.plots, func)]
+    for png in figures:
+        assert is_png(out_dir / png), png
+    assert "reusing" in out  # the splits were tokenized by the study's train run
+
+
+def test_retraining_reuses_tokens_and_overwrite_drops_stale_checkpoints(study: dict) -> None:
+    models = study["root"] / "models"
+    args = ["train", "--tokenizer", "char", "--data-dir", study["data"], "--output-dir", models,
+            "--model-name", "again", "--max-steps", 2, "--checkpoint-interval", 1, *TINY]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert out.count("reusing") == 3 and "tokenized" not in out
+    assert len(list((models / "again" / "checkpoints").glob("*.pt"))) == 2
+
+    assert_error(cli(*args), "already holds a model", "--overwrite")
+    code, _, err = cli(*args, "--max-steps", 1, "--overwrite")
+    assert code == 0, err
+    assert [p.name for p in (models / "again" / "checkpoints").glob("*.pt")] == ["step000001.pt"]
+
+
+def test_token_files_of_another_char_vocabulary_are_not_reused(study: dict, tmp_path: Path) -> None:
+    """Another training text gives another char vocabulary: its token files replace the old
+    ones, and evaluating the first model re-encodes the split with the first model's vocabulary."""
+    data = tmp_path / "data"
+    shutil.copytree(study["data"], data)
+    (data / "train.txt").write_text((SAMPLE / "train.txt").read_text(encoding="utf-8") + " \u03a9\n",
+                                    encoding="utf-8")
+    code, out, err = cli("train", "--tokenizer", "char", "--data-dir", data, "--output-dir", tmp_path / "models",
+                         "--model-name", "omega", "--max-steps", 1, *TINY)
+    assert code == 0, err
+    assert out.count("tokenized") == 3
+    old_vocab = load_tokenizer(study["model"] / "tokenizer.json").vocab_size
+    assert read_token_metadata(data / "tokens" / "char" / "test.bin")["vocab_size"] == old_vocab + 1
+
+    code, out, err = cli("evaluate", "--model", study["model"], "--data-dir", data, "--output", tmp_path / "e.json")
+    assert code == 0, err
+    assert "tokenized" in out
+    assert read_token_metadata(data / "tokens" / "char" / "test.bin")["vocab_size"] == old_vocab
+    assert not (data / "tokens" / "char" / "train.bin").exists()  # ids of two vocabularies never mix
+    reference = study["root"] / "eval" / "reference.json"
+    code, _, err = cli("evaluate", "--model", study["model"], "--data-dir", study["data"], "--output", reference)
+    assert code == 0, err
+    got, want = json.loads((tmp_path / "e.json").read_text()), json.loads(reference.read_text())
+    assert got["token_ppl"] == pytest.approx(want["token_ppl"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- GPT-2 BPE
+
+
+def test_bpe_from_local_files_round_trips(study: dict, gpt2_files: dict[str, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch, shared_data_dir: Path) -> None:
+    data = tmp_path / "data"
+    assert download_sample(data)[0] == 0
+    code, out, err = cli("train", "--tokenizer", "bpe", "--encoder-json", gpt2_files["encoder_json"],
+                         "--vocab-bpe", gpt2_files["vocab_bpe"], "--data-dir", data, "--output-dir",
+                         tmp_path / "models", "--model-name", "bpe", "--max-steps", 1, *TINY, "--batch-size", 1)
+    assert code == 0, err
+    run = tmp_path / "models" / "bpe"
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.decode([15496, 995]) == "Hello world"
+    meta = read_token_metadata(data / "tokens" / "gpt2" / "train.bin")
+    assert (meta["tokenizer"], meta["vocab_size"]) == ("gpt2", 50257)
+    assert meta["n_tokens"] < 0.5 * meta["n_bytes"]  # real BPE merges, not bytes
+    assert load_checkpoint(run / "final.pt")[0].config.vocab_size == 50257
+
+    # tiktoken's gpt2 (from TIKTOKEN_CACHE_DIR) gives the same ids, so bpe's token files are reused.
+    cache = tmp_path / "tiktoken_cache"
+    shutil.copytree(shared_data_dir / "gpt2" / "tiktoken_cache", cache)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    code, out, err = cli("evaluate", "--model", run, "--tokenizer", "tiktoken", "--data-dir", data,
+                         "--output", tmp_path / "e.json", "--device", "cpu")
+    assert code == 0, err
+    assert "reusing" in out and "tokenized" not in out
+    assert json.loads((tmp_path / "e.json").read_text())["tokenizer"] == "gpt2"
+
+
+# --------------------------------------------------------------------------- help
+
+
+EXPECTED_FLAGS = {
+    "download": ["--data-dir", "--archive", "--text-train", "--text-validation", "--text-test"],
+    "train": ["--pre-ln", "--post-ln", "--use-swiglu", "--norm", "--tokenizer", "--encoder-json", "--vocab-bpe",
+              "--n-layer", "--n-head", "--n-embd", "--block-size", "--batch-size", "--max-steps", "--warmup-steps",
+              "--learning-rate", "--weight-decay", "--dropout", "--eval-interval", "--checkpoint-interval",
+              "--eval-batches", "--seed", "--device", "--model-name", "--data-dir", "--output-dir"],
+    "evaluate": ["--model", "--data-dir", "--split", "--output", "--tokenizer"],
+    "analyze": ["--prompts", "--output-dir", "--layers", "--trained-model", "--init-model", "--tokenizer",
+                "--exclude-first-token"],
+    "evolve": ["--iterations", "--learning-rate", "--output-dir", "--prompts", "--checkpoint-interval",
+               "--pre-ln", "--post-ln", "--use-swiglu", "--norm", "--tokenizer", "--encoder-json", "--vocab-bpe",
+               "--n-layer", "--n-head", "--n-embd", "--block-size", "--batch-size", "--seed", "--device",
+               "--data-dir", "--layers", "--exclude-first-token"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(EXPECTED_FLAGS))
+def test_help_explains_every_flag(command: str) -> None:
+    code, out, err = cli(command, "--help")
+    assert code == 0, err
+    for flag in EXPECTED_FLAGS[command]:
+        assert flag in out, flag
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = subparsers.choices[command]
+    for action in parser._actions:
+        assert action.help and action.help.strip(), action.option_strings
+    if command in ("train", "evolve"):
+        assert "(default: 8)" in out  # --batch-size: defaults are shown
+
+
+def test_top_level_help_and_missing_command() -> None:
+    code, out, _ = cli("--help")
+    assert code == 0
+    for command in EXPECTED_FLAGS:
+        assert command in out
+    assert_error(cli(), "COMMAND")
+
+
+def test_module_entry_point_fails_cleanly(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tga.cli", "train", "--tokenizer", "char",
+                           "--data-dir", tmp_path / "missing", "--output-dir", tmp_path / "models"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tga: error: --data-dir") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "models").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_train_bad_input_writes_nothing(study: dict, tmp_path: Path) -> None:
+    out = tmp_path / "models"
+    base = ["train", "--data-dir", study["data"], "--output-dir", out, *TINY]
+    assert_error(cli("train", "--tokenizer", "char", "--data-dir", tmp_path / "nowhere", "--output-dir", out),
+                 "--data-dir", "nowhere", "tga download")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(study["data"] / "train.txt", partial)
+    assert_error(cli("train", "--tokenizer", "char", "--data-dir", partial, "--output-dir", out),
+                 "validation.txt", "tga download")
+    assert_error(cli(*base, "--tokenizer", "bpe"), "--tokenizer bpe", "--encoder-json", "--vocab-bpe")
+    assert_error(cli(*base, "--tokenizer", "bpe", "--encoder-json", tmp_path / "encoder.json"), "--vocab-bpe")
+    assert_error(cli(*base, "--tokenizer", "char", "--vocab-bpe", tmp_path / "v.bpe"), "--vocab-bpe", "bpe")
+    assert_error(cli(*base, "--tokenizer", "bpe", "--encoder-json", tmp_path / "e.json", "--vocab-bpe",
+                     tmp_path / "v.bpe"), "e.json", "not found")
+    assert_error(cli(*base, "--tokenizer", "char", "--n-embd", 30, "--n-head", 4), "n_embd=30", "n_head=4", "--n-embd")
+    assert_error(cli(*base, "--tokenizer", "char", "--max-steps", 5, "--warmup-steps", 10),
+                 "warmup_steps=10", "--warmup-steps")
+    assert_error(cli(*base, "--tokenizer", "char", "--max-steps", 0), "max_steps=0", "--max-steps")
+    assert_error(cli(*base, "--tokenizer", "char", "--block-size", 200_000, "--max-steps", 1),
+                 "block_size", "smaller block_size")
+    assert_error(cli(*base, "--tokenizer", "char", "--norm", "batchnorm"), "--norm", "batchnorm")
+    assert_error(cli(*base, "--tokenizer", "char", "--pre-ln", "--post-ln"), "--post-ln", "--pre-ln")
+    assert not out.exists()
+
+
+def test_download_bad_input_writes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert_error(cli("download", "--data-dir", data, "--text-train", SAMPLE / "train.txt"),
+                 "--text-validation", "--text-test")
+    assert_error(cli("download", "--data-dir", data, "--text-train", tmp_path / "nope.txt",
+                     "--text-validation", SAMPLE / "validation.txt", "--text-test", SAMPLE / "test.txt"),
+                 "--text-train", "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_error(cli("download", "--data-dir", data, "--text-train", SAMPLE / "train.txt",
+                     "--text-validation", empty, "--text-test", SAMPLE / "test.txt"), "empty.txt", "empty")
+    fake = tmp_path / "wikitext-2-raw-v1.zip"
+    fake.write_bytes(b"not a zip")
+    assert_error(cli("download", "--data-dir", data, "--archive", fake), str(fake), "sha256")
+    assert_error(cli("download", "--data-dir", data, "--archive", tmp_path / "missing.zip"), "missing.zip")
+    assert not data.exists()
+
+
+def test_analyze_bad_prompts(study: dict, tmp_path: Path) -> None:
+    out = tmp_path / "geometry"
+
+    def analyze(prompts: Path, *extra: object) -> tuple[int, str, str]:
+        return cli("analyze", "--trained-model", study["model"], "--prompts", prompts, "--output-dir", out, *extra)
+
+    assert_error(analyze(tmp_path / "missing.txt"), "--prompts", "missing.txt", "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_error(analyze(empty), "--prompts", "empty.txt", "is empty")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("# only a comment\n\n   \n")
+    assert_error(analyze(blank), "blank.txt", "only comments/blank lines")
+    short = tmp_path / "short.txt"
+    short.write_text("A fine prompt .\nab\n")
+    assert_error(analyze(short), "prompt 1", "2 token(s)", "at least 3")
+    exactly3 = tmp_path / "three.txt"
+    exactly3.write_text("abc\n")
+    assert_error(analyze(exactly3, "--exclude-first-token"), "prompt 0", "after excluding the first token")
+    assert not out.exists()
+
+
+def test_analyze_bad_models_and_layers(study: dict, tmp_path: Path) -> None:
+    out = tmp_path / "geometry"
+    model, prompts = study["model"], study["prompts"]
+
+    def analyze(*extra: object) -> tuple[int, str, str]:
+        return cli("analyze", "--prompts", prompts, "--output-dir", out, *extra)
+
+    assert_error(analyze("--trained-model", model, "--layers", 0, 3), "--layers", "index 3", "-3..2")
+    assert_error(analyze("--trained-model", model, "--layers", -4), "--layers", "index -4")
+    other = tmp_path / "other_init.pt"
+    save_checkpoint(other, Transformer(ModelConfig(vocab_size=load_checkpoint(model / "final.pt")[0].config.vocab_size,
+                                                   block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                                   norm_position="post", activation="gelu")))
+    assert_error(analyze("--trained-model", model, "--init-model", other), "--init-model", "another architecture",
+                 "n_embd=16 (expected 32)")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((model / "final.pt").read_bytes()[:1000])
+    assert_error(analyze("--trained-model", corrupt, "--tokenizer", model / "tokenizer.json"),
+                 "--trained-model", "corrupt.pt", "corrupt or truncated")
+    assert_error(analyze("--trained-model", model, "--init-model", corrupt), "--init-model", "corrupt.pt")
+    assert_error(analyze("--trained-model", tmp_path / "nope"), "--trained-model", "nope", "does not exist")
+    assert_error(analyze("--trained-model", model / "checkpoints" / "step000002.pt", "--tokenizer",
+                         tmp_path / "missing.json"), "missing.json", "not found")
+    other_tok = tmp_path / "other_tok.json"
+    other_tok.write_text(json.dumps({"type": "char", "chars": ["a", "b", "c"], "vocab_size": 4}))
+    assert_error(analyze("--trained-model", model, "--tokenizer", other_tok), "--tokenizer", "4 ids")
+    assert not out.exists()
+
+
+def test_evaluate_bad_input(study: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(study["data"] / "train.txt", data)
+    assert_error(cli("evaluate", "--model", study["model"], "--data-dir", data), "test.txt", "tga download")
+    assert_error(cli("evaluate", "--model", tmp_path, "--data-dir", study["data"]), "--model", "no final.pt")
+    corrupt = tmp_path / "final.pt"
+    corrupt.write_bytes(b"garbage")
+    assert_error(cli("evaluate", "--model", corrupt, "--tokenizer", study["model"] / "tokenizer.json",
+                     "--data-dir", study["data"]), "--model", "corrupt")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    shutil.copy(study["model"] / "final.pt", lonely)
+    assert_error(cli("evaluate", "--model", lonely, "--data-dir", study["data"]), "tokenizer.json", "--tokenizer")
+    assert_error(cli("evaluate", "--model", study["model"], "--split", "dev"), "--split", "dev")
+    assert not (tmp_path / "data" / "tokens").exists()
+
+
+def test_evolve_checks_prompts_and_layers_before_training(study: dict, tmp_path: Path) -> None:
+    out = tmp_path / "evolution"
+    short = tmp_path / "short.txt"
+    short.write_text("ok prompt\nab\n")
+    base = ["evolve", "--iterations", 5, "--output-dir", out, "--data-dir", study["data"], "--tokenizer", "char",
+            *TINY]
+    assert_error(cli(*base, "--prompts", short), "prompt 1", "at least 3")
+    assert_error(cli(*base, "--prompts", study["prompts"], "--layers", 5), "--layers", "index 5")
+    assert_error(cli(*base, "--prompts", tmp_path / "none.txt"), "--prompts", "none.txt")
+    assert_error(cli(*base, "--prompts", study["prompts"], "--checkpoint-interval", 0),
+                 "checkpoint_interval=0", "--checkpoint-interval")
+    assert_error(cli(*base[:2], 0, *base[3:], "--prompts", study["prompts"]), "max_steps=0", "--iterations")
+    assert not out.exists()

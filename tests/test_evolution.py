@@ -1,0 +1,217 @@
+"""Model evolution: stages from the training settings, the evolution figures, and one
+end-to-end run of one variant's evolution targets plus the HTML report."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from test_workflow import TINY, make_workdir
+from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
+from tga.geometry import METRIC_NAMES, GeometryError, summarize_metrics
+from tga.model import ModelConfig, Transformer, save_checkpoint
+from tga.plots import (
+    plot_heatmaps_before_after,
+    plot_loss_by_step,
+    plot_metrics_by_step,
+    plot_similarity_change,
+)
+from tga.tokenizers import CharTokenizer
+
+DATA_LABEL = "synthetic evolution data"
+TITLE = "toy (seed 0)"
+LAYER_NAMES = ["embedding", "block1", "block2", "final_norm"]
+STAGES = [("init", 0), ("step100", 100), ("step200", 200), ("step250", 250)]
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def make_metrics(n_prompts: int = 3, seed: int = 0) -> pd.DataFrame:
+    """Per-prompt metrics.csv over the stages above; update_norm / knn_overlap NaN at layer 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for stage, step in STAGES:
+        for layer, name in enumerate(LAYER_NAMES):
+            for prompt in range(n_prompts):
+                for metric in METRIC_NAMES:
+                    if metric in ("update_norm", "knn_overlap") and layer == 0:
+                        value = math.nan
+                    else:
+                        value = 0.1 + 0.05 * layer + 0.002 * step + rng.normal(0, 0.02)
+                        value *= 10 if "norm" in metric else 1
+                    rows.append((stage, step, layer, name, prompt, 12, metric, value))
+    return pd.DataFrame(rows, columns=["stage", "step", "layer", "layer_name", "prompt", "n_tokens", "metric", "value"])
+
+
+def make_log() -> pd.DataFrame:
+    steps = list(range(0, 251, 50))
+    return pd.DataFrame({
+        "step": steps, "lr": [1e-3] * len(steps),
+        "train_loss": [math.nan] + [4.0 - 0.005 * s for s in steps[1:]],
+        "val_loss": [4.3 - 0.005 * s for s in steps], "val_ppl": [math.exp(4.3 - 0.005 * s) for s in steps],
+        "tokens_per_s": [math.nan] + [1000.0] * (len(steps) - 1), "elapsed_s": [float(s) for s in steps],
+    })
+
+
+def make_npz(path: Path, T: int = 10) -> Path:
+    rng = np.random.default_rng(1)
+    arrays: dict[str, np.ndarray] = {}
+    for stage, _ in STAGES:
+        for layer in (0, 3):
+            x = rng.normal(size=(T, 6))
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            arrays[f"{stage}/layer{layer}/prompt0"] = (x @ x.T).astype(np.float32)
+    arrays["tokens/prompt0"] = np.array(list("The lobst$r")[:T], dtype=np.str_)
+    arrays["layer_names"] = np.array(LAYER_NAMES, dtype=np.str_)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def assert_png(path: Path, min_width: int = 300) -> None:
+    assert path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > min_width
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_stages_are_init_and_every_checkpoint_the_training_keeps():
+    stages = evolution_stages({"max_steps": 400, "checkpoint_interval": 100}, "m")
+    assert list(stages) == ["init", "step100", "step200", "step300", "step400"]
+    assert stages["init"] == str(Path("m/init.pt"))
+    assert stages["step300"] == str(Path("m/checkpoints/step000300.pt"))
+    assert evolution_steps({"max_steps": 400, "checkpoint_interval": 100}) == [0, 100, 200, 300, 400]
+
+
+def test_final_model_closes_a_short_last_interval():
+    stages = evolution_stages({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}, "m")
+    assert list(stages) == ["init", "step8", "step16", "step20"]
+    assert stages["step20"] == str(Path("m/final.pt"))
+    assert evolution_steps({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}) == [0, 8, 16, 20]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(GeometryError, match=r"missing \(step10: .*step000010\.pt\).*rerun the training job"):
+        analyze_evolution({"step10": tmp_path / "checkpoints" / "step000010.pt"}, "p.txt", "t.json", tmp_path, {})
+
+
+def test_checkpoint_whose_step_disagrees_with_its_stage_is_refused(tmp_path):
+    text = "The lobster is a species of clawed lobster."
+    tokenizer = CharTokenizer.from_text(text)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    (tmp_path / "prompts.txt").write_text(text + "\n")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "init.pt", model, {"step": 0})
+    save_checkpoint(tmp_path / "other.pt", model, {"step": 7})
+    settings = {"heatmap_layers": [0], "exclude_first_token": False, "knn_k": 3, "device": "cpu"}
+    with pytest.raises(GeometryError, match="step5 holds step 7"):
+        analyze_evolution({"init": tmp_path / "init.pt", "step5": tmp_path / "other.pt"},
+                          tmp_path / "prompts.txt", tmp_path / "tokenizer.json", tmp_path / "out", settings)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def assert_rerun_identical(plot, tmp_path: Path, name: str) -> Path:
+    """Draw twice: a real PNG, byte-identical both times (deterministic, atomic writes)."""
+    first, second = plot(tmp_path / f"{name}_1.png"), plot(tmp_path / f"{name}_2.png")
+    assert_png(first)
+    assert first.read_bytes() == second.read_bytes(), name
+    assert not list(tmp_path.glob(".*.tmp"))
+    return first
+
+
+def test_plot_metrics_by_step(tmp_path):
+    summary = summarize_metrics(make_metrics())
+    log = make_log()
+    assert_rerun_identical(lambda p: plot_metrics_by_step(summary, p, TITLE, DATA_LABEL, train_log=log),
+                           tmp_path, "with_loss")
+    # without the loss panel, and with a metric absent from the data: a 'no data' panel, no crash
+    partial = summary[summary["metric"] != "intrinsic_dim"]
+    assert_png(plot_metrics_by_step(partial, tmp_path / "no_loss.png", TITLE, DATA_LABEL,
+                                    metrics=["mean_cosine", "update_norm", "intrinsic_dim"]))
+
+
+def test_plot_heatmaps_before_after(tmp_path):
+    npz = make_npz(tmp_path / "similarity.npz")
+    assert_rerun_identical(lambda p: plot_heatmaps_before_after(npz, p, TITLE, DATA_LABEL), tmp_path, "heatmaps")
+    with pytest.raises(ValueError, match="stage 'step999' not stored"):
+        plot_heatmaps_before_after(npz, tmp_path / "bad.png", TITLE, DATA_LABEL, after="step999")
+
+
+def test_plot_similarity_change(tmp_path):
+    metrics = make_metrics(n_prompts=4)
+    assert_rerun_identical(lambda p: plot_similarity_change(metrics, p, TITLE, DATA_LABEL), tmp_path, "change")
+    one_prompt = make_metrics(n_prompts=1)
+    assert_png(plot_similarity_change(one_prompt, tmp_path / "one_prompt.png", TITLE, DATA_LABEL, after="step100"))
+    with pytest.raises(ValueError, match="stage 'trained' not in the metrics table"):
+        plot_similarity_change(metrics, tmp_path / "bad.png", TITLE, DATA_LABEL, after="trained")
+
+
+def test_plot_loss_by_step(tmp_path):
+    log = make_log()
+    assert_rerun_identical(lambda p: plot_loss_by_step(log, p, TITLE, DATA_LABEL, [0, 100, 200, 250]),
+                           tmp_path, "loss")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+VARIANT = "llama-preln"
+EVOLUTION = [f"outputs/evolution/{VARIANT}/seed0/{name}" for name in
+             ("metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png")]
+
+
+def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "tiny.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def evolution_run(tmp_path_factory) -> Path:
+    """One variant's evolution targets; its checkpoint_interval leaves a short last interval."""
+    config = {**TINY, "variants": {VARIANT: {"checkpoint_interval": 8}}}  # merged into config.yaml's variants
+    workdir = make_workdir(tmp_path_factory.mktemp("evolution"), config)
+    run_snakemake(workdir, *EVOLUTION)
+    return workdir
+
+
+def test_one_variants_evolution_targets_build_every_stage(evolution_run):
+    out = evolution_run / "outputs"
+    checkpoints = sorted(p.name for p in (out / "models" / VARIANT / "seed0" / "checkpoints").glob("*.pt"))
+    assert checkpoints == ["step000008.pt", "step000016.pt"]
+    summary = pd.read_csv(out / "evolution" / VARIANT / "seed0" / "summary.csv")
+    stages = summary.drop_duplicates("stage")
+    assert list(stages["stage"]) == ["init", "step8", "step16", "step20"]  # step20 = final.pt (20 = max_steps)
+    assert list(stages["step"]) == [0, 8, 16, 20]
+    assert set(summary["metric"]) == set(METRIC_NAMES)
+    with np.load(out / "evolution" / VARIANT / "seed0" / "similarity.npz") as npz:
+        assert {"init/layer0/prompt0", "step20/layer3/prompt1"} <= set(npz.files)
+    for target in EVOLUTION:
+        assert_png(evolution_run / target)
+    assert sorted(p.name for p in (out / "models").iterdir()) == [VARIANT]  # no other variant was trained
+    for log in (out / "logs").rglob("*.log"):
+        assert "Traceback" not in log.read_text(), log
+
+
+def test_report_is_self_contained_html(evolution_run):
+    run_snakemake(evolution_run, "--report", "report.html", *EVOLUTION)
+    html = (evolution_run / "report.html").read_text(encoding="utf-8")
+    assert "metrics_by_step.png" in html and "data:image/png" in html
+    assert '"evolution"' in html and "All panels share the x axis" in html
+    assert 'src="http' not in html  # nothing fetched from the network when opened

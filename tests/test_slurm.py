@@ -1,0 +1,196 @@
+"""The workflow on a real one-node SLURM cluster, through profiles/slurm and
+snakemake-executor-plugin-slurm.
+
+The cluster (munged, slurmctld, slurmd on loopback, see tests/slurm_cluster.py) needs
+Debian's slurm-wlm and munge and root. Without them the test is skipped, except under
+CI (CI=true, as .ci/run sets), where it fails: CI has to prove it.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_cluster import DEBIAN_PACKAGES, missing_programs, one_node_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_RULES = {"prepare_corpus", "all"}  # run by the submitting Snakemake, not as SLURM jobs
+
+CONFIG = {
+    "data": {
+        "source": "text",
+        "train": "resources/wikitext-2-sample/train.txt",
+        "validation": "resources/wikitext-2-sample/validation.txt",
+        "test": "resources/wikitext-2-sample/test.txt",
+        "label": "tiny SLURM test run",
+    },
+    "tokenizer": {"name": "char"},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 4,
+                 "eval_interval": 10, "eval_batches": 2, "checkpoint_interval": 10, "device": "cpu"},
+    "evaluation": {"batch_size": 32, "device": "cpu"},
+    "geometry": {"prompts": "tiny_prompts.txt", "heatmap_layers": [0, -1]},
+    # train_gpus stays at its default, 1: each training job asks SLURM for a GPU (a fake one here)
+    "resources": {"train_threads": 1},
+}
+# Two variants, to keep it quick. Config files are merged key by key, so these replace
+# the four of config/config.yaml in the workdir's copy of it rather than going in tiny.yaml.
+VARIANTS = {"a": {"norm_position": "pre"}, "b": {"norm_position": "post"}}
+# Tokenizer, the train and validation token files, and both trainings (each asking for a
+# GPU): three levels, five SLURM jobs, each of which starts Snakemake twice (the batch
+# script, then srun). The whole `all` (some 30 jobs) takes many minutes on 2 cores.
+TARGETS = [f"outputs/models/{variant}/seed0/final.pt" for variant in VARIANTS]
+
+# Only what this run needs that the profile leaves to the site: squeue (no slurmdbd here,
+# so no sacct), quick first status checks, kept per-job logs, no account to guess.
+TEST_OPTIONS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+                "--slurm-keep-successful-logs", "--slurm-no-account", "--latency-wait", "5"]
+
+
+def _require(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{reason} (CI is set, so this must not be skipped)")
+    pytest.skip(reason)
+
+
+def _require_plugin() -> None:
+    _require(importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None,
+             "snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
+
+
+def _make_workdir(path: Path, config: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "workflow", "config", "resources", "profiles"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
+    (path / "tiny_prompts.txt").write_text(
+        "# two short prompts\nThe lobster is a species of clawed lobster.\nIt may grow to a length of 60 cm.\n"
+    )
+    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    main = yaml.safe_load((path / "config" / "config.yaml").read_text())
+    main.update(variants=VARIANTS, comparisons=[list(VARIANTS)])
+    (path / "config" / "config.yaml").write_text(yaml.safe_dump(main, sort_keys=False))
+    return path
+
+
+def _snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", "tiny.yaml"],
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _planned_rules(workdir: Path, *targets: str) -> list[str]:
+    """Rule of every job a local dry run would execute, local rules included."""
+    proc = _snakemake(workdir, "--dry-run", "--workflow-profile", "none", "--cores", "1", *targets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M)
+
+
+def _parse_profile(path: Path, **environ: str) -> dict:
+    from snakemake.profiles import ProfileConfigFileParser
+
+    saved = {name: os.environ.get(name) for name in environ}
+    os.environ.update(environ)
+    try:
+        with open(path) as stream:
+            return ProfileConfigFileParser().parse(stream)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_slurm_profile_takes_partition_and_account_from_the_environment():
+    pytest.importorskip("yte")
+    profile = ROOT / "profiles" / "slurm" / "config.yaml"
+    unset = _parse_profile(profile, TGA_SLURM_PARTITION="", TGA_SLURM_ACCOUNT="")
+    assert unset["executor"] == "slurm"
+    assert not [r for r in unset["default-resources"] if r.startswith(("slurm_partition=", "slurm_account="))]
+    # no `gpu` here: rule train's own resources gpu = config resources.train_gpus must win
+    assert not [r for r in unset.get("set-resources", []) if r.startswith("train:gpu")]
+    named = _parse_profile(profile, TGA_SLURM_PARTITION="gpu-a100", TGA_SLURM_ACCOUNT="123")
+    assert {"slurm_partition='gpu-a100'", "slurm_account='123'"} <= set(named["default-resources"])
+
+
+def test_default_profile_queues_training_jobs_for_one_gpu():
+    local = _parse_profile(ROOT / "profiles" / "default" / "config.yaml")
+    assert local["resources"] == ["gpu=1"] and local["cores"] == "all"
+
+
+def test_slurm_profile_is_accepted_by_snakemake_and_the_plugin(tmp_path):
+    _require_plugin()
+    workdir = _make_workdir(tmp_path / "workflow", CONFIG)
+    proc = _snakemake(workdir, "--workflow-profile", "slurm", "--dry-run",
+                      env={**os.environ, "TGA_SLURM_PARTITION": "debug"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "workflow specific profile profiles/slurm" in proc.stderr
+
+
+@pytest.mark.slurm
+def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
+    started = time.monotonic()
+    _require_plugin()
+    missing = missing_programs()
+    _require(not missing, f"SLURM/munge programs missing: {', '.join(missing)} "
+                          f"(apt-get install --no-install-recommends {DEBIAN_PACKAGES})")
+    _require(os.geteuid() == 0, "the one-node SLURM cluster needs root (slurmd starts the jobs)")
+
+    workdir = _make_workdir(tmp_path / "workflow", CONFIG)
+    planned = _planned_rules(workdir, *TARGETS)
+    expected = collections.Counter(rule for rule in planned if rule not in LOCAL_RULES)
+    assert expected["train"] == 2 and "prepare_corpus" in planned
+
+    with one_node_cluster(tmp_path / "slurm", gpus=1) as cluster:
+        env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
+        try:
+            proc = _snakemake(workdir, "--workflow-profile", "slurm", *TEST_OPTIONS, *TARGETS, env=env, timeout=210)
+        except subprocess.TimeoutExpired as error:
+            output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                             for part in (error.stdout or "", error.stderr or ""))
+            pytest.fail(f"snakemake on SLURM took over {error.timeout}s:\n{output[-5000:]}\n{cluster.log_tails()}")
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"snakemake failed:\n{log[-6000:]}\n{cluster.log_tails()}"
+        finished = cluster.finished_jobs()
+        gpus = cluster.gpus_by_job()
+
+    # Every non-local job was one sbatch submission ...
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", log, flags=re.M)
+    rules = collections.Counter(re.search(r"/rule_(\w+?)/", path).group(1) for _, path in submitted)
+    assert rules == expected, log[-4000:]
+    assert "localrule prepare_corpus" in log and "SLURM sbatch failed" not in log
+    # ... that SLURM ran to completion on the node, in the partition the profile took from
+    # the environment, and whose log the plugin kept.
+    for job_id, path in submitted:
+        record = finished.get(job_id)
+        assert record, f"SLURM job {job_id} ({path}) missing from {cluster.jobcomp}"
+        assert (record["JobState"], record["Partition"], record["NodeList"]) == (
+            "COMPLETED", cluster.partition, cluster.node), record
+        assert Path(path).is_file() and Path(path).parent.is_relative_to(workdir / ".snakemake" / "slurm_logs")
+    # GPU requests: each training job (and only those) got the GPU, one after the other.
+    train_ids = [job_id for job_id, path in submitted if "/rule_train/" in path]
+    assert {job_id: gpus.get(job_id) for job_id in train_ids} == {job_id: "0" for job_id in train_ids}
+    assert not {job_id for job_id, _ in submitted if gpus.get(job_id)} - set(train_ids)
+    first, second = sorted((finished[j]["StartTime"], finished[j]["EndTime"]) for j in train_ids)
+    assert second[0] >= first[1], f"training jobs overlapped on the one GPU: {first}, {second}"
+
+    # The outputs the SLURM jobs wrote on the shared (here: local) file system.
+    for variant in VARIANTS:
+        model = workdir / "outputs" / "models" / variant / "seed0"
+        assert (model / "final.pt").stat().st_size > 0 and (model / "init.pt").is_file()
+        assert (model / "train_log.csv").read_text().splitlines()[-1].startswith("20,"), model
+    for rule_log in (workdir / "outputs" / "logs").rglob("*.log"):
+        assert "Traceback" not in rule_log.read_text(), rule_log
+    print(f"\nSLURM workflow test: {len(submitted)} SLURM jobs, {time.monotonic() - started:.1f}s wall time")

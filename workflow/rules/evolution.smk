@@ -1,0 +1,153 @@
+# Model evolution: token geometry at initialization and at every saved checkpoint,
+# plotted against the training step next to the loss.
+from tga.fingerprint import code_fingerprint
+
+
+rule evolution:
+    input:
+        evolution_outputs(),
+
+
+rule evolution_geometry:
+    input:
+        init="outputs/models/{variant}/seed{seed}/init.pt",
+        final="outputs/models/{variant}/seed{seed}/final.pt",
+        # The checkpoints are a directory() output of rule train; the files analysed are
+        # the ones its training settings keep (params.stages), never a listing of the folder.
+        checkpoints="outputs/models/{variant}/seed{seed}/checkpoints",
+        tokenizer="outputs/data/tokens/tokenizer.json",
+        prompts=config["geometry"]["prompts"],
+    output:
+        metrics="outputs/evolution/{variant}/seed{seed}/metrics.csv",
+        summary="outputs/evolution/{variant}/seed{seed}/summary.csv",
+        similarity="outputs/evolution/{variant}/seed{seed}/similarity.npz",
+        prompts="outputs/evolution/{variant}/seed{seed}/prompts.csv",
+    params:
+        code=code_fingerprint("tga.evolution"),
+        stages=evolution_stage_paths,
+        geometry=config["geometry"],
+    log:
+        "outputs/logs/evolution_geometry/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/evolution_geometry/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/evolution_geometry.py"
+
+
+rule plot_metrics_by_step:
+    input:
+        summary="outputs/evolution/{variant}/seed{seed}/summary.csv",
+        log="outputs/models/{variant}/seed{seed}/train_log.csv",
+    output:
+        report(
+            "outputs/evolution/{variant}/seed{seed}/metrics_by_step.png",
+            caption="../report/metrics_by_step.rst",
+            category="evolution",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "metrics by step"},
+        ),
+    params:
+        code=code_fingerprint("tga.plots"),
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_metrics_by_step/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_metrics_by_step/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_metrics_by_step.py"
+
+
+rule plot_heatmaps_before_after:
+    input:
+        similarity="outputs/evolution/{variant}/seed{seed}/similarity.npz",
+    output:
+        report(
+            "outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png",
+            caption="../report/heatmaps_before_after.rst",
+            category="evolution",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "heatmaps before/after"},
+        ),
+    params:
+        code=code_fingerprint("tga.plots"),
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_heatmaps_before_after/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_heatmaps_before_after/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_heatmaps_before_after.py"
+
+
+rule plot_similarity_change:
+    input:
+        metrics="outputs/evolution/{variant}/seed{seed}/metrics.csv",
+    output:
+        report(
+            "outputs/evolution/{variant}/seed{seed}/similarity_change.png",
+            caption="../report/similarity_change.rst",
+            category="evolution",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity change"},
+        ),
+    params:
+        code=code_fingerprint("tga.plots"),
+        title=model_title,
+        data_label=config["data"]["label"],
+    log:
+        "outputs/logs/plot_similarity_change/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_similarity_change/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_similarity_change.py"
+
+
+rule plot_training_loss:
+    input:
+        log="outputs/models/{variant}/seed{seed}/train_log.csv",
+    output:
+        report(
+            "outputs/evolution/{variant}/seed{seed}/training_loss.png",
+            caption="../report/training_loss.rst",
+            category="evolution",
+            subcategory="{variant}",
+            labels={"variant": "{variant}", "seed": "{seed}", "figure": "training loss"},
+        ),
+    params:
+        code=code_fingerprint("tga.plots"),
+        title=model_title,
+        data_label=config["data"]["label"],
+        steps=evolution_analysed_steps,
+    log:
+        "outputs/logs/plot_training_loss/{variant}/seed{seed}.log",
+    benchmark:
+        "outputs/benchmarks/plot_training_loss/{variant}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/plot_training_loss.py"

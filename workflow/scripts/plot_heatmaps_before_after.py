@@ -1,0 +1,8 @@
+"""Evolution figure: token x token cosine similarity before and after training, and the change."""
+from tga.joblog import logged_job
+from tga.plots import plot_heatmaps_before_after
+
+with logged_job(snakemake.log[0]):
+    plot_heatmaps_before_after(
+        snakemake.input.similarity, snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+    )

@@ -1,0 +1,10 @@
+"""Evolution figure: per-layer change of the mean pairwise cosine (after - before), paired by prompt."""
+import pandas as pd
+
+from tga.joblog import logged_job
+from tga.plots import plot_similarity_change
+
+with logged_job(snakemake.log[0]):
+    plot_similarity_change(
+        pd.read_csv(snakemake.input.metrics), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+    )
