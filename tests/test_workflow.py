@@ -215,8 +215,29 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
     assert planned_rules() == set()  # same code, same fingerprints
     with open(package / "plots.py", "a") as handle:
         handle.write("\n\ndef _an_edit() -> None:\n    return None\n")
-    figures = planned_rules()
-    assert figures and all(r.startswith("plot_") or r in {"all"} for r in figures), figures
+    figures = planned_rules()  # tga.compare imports tga.plots, so its table reruns too
+    assert {"plot_geometry_layers", "plot_differences", "plot_metrics_by_step"} <= figures, figures
+    assert all(r.startswith("plot_") or r in {"all", "perplexity_table"} for r in figures), figures
     with open(package / "model.py", "a") as handle:
         handle.write("\n\ndef _an_edit() -> None:\n    return None\n")
     assert {"train", "evaluate", "geometry"} <= planned_rules()
+
+
+def test_a_diverged_variant_is_marked_missing_with_keep_going(tmp_path):
+    config = {**TINY, "variants": {"steady": {"norm_position": "pre"},
+                                   "wild": {"norm_position": "post", "learning_rate": 1.0e6, "grad_clip": 0.0}},
+              "comparisons": [["steady", "wild"]]}
+    workdir = make_workdir(tmp_path, config)
+    first = snakemake(workdir, "--keep-going", check=False)
+    assert first.returncode != 0
+    assert re.search(r"training of wild/seed0 diverged: the loss became NaN/inf at step \d+ \(seed 0\)", first.stderr)
+    failure = json.loads((workdir / "outputs" / "failed" / "wild" / "seed0" / "failure.json").read_text())
+    assert failure["variant"] == "wild" and (workdir / "outputs" / "failed" / "wild" / "seed0" / "train_log.csv").is_file()
+    assert (workdir / "outputs" / "eval" / "steady" / "seed0" / "perplexity.json").is_file()
+    snakemake(workdir, "--keep-going")  # the next invocation builds the comparisons without it
+    table = pd.read_csv(workdir / "outputs" / "compare" / "perplexity.csv")
+    wild = table[table["variant"] == "wild"].iloc[0]
+    assert wild["status"].startswith("diverged at step") and math.isnan(wild["token_ppl"])
+    differences = pd.read_csv(workdir / "outputs" / "compare" / "difference.csv")
+    assert differences["missing"].dropna().eq("wild").all() and differences["missing"].notna().any()
+    assert (workdir / "outputs" / "compare" / "difference.png").is_file()

@@ -11,7 +11,7 @@ import pandas as pd
 from tga.plots import compute_differences, plot_differences, plot_perplexity, plot_similarity_by_layer
 
 PERPLEXITY_COLUMNS = [
-    "variant", "seed", "split", "tokenizer", "token_ppl", "bits_per_byte", "word_ppl", "loss_nats",
+    "variant", "seed", "status", "split", "tokenizer", "token_ppl", "bits_per_byte", "word_ppl", "loss_nats",
     "n_tokens_scored", "n_bytes", "n_words", "block_size",
 ]
 
@@ -24,8 +24,14 @@ def _atomic_csv(frame: pd.DataFrame, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def write_perplexity_table(json_paths: Sequence[str | Path], out_csv: str | Path) -> pd.DataFrame:
-    rows = [json.loads(Path(p).read_text()) for p in json_paths]
+def write_perplexity_table(
+    json_paths: Sequence[str | Path], out_csv: str | Path, diverged: Sequence[dict[str, Any]] = ()
+) -> pd.DataFrame:
+    """One row per model; runs whose training diverged get a row that says so (and
+    empty metrics) rather than silently vanishing from the comparison."""
+    rows = [{**json.loads(Path(p).read_text()), "status": "ok"} for p in json_paths]
+    rows += [{"variant": d["variant"], "seed": d["seed"], "status": f"diverged at step {d['step']}"}
+             for d in diverged]
     frame = pd.DataFrame(rows)
     frame = frame[[c for c in PERPLEXITY_COLUMNS if c in frame.columns]]
     _atomic_csv(frame, out_csv)
@@ -49,10 +55,22 @@ def load_summaries(summary_paths: Sequence[str | Path], labels: Sequence[dict[st
     return pd.concat(frames, ignore_index=True)
 
 
+def diverged_note(data_label: str, diverged: Sequence[dict[str, Any]]) -> str:
+    """The figure subtitle, extended with the runs that are missing because they diverged."""
+    if not diverged:
+        return data_label
+    runs = ", ".join(f"{d['variant']} seed {d['seed']} (step {d['step']})" for d in diverged)
+    return f"{data_label}\nmissing, training diverged: {runs}"
+
+
 def plot_similarity_by_layer_files(
-    summary_paths: Sequence[str | Path], labels: Sequence[dict[str, Any]], out_png: str | Path, data_label: str
+    summary_paths: Sequence[str | Path],
+    labels: Sequence[dict[str, Any]],
+    out_png: str | Path,
+    data_label: str,
+    diverged: Sequence[dict[str, Any]] = (),
 ) -> None:
-    plot_similarity_by_layer(load_summaries(summary_paths, labels), out_png, data_label)
+    plot_similarity_by_layer(load_summaries(summary_paths, labels), out_png, diverged_note(data_label, diverged))
 
 
 def write_differences(
@@ -62,11 +80,13 @@ def write_differences(
     out_png: str | Path,
     out_csv: str | Path,
     data_label: str,
+    diverged: Sequence[dict[str, Any]] = (),
 ) -> pd.DataFrame:
-    """A − B per layer for every comparison, as a table and as a figure."""
+    """A − B per layer for every comparison, as a table and as a figure; a variant
+    with no trained model is marked missing in its panels."""
     summaries = load_summaries(summary_paths, labels)
     metrics = sorted(summaries["metric"].unique())
     differences = compute_differences(summaries, [tuple(pair) for pair in comparisons], metrics)
     _atomic_csv(differences, out_csv)
-    plot_differences(differences, out_png, data_label)
+    plot_differences(differences, out_png, diverged_note(data_label, diverged))
     return differences

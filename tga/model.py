@@ -281,6 +281,7 @@ def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(buffer.getvalue())
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary outputs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ from snakemake.utils import validate
 
 from tga.settings import ConfigError, check_config, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
+from tga.train import failure_matches_settings, read_failure_record
 
 
 try:
@@ -44,14 +45,35 @@ def model_title(wildcards):
     )
 
 
+def diverged_models():
+    """Runs whose training diverged with their current settings (a failure record left
+    by an earlier invocation): they are not retried, and the comparisons mark them."""
+    found = []
+    for v in VARIANTS:
+        for s in SEEDS:
+            record = read_failure_record(f"outputs/failed/{v}/seed{s}")
+            if record and failure_matches_settings(record, resolve_variant(config, v), s):
+                found.append({"variant": v, "seed": s, "step": record.get("step"), "message": record.get("message", "")})
+    return found
+
+
+DIVERGED = diverged_models()
+MODELS = [
+    {"variant": v, "seed": s}
+    for v in VARIANTS
+    for s in SEEDS
+    if not any(d["variant"] == v and d["seed"] == s for d in DIVERGED)
+]
+
+
 def per_model(pattern):
-    """``pattern`` expanded over every configured variant and seed."""
-    return expand(pattern, variant=VARIANTS, seed=SEEDS)
+    """``pattern`` for every configured variant and seed whose training has not diverged."""
+    return [pattern.format(**m) for m in MODELS]
 
 
 def model_labels():
     """(variant, seed) pairs in the order of ``per_model``."""
-    return [{"variant": v, "seed": s} for v in VARIANTS for s in SEEDS]
+    return list(MODELS)
 
 
 EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png"]
@@ -70,7 +92,7 @@ def evolution_analysed_steps(wildcards):
 
 def evolution_outputs():
     """Every evolution figure of every variant and seed."""
-    return expand("outputs/evolution/{variant}/seed{seed}/{name}", variant=VARIANTS, seed=SEEDS, name=EVOLUTION_FIGURES)
+    return [f"outputs/evolution/{m['variant']}/seed{m['seed']}/{name}" for m in MODELS for name in EVOLUTION_FIGURES]
 
 
 def all_outputs():

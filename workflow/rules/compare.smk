@@ -16,6 +16,7 @@ rule perplexity_table:
         ),
     params:
         code=code_fingerprint("tga.compare"),
+        diverged=DIVERGED,
     log:
         "outputs/logs/compare/perplexity_table.log",
     benchmark:
@@ -71,6 +72,7 @@ rule plot_similarity_by_layer:
         code=code_fingerprint("tga.compare"),
         labels=model_labels(),
         data_label=config["data"]["label"],
+        diverged=DIVERGED,
     log:
         "outputs/logs/compare/plot_similarity_by_layer.log",
     benchmark:
@@ -107,6 +109,7 @@ rule plot_differences:
         labels=model_labels(),
         comparisons=config["comparisons"],
         data_label=config["data"]["label"],
+        diverged=DIVERGED,
     log:
         "outputs/logs/compare/plot_differences.log",
     benchmark:

@@ -10,4 +10,5 @@ with logged_job(snakemake.log[0]):
         snakemake.output.figure,
         snakemake.output.table,
         snakemake.params.data_label,
+        snakemake.params.diverged,
     )
