@@ -107,3 +107,36 @@ def all_outputs():
         "outputs/compare/difference.csv",
         *evolution_outputs(),
     ]
+
+
+def compare_despite_divergence():
+    """When a --keep-going run ends with diverged trainings, build the comparison tables
+    and figures from the models that finished, marking the diverged runs, so the run
+    that found the divergence already shows what it means for the comparison."""
+    from pathlib import Path
+
+    from tga.compare import plot_perplexity_table, plot_similarity_by_layer_files, write_differences, write_perplexity_table
+
+    diverged = diverged_models()
+    if not diverged:
+        return
+    lost = {(d["variant"], d["seed"]) for d in diverged}
+    finished = [
+        {"variant": v, "seed": s}
+        for v in VARIANTS
+        for s in SEEDS
+        if (v, s) not in lost
+        and Path(f"outputs/eval/{v}/seed{s}/perplexity.json").is_file()
+        and Path(f"outputs/geometry/{v}/seed{s}/summary.csv").is_file()
+    ]
+    if not finished:
+        return
+    label = config["data"]["label"]
+    evals = [f"outputs/eval/{m['variant']}/seed{m['seed']}/perplexity.json" for m in finished]
+    summaries = [f"outputs/geometry/{m['variant']}/seed{m['seed']}/summary.csv" for m in finished]
+    write_perplexity_table(evals, "outputs/compare/perplexity.csv", diverged)
+    plot_perplexity_table("outputs/compare/perplexity.csv", "outputs/compare/perplexity.png", label)
+    plot_similarity_by_layer_files(summaries, finished, "outputs/compare/similarity_by_layer.png", label, diverged)
+    write_differences(summaries, finished, config["comparisons"], "outputs/compare/difference.png",
+                      "outputs/compare/difference.csv", label, diverged)
+    print(f"tga: comparisons written without the diverged run(s): {sorted(lost)}")
