@@ -23,23 +23,14 @@ import yaml
 
 from slurm_cluster import DEBIAN_PACKAGES, missing_programs, one_node_cluster
 
+from test_workflow import TINY  # the same tiny study the local end-to-end tests run
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_RULES = {"prepare_corpus", "all"}  # run by the submitting Snakemake, not as SLURM jobs
 
 CONFIG = {
-    "data": {
-        "source": "text",
-        "train": "resources/wikitext-2-sample/train.txt",
-        "validation": "resources/wikitext-2-sample/validation.txt",
-        "test": "resources/wikitext-2-sample/test.txt",
-        "label": "tiny SLURM test run",
-    },
-    "tokenizer": {"name": "char"},
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 4,
-                 "eval_interval": 10, "eval_batches": 2, "checkpoint_interval": 10, "device": "cpu"},
-    "evaluation": {"batch_size": 32, "device": "cpu"},
-    "geometry": {"prompts": "tiny_prompts.txt", "heatmap_layers": [0, -1]},
+    **TINY,
+    "data": {**TINY["data"], "label": "tiny SLURM test run"},
     # train_gpus stays at its default, 1: each training job asks SLURM for a GPU (a fake one here)
     "resources": {"train_threads": 1},
 }

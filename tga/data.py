@@ -77,7 +77,8 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -146,7 +147,7 @@ def _splits_from_zip(
     if not path.is_file():
         raise DataError(f"WikiText-2 archive not found: {path}")
     if zip_sha256 is not None:
-        got = _sha256_file(path)
+        got = sha256_file(path)
         if got != zip_sha256:
             raise DataError(
                 f"WikiText-2 archive {path} has sha256 {got}, expected {zip_sha256}: "
@@ -417,7 +418,7 @@ def load_token_file(path: str | os.PathLike[str], verify_sha256: bool = False) -
             f"({expected} bytes): it is truncated or stale. Delete {path} and {_sidecar(path)} and rerun."
         )
     if verify_sha256:
-        got = _sha256_file(path)
+        got = sha256_file(path)
         if got != meta["sha256"]:
             raise DataError(f"token file {path} has sha256 {got}, metadata says {meta['sha256']}; delete it and rerun")
     return np.memmap(path, dtype=dtype, mode="r", shape=(int(meta["n_tokens"]),))

@@ -396,6 +396,23 @@ def plot_geometry_layers(summary: pd.DataFrame, out_path: Path | str, title: str
 _NPZ_KEY = re.compile(r"^(?P<stage>[^/]+)/layer(?P<layer>\d+)/prompt(?P<prompt>\d+)$")
 
 
+def _label_heatmap_axes(ax: Axes, ticks: list[int], tick_labels: list[str], axis_name: str, fontsize: float,
+                        bottom: bool, left: bool) -> None:
+    """Token tick labels only on the outer edge of a heatmap grid."""
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    if bottom:
+        ax.set_xticklabels(tick_labels, rotation=90, fontsize=fontsize)
+        ax.set_xlabel(axis_name, fontsize=8)
+    else:
+        ax.set_xticklabels([])
+    if left:
+        ax.set_yticklabels(tick_labels, fontsize=fontsize)
+        ax.set_ylabel(axis_name, fontsize=8)
+    else:
+        ax.set_yticklabels([])
+
+
 def _figure_similarity_heatmaps(npz_path: Path | str, title: str, data_label: str, prompt: int,
                                 max_tick_labels: int, layer_names: dict[int, str] | None) -> Figure:
     with np.load(npz_path, allow_pickle=False) as npz:
@@ -436,18 +453,8 @@ def _figure_similarity_heatmaps(npz_path: Path | str, title: str, data_label: st
                 _no_data(ax, "not stored")
                 continue
             im = ax.imshow(mat, cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks(ticks)
-            ax.set_yticks(ticks)
-            if r == len(stages) - 1:
-                ax.set_xticklabels(tick_labels, rotation=90, fontsize=fontsize)
-                ax.set_xlabel(axis_name, fontsize=8)
-            else:
-                ax.set_xticklabels([])
-            if c == 0:
-                ax.set_yticklabels(tick_labels, fontsize=fontsize)
-                ax.set_ylabel(axis_name, fontsize=8)
-            else:
-                ax.set_yticklabels([])
+            _label_heatmap_axes(ax, ticks, tick_labels, axis_name, fontsize,
+                                bottom=r == len(stages) - 1, left=c == 0)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="cosine similarity (unitless)")
     fig.suptitle(f"{_esc(title)}\n{_esc(data_label)}\n"
@@ -1049,18 +1056,8 @@ def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: 
             if mat is None:
                 _no_data(ax, "not stored")
                 continue
-            ax.set_xticks(ticks)
-            ax.set_yticks(ticks)
-            if r == len(rows) - 1:
-                ax.set_xticklabels(tick_labels, rotation=90, fontsize=fontsize)
-                ax.set_xlabel(axis_name, fontsize=8)
-            else:
-                ax.set_xticklabels([])
-            if c == 0:
-                ax.set_yticklabels(tick_labels, fontsize=fontsize)
-                ax.set_ylabel(axis_name, fontsize=8)
-            else:
-                ax.set_yticklabels([])
+            _label_heatmap_axes(ax, ticks, tick_labels, axis_name, fontsize,
+                                bottom=r == len(rows) - 1, left=c == 0)
     if im is not None:
         fig.colorbar(im, ax=axes[:2, :], shrink=0.8, label="cosine similarity (unitless), range [−1, 1]")
     if im_diff is not None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tga.data import load_token_file, read_token_metadata, sample_batch
+from tga.data import sha256_file, load_token_file, read_token_metadata, sample_batch
 from tga.device import autocast_context, resolve_device
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
@@ -269,14 +269,6 @@ def _settings_diff(old: Any, new: dict[str, Any]) -> str:
     return ", ".join(changes) or "identical settings but another fingerprint"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _temp_name(path: Path) -> Path:
     """A per-process sibling; unlike ``mkstemp`` the file it becomes gets the umask's
     permissions, so records meant for people are not left owner-only."""
@@ -385,7 +377,7 @@ def _resume_state_problem(
         return "its list of kept checkpoints does not match its step"
     for name, digest in sorted(hashes.items()):
         path = resume_dir / "checkpoints" / name
-        if not path.is_file() or _sha256_file(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             return f"its copy of checkpoint {name} is missing or altered"
     return None
 
@@ -703,7 +695,7 @@ def train_model(
                             {"step": done, "seed": train_config.seed, "run": run_name})
             if resume_dir is not None:
                 _atomic_copy(out_dir / "checkpoints" / name, resume_dir / "checkpoints" / name)
-                kept_hashes[name] = _sha256_file(resume_dir / "checkpoints" / name)
+                kept_hashes[name] = sha256_file(resume_dir / "checkpoints" / name)
                 raw = getattr(model, "_orig_mod", model)
                 _save_resume_state(resume_dir, {
                     "format": RESUME_FORMAT, "fingerprint": fingerprint,
