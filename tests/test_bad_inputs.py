@@ -168,3 +168,30 @@ def test_bad_checkpoints(tmp_path):
 def test_layer_index_out_of_range():
     with pytest.raises(GeometryError, match="layer index 7 is out of range"):
         resolve_layer_indices([7], 4)
+
+
+CLI_CASES = [
+    ("train: heads do not divide width", ["train", "--n-embd", "30", "--n-head", "4"], "n_embd=30 is not divisible by n_head=4"),
+    ("train: bpe without its files", ["train", "--tokenizer", "bpe", "--data-dir", "{tmp}/data"], "--encoder-json"),
+    ("train: missing data dir", ["train", "--tokenizer", "char", "--data-dir", "{tmp}/nowhere"], "nowhere"),
+    ("evaluate: missing model", ["evaluate", "--model", "{tmp}/no-model"], "no-model"),
+    ("analyze: missing prompts", ["analyze", "--prompts", "{tmp}/none.txt", "--trained-model", "{tmp}/m.pt",
+                                  "--tokenizer", "char", "--output-dir", "{tmp}/out"], "none.txt"),
+    ("download: half of the text splits", ["download", "--data-dir", "{tmp}/d", "--text-train", "{tmp}/a.txt"], "--text-validation"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_cli_flags(tmp_path, capsys, name, argv, message):
+    from tga.cli import main
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "data").mkdir()
+    for split in ("train", "validation", "test"):
+        (tmp_path / "data" / f"{split}.txt").write_text("some text for a split\n")
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("tga: error:") and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
