@@ -18,7 +18,6 @@ import torch
 from tga import data
 from tga.data import (
     DataError,
-    TokenSampler,
     copy_text_splits,
     download_wikitext2,
     load_token_file,
@@ -27,6 +26,7 @@ from tga.data import (
     read_token_metadata,
     sample_batch,
     tokenize_to_file,
+    tokens_to_tensor,
 )
 from tga.tokenizers import CharTokenizer, create_tokenizer
 
@@ -370,13 +370,13 @@ def test_sample_batch_reaches_both_ends() -> None:
         sample_batch(torch.arange(block), 1, block, g)
 
 
-def test_token_sampler_from_memmap(tmp_path: Path) -> None:
+def test_batches_from_a_memmapped_token_file(tmp_path: Path) -> None:
     src = SAMPLE / "validation.txt"
     tok = CharTokenizer.from_text(src.read_text(encoding="utf-8"))
     tokenize_to_file(src, tok, tmp_path / "v.bin")
     mm = load_token_file(tmp_path / "v.bin")
-    a = TokenSampler(mm, batch_size=4, block_size=32, seed=7).sample()
-    b = TokenSampler(mm, batch_size=4, block_size=32, seed=7).sample()
+    a = sample_batch(tokens_to_tensor(mm), 4, 32, torch.Generator().manual_seed(7))
+    b = sample_batch(tokens_to_tensor(mm), 4, 32, torch.Generator().manual_seed(7))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     full = torch.from_numpy(np.asarray(mm, dtype=np.int64))
     ref = sample_batch(full, 4, 32, torch.Generator().manual_seed(7))

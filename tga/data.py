@@ -4,7 +4,7 @@
   and ``test.txt`` (UTF-8) in a folder, verified and written atomically.
 * ``tokenize_to_file`` encodes one split once into a raw ``uint16``/``uint32`` file
   plus a sidecar JSON (docs/design.md); ``load_token_file`` memory-maps it back.
-* ``sample_batch`` / ``TokenSampler`` draw random training windows on the tokens'
+* ``sample_batch`` draws random training windows on the tokens'
   device; ``non_overlapping_windows`` tiles a split so every token after the first
   is scored exactly once in evaluation.
 """
@@ -28,7 +28,6 @@ import torch
 __all__ = [
     "DataError",
     "SPLITS",
-    "TokenSampler",
     "WIKITEXT2_MEMBER_SHA256",
     "WIKITEXT2_URLS",
     "WIKITEXT2_ZIP_SHA256",
@@ -428,8 +427,9 @@ def load_token_file(path: str | os.PathLike[str], verify_sha256: bool = False) -
 
 
 def tokens_to_tensor(tokens: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A 1-D int64 tensor on ``device`` (uint16 memmaps have no direct torch dtype)."""
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+    """A 1-D int32 tensor on ``device``: uint16 memmaps have no direct torch dtype, and
+    int32 halves the memory of int64; batches are widened to int64 when gathered."""
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
 
 
 def sample_batch(
@@ -450,29 +450,6 @@ def sample_batch(
     idx = offsets[:, None] + torch.arange(block_size + 1, device=tokens.device)
     windows = tokens[idx].long()
     return windows[:, :-1], windows[:, 1:]
-
-
-class TokenSampler:
-    """Random training batches from one split, reproducible from ``seed``."""
-
-    def __init__(
-        self,
-        tokens: np.ndarray | torch.Tensor,
-        batch_size: int,
-        block_size: int,
-        seed: int,
-        device: str | torch.device = "cpu",
-    ):
-        self.tokens = tokens.to(device).long() if isinstance(tokens, torch.Tensor) else tokens_to_tensor(tokens, device)
-        self.batch_size = batch_size
-        self.block_size = block_size
-        self.generator = torch.Generator(device=self.tokens.device)
-        self.generator.manual_seed(seed)
-        if self.tokens.numel() < block_size + 1:
-            raise ValueError(f"split has {self.tokens.numel()} tokens, fewer than block_size + 1 = {block_size + 1}")
-
-    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_batch(self.tokens, self.batch_size, self.block_size, self.generator)
 
 
 def non_overlapping_windows(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,11 +10,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from tga.data import load_token_file, non_overlapping_windows, read_token_metadata
+from tga.data import load_token_file, non_overlapping_windows, read_token_metadata, tokens_to_tensor
 from tga.device import autocast_context, resolve_device
 from tga.model import load_checkpoint
 
@@ -110,7 +109,7 @@ def evaluate_checkpoint(
             f"{token_file} was tokenized with vocab_size={meta['vocab_size']} but {checkpoint} expects "
             f"{model.config.vocab_size}: evaluate with the tokenizer the model was trained with"
         )
-    tokens = torch.from_numpy(np.asarray(load_token_file(token_file), dtype=np.int32))
+    tokens = tokens_to_tensor(load_token_file(token_file))
     total, count = summed_loss_over_windows(
         model, tokens, model.config.block_size, batch_size, autocast_context(torch_device, "auto")
     )

@@ -55,8 +55,8 @@ def _check_file(path: str | None, key: str, hint: str) -> None:
 def check_config(config: dict[str, Any]) -> None:
     """Cross-key checks that the schema cannot make; raises one ConfigError naming
     the key at fault."""
-    for variant in config["variants"]:
-        resolved = resolve_variant(config, variant)
+    resolved_variants = {variant: resolve_variant(config, variant) for variant in config["variants"]}
+    for variant, resolved in resolved_variants.items():
         try:
             ModelConfig(**resolved["model"])
             TrainConfig(**resolved["training"])
@@ -96,8 +96,8 @@ def check_config(config: dict[str, Any]) -> None:
     for key in given:
         _check_file(tokenizer[key], f"tokenizer.{key}", "give the GPT-2 BPE file, or remove the key to use tiktoken")
 
-    n_layer_max = max(resolve_variant(config, v)["model"]["n_layer"] for v in config["variants"])
-    n_layer_min = min(resolve_variant(config, v)["model"]["n_layer"] for v in config["variants"])
+    depths = [resolved["model"]["n_layer"] for resolved in resolved_variants.values()]
+    n_layer_max, n_layer_min = max(depths), min(depths)
     for layer in config["geometry"]["heatmap_layers"]:
         if not -(n_layer_min + 2) <= layer < n_layer_min + 2:
             raise ConfigError(

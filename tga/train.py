@@ -25,12 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tga.data import sha256_file, load_token_file, read_token_metadata, sample_batch
+from tga.data import sha256_file, tokens_to_tensor, load_token_file, read_token_metadata, sample_batch
 from tga.device import autocast_context, resolve_device
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
@@ -144,8 +143,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 def load_tokens_to_device(path: Path, device: torch.device) -> torch.Tensor:
     """The whole token file as int32 on the device, so batches are gathered there."""
-    tokens = load_token_file(path)
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
+    return tokens_to_tensor(load_token_file(path), device)
 
 
 def checkpoint_steps(config: TrainConfig) -> list[int]:
