@@ -85,6 +85,28 @@ def test_uniform_output_gives_loss_log_vocab():
     assert math.isclose(model(idx, idx).loss.item(), math.log(101), rel_tol=1e-6)
 
 
+def test_unigram_bias_starts_at_the_token_prior():
+    torch.manual_seed(0)
+    prior = 1.0 / torch.arange(1, 102, dtype=torch.float)
+    tokens = torch.multinomial(prior / prior.sum(), 20000, replacement=True)
+    counts = torch.bincount(tokens, minlength=101)
+    smoothed = (counts + 1.0) / (counts + 1.0).sum()
+    model = build(norm_position="post")
+    model.init_logit_bias(counts)
+    assert torch.allclose(model.logit_bias[:101], smoothed.log(), atol=1e-6)
+    assert torch.count_nonzero(model.logit_bias[101:]) == 0  # padding rows stay masked, not biased
+    idx, targets = tokens[:1600].view(100, 16), tokens[1600:3200].view(100, 16)  # independent draws
+    entropy = -(counts / counts.sum() * smoothed.log()).sum().item()  # cross-entropy of the data vs the prior
+    assert entropy < math.log(101) - 0.3
+    assert model(idx, targets).loss.item() == pytest.approx(entropy, abs=0.05)
+    without = build(norm_position="post", unigram_bias=False)
+    assert without.logit_bias is None and "logit_bias" not in without.state_dict()
+    without.init_logit_bias(counts)  # a no-op for models without the bias
+    assert without(idx, targets).loss.item() == pytest.approx(math.log(101), abs=0.05)
+    with pytest.raises(ValueError, match="vocab_size=101"):
+        model.init_logit_bias(counts[:50])
+
+
 def test_swiglu_and_gelu_mlps_hold_about_the_same_weights():
     assert ModelConfig(n_embd=384, activation="swiglu").mlp_hidden == 1024
     swiglu = build(activation="swiglu").num_parameters()

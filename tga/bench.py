@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from tga.data import sample_batch
-from tga.device import autocast_context, resolve_device
+from tga.device import autocast_context, resolve_device, resolved_precision
 from tga.evaluate import summed_loss_over_windows
 from tga.model import ModelConfig, Transformer
 from tga.train import TrainConfig, make_optimizer, train_step
@@ -52,6 +52,8 @@ def flops_per_token(config: ModelConfig) -> float:
     """6N + 12·L·T·d, with N the non-embedding weights plus the (tied) output head."""
     model = Transformer(config)
     n = model.num_parameters(non_embedding=True) + config.vocab_size * config.n_embd
+    if model.logit_bias is not None:
+        n -= model.logit_bias.numel()  # an addition per logit, not a matmul weight
     return 6 * n + 12 * config.n_layer * config.block_size * config.n_embd
 
 
@@ -71,7 +73,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int, device: torch.device,
-                   compile_model: bool, compile_mode: str = "default") -> dict[str, Any]:
+                   compile_model: bool, compile_mode: str = "default", precision: str = "auto") -> dict[str, Any]:
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -79,7 +81,7 @@ def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int
     model = Transformer(config).to(device)
     optimizer = make_optimizer(model, TrainConfig(), device)
     forward_model = torch.compile(model, mode=compile_mode) if compile_model else model
-    amp = autocast_context(device)
+    amp = autocast_context(device, precision)
     data = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.perf_counter()
@@ -101,6 +103,7 @@ def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int
         "batch_size": batch_size,
         "block_size": config.block_size,
         "compile": compile_mode if compile_model else False,
+        "precision": resolved_precision(device, precision),
         "steps_timed": steps,
         "warmup_s": round(warmup_s, 3),
         "step_ms": round(1000 * elapsed / steps, 3),
@@ -124,11 +127,12 @@ def _peak_rss_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1)
 
 
-def bench_evaluation(config: ModelConfig, batch_size: int, n_tokens: int, device: torch.device) -> dict[str, Any]:
+def bench_evaluation(config: ModelConfig, batch_size: int, n_tokens: int, device: torch.device,
+                     precision: str = "auto") -> dict[str, Any]:
     torch.manual_seed(0)
     model = Transformer(config).to(device).eval()
     tokens = torch.randint(0, config.vocab_size, (n_tokens,), dtype=torch.int32)
-    amp = autocast_context(device)
+    amp = autocast_context(device, precision)
     summed_loss_over_windows(model, tokens[: config.block_size * batch_size + 1], config.block_size,
                              batch_size, amp)  # warm-up
     _sync(device)
@@ -136,8 +140,8 @@ def bench_evaluation(config: ModelConfig, batch_size: int, n_tokens: int, device
     _, scored = summed_loss_over_windows(model, tokens, config.block_size, batch_size, amp)
     _sync(device)
     elapsed = time.perf_counter() - start
-    return {"eval_batch_size": batch_size, "eval_tokens": scored,
-            "eval_tokens_per_s": round(scored / elapsed, 1)}
+    return {"eval_batch_size": batch_size, "precision": resolved_precision(device, precision),
+            "eval_tokens": scored, "eval_tokens_per_s": round(scored / elapsed, 1)}
 
 
 def bench_geometry(config: ModelConfig, n_prompts: int, prompt_tokens: int) -> dict[str, Any]:
@@ -185,17 +189,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     for name in args.models:
         config = MODELS[name]
-        entry: dict[str, Any] = {"config": asdict(config), "train": []}
+        entry: dict[str, Any] = {"config": asdict(config), "train": [], "eval": []}
         batches = args.batch_sizes or ([8, 64] if on_gpu else [8])
         compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-        for batch in batches:
-            for compile_model in compiles:
-                steps = args.steps or (200 if on_gpu else (3 if name == "default" else 50))
-                warmup = args.warmup if args.warmup is not None else (30 if on_gpu else 1)
-                entry["train"].append(
-                    bench_training(config, batch, steps, warmup, device, compile_model, args.compile_mode))
-        eval_tokens = args.eval_tokens or (2_000_000 if on_gpu else (20_000 if name == "default" else 100_000))
-        entry["eval"] = bench_evaluation(config, 64 if on_gpu else 16, eval_tokens, device)
+        for precision in args.precision:
+            for batch in batches:
+                for compile_model in compiles:
+                    steps = args.steps or (200 if on_gpu else (3 if name == "default" else 50))
+                    warmup = args.warmup if args.warmup is not None else (30 if on_gpu else 1)
+                    entry["train"].append(bench_training(config, batch, steps, warmup, device, compile_model,
+                                                         args.compile_mode, precision))
+            eval_tokens = args.eval_tokens or (2_000_000 if on_gpu else (20_000 if name == "default" else 100_000))
+            entry["eval"].append(bench_evaluation(config, 64 if on_gpu else 16, eval_tokens, device, precision))
         entry["geometry"] = bench_geometry(config, n_prompts=16, prompt_tokens=128)
         report["models"][name] = entry
     if args.e2e:
@@ -215,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode (reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16"], default=["auto"],
+                        help="autocast precision(s) to time (auto: bf16 on CUDA, fp32 elsewhere)")
     parser.add_argument("--steps", type=int, help="timed training steps (default: 200 on GPU, few on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps")
     parser.add_argument("--eval-tokens", type=int, help="tokens scored by the evaluation timing")

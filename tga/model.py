@@ -51,6 +51,7 @@ class ModelConfig:
     residual: bool = True
     mlp: bool = True
     scale_embeddings: bool = False
+    unigram_bias: bool = True
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -203,6 +204,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.embedding_multiplier = math.sqrt(config.n_embd)
+        # A learned per-token logit bias. Without it the only way to predict the unigram
+        # distribution is one shared hidden direction, and Post-LN at a high learning rate
+        # collapses every token onto it (rank 1) and stays on the unigram-loss plateau.
+        self.logit_bias = nn.Parameter(torch.zeros(config.padded_vocab_size)) if config.unigram_bias else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -217,6 +222,20 @@ class Transformer(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def init_logit_bias(self, token_counts: torch.Tensor) -> None:
+        """Start the logit bias at the log unigram frequencies (add-one smoothed) of the
+        training tokens, so the untrained model already predicts the token prior and the
+        blocks only have to learn what context adds to it."""
+        if self.logit_bias is None:
+            return
+        vocab = self.config.vocab_size
+        if token_counts.numel() < vocab:
+            raise ValueError(f"token_counts has {token_counts.numel()} entries, expected vocab_size={vocab}")
+        counts = token_counts.detach().cpu().double()[:vocab] + 1.0
+        self.logit_bias.zero_()
+        self.logit_bias[:vocab] = torch.log(counts / counts.sum()).to(self.logit_bias.device, self.logit_bias.dtype)
 
     def num_parameters(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -249,7 +268,7 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if hidden is not None:
             hidden.append(x)
-        logits = F.linear(x, self.token_embedding.weight)
+        logits = F.linear(x, self.token_embedding.weight, self.logit_bias)
         vocab = self.config.vocab_size
         if self.config.padded_vocab_size > vocab:
             # Padding rows exist only for matmul speed; they can never be predicted.

@@ -30,7 +30,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from tga.data import sha256_file, tokens_to_tensor, load_token_file, read_token_metadata, sample_batch
-from tga.device import autocast_context, resolve_device
+from tga.device import autocast_context, resolve_device, resolved_precision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
 
@@ -237,8 +237,7 @@ def run_settings(
     """
     training = {k: v for k, v in asdict(train_config).items() if k not in _NOT_FINGERPRINTED}
     training["device"] = device.type
-    use_bf16 = train_config.precision == "bf16" or (train_config.precision == "auto" and device.type == "cuda")
-    training["precision"] = "bf16" if use_bf16 else "fp32"
+    training["precision"] = resolved_precision(device, train_config.precision)
     return {
         "format": RESUME_FORMAT,
         "model": asdict(model_config),
@@ -552,12 +551,16 @@ def train_model(
         stale.unlink(missing_ok=True)  # temp files of a killed run; never declared outputs
 
     keep = set(checkpoint_steps(train_config))
+    train_data = load_tokens_to_device(train_tokens, device)
+    val_data = load_tokens_to_device(val_tokens, device)
+    token_counts = torch.bincount(train_data.long(), minlength=model_config.vocab_size)
 
     def fresh() -> tuple[Transformer, torch.optim.AdamW, torch.Generator]:
         """Seeded init: the global RNG is left exactly where an uninterrupted run's is."""
         torch.manual_seed(train_config.seed)
         built = Transformer(model_config)
         built.to(device)
+        built.init_logit_bias(token_counts)
         return (built, make_optimizer(built, train_config, device),
                 torch.Generator(device=device).manual_seed(train_config.seed + 1))
 
@@ -580,8 +583,6 @@ def train_model(
             model, optimizer, generator = fresh()
 
     step_fn_model = torch.compile(model, mode=train_config.compile_mode) if train_config.compile else model
-    train_data = load_tokens_to_device(train_tokens, device)
-    val_data = load_tokens_to_device(val_tokens, device)
     n_val_windows = train_config.eval_batches * train_config.batch_size
     amp = autocast_context(device, train_config.precision)
 
