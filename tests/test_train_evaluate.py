@@ -18,6 +18,7 @@ from tga.train import (
     TrainingError,
     checkpoint_steps,
     learning_rate_at,
+    make_optimizer,
     optimizer_param_groups,
     train_model,
 )
@@ -109,12 +110,17 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
 def test_no_weight_decay_on_norms_biases_or_embeddings():
     model = Transformer(ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16,
                                     norm="layernorm", bias=True))
-    decay, no_decay = optimizer_param_groups(model, 0.1)
+    decay, no_decay, tokens = optimizer_param_groups(model, 0.1, token_eps=1e-6)
     decayed = {id(p) for p in decay["params"]}
     for name, param in model.named_parameters():
         should_decay = name.endswith("weight") and param.dim() == 2 and "embedding" not in name
         assert (id(param) in decayed) == should_decay, name
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # Only the tied token embedding and the logit bias get the larger Adam eps.
+    assert {id(p) for p in tokens["params"]} == {id(model.token_embedding.weight), id(model.logit_bias)}
+    assert tokens["weight_decay"] == 0.0 and tokens["eps"] == 1e-6
+    optimizer = make_optimizer(model, TrainConfig(token_adam_eps=1e-5), torch.device("cpu"))
+    assert [group["eps"] for group in optimizer.param_groups] == [1e-8, 1e-8, 1e-5]
 
 
 def test_checkpoint_steps_and_bad_training_settings():
@@ -152,6 +158,25 @@ def test_window_scoring_counts_each_target_once_with_a_partial_last_window():
     total, count = summed_loss_over_windows(model, tokens, block_size=4, batch_size=2)
     assert count == 9
     assert total == pytest.approx(9 * math.log(11), rel=1e-6)
+
+
+class MeanTargetLoss(torch.nn.Module):
+    """Scores a window by the mean id of its targets, so a sum reveals which windows were read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, y):
+        real = y != -100
+        return type("Out", (), {"loss": (y * real).sum() / real.sum()})()
+
+
+def test_a_validation_subset_is_spread_over_the_whole_split():
+    tokens = torch.arange(41, dtype=torch.int32)  # 10 windows of 4; window k predicts 4k+1 .. 4k+4
+    total, count = summed_loss_over_windows(MeanTargetLoss(), tokens, block_size=4, batch_size=2, max_windows=3)
+    assert count == 12
+    assert total == pytest.approx(4 * ((0 + 4 + 9) * 4 + 3 * 2.5))  # windows 0, 4 and 9, not 0, 1 and 2
 
 
 def test_perplexity_metrics_by_hand():

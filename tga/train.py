@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    token_adam_eps: float = 1e-6
     grad_clip: float = 1.0
     eval_interval: int = 50
     eval_batches: int = 20
@@ -89,6 +90,8 @@ class TrainConfig:
             raise TrainConfigError(
                 f"training setting warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]"
             )
+        if not self.token_adam_eps > 0:
+            raise TrainConfigError(f"training setting token_adam_eps={self.token_adam_eps!r} must be > 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainConfigError(f"training setting min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -116,25 +119,40 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only matmul weights: norms' gains, biases and embeddings are left alone."""
-    decay, no_decay = [], []
+def optimizer_param_groups(
+    model: nn.Module, weight_decay: float, token_eps: float = 1e-8
+) -> list[dict[str, Any]]:
+    """Decay only matmul weights: norms' gains, biases and embeddings are left alone.
+
+    The token embedding and logit bias get their own Adam ``eps``. Tokens the training
+    split rarely or never holds receive only tiny "push this logit down" gradients,
+    which Adam rescales to full-size steps until they fall below ``eps``; with 1e-8
+    that crushes the probabilities of test-only tokens, with 1e-6 it stops near the
+    mass such tokens really have.
+    """
+    embedding = getattr(model, "token_embedding", None)
+    candidates = (getattr(embedding, "weight", None), getattr(model, "logit_bias", None))
+    token_params = {id(p) for p in candidates if isinstance(p, nn.Parameter)}
+    decay, no_decay, tokens = [], [], []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            if isinstance(module, nn.Linear) and name == "weight":
+            if id(param) in token_params:
+                tokens.append(param)
+            elif isinstance(module, nn.Linear) and name == "weight":
                 decay.append(param)
             else:
                 no_decay.append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": tokens, "weight_decay": 0.0, "eps": token_eps},
     ]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = optimizer_param_groups(model, config.weight_decay)
+    groups = optimizer_param_groups(model, config.weight_decay, config.token_adam_eps)
     kwargs: dict[str, Any] = {"lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
     if device.type == "cuda":
         kwargs["fused"] = True
