@@ -14,7 +14,7 @@ from tga.model import (
     save_checkpoint,
 )
 
-TINY = dict(vocab_size=101, block_size=16, n_layer=3, n_head=2, n_embd=32)
+TINY = dict(vocab_size=101, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.0)
 
 
 def build(**overrides) -> Transformer:

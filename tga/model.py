@@ -45,7 +45,7 @@ class ModelConfig:
     norm_position: str = "pre"
     norm: str = "rmsnorm"
     activation: str = "swiglu"
-    dropout: float = 0.0
+    dropout: float = 0.1
     bias: bool = False
     norm_eps: float = 1e-5
     residual: bool = True

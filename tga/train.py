@@ -60,7 +60,7 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
