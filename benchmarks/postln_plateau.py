@@ -72,12 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     fixed = json.loads(args.fixed)
     bias_values = [fixed.pop("unigram_bias")] if "unigram_bias" in fixed else [False, True]
+    device = resolve_device(settings_for(args.variant, fixed)["training"]["device"])
+    train = load_tokens_to_device(args.tokens_dir / "train.bin", device)
+    val = load_tokens_to_device(args.tokens_dir / "validation.bin", device)
+    vocab_size = read_token_metadata(args.tokens_dir / "train.bin")["vocab_size"]
     for bias in bias_values:
         settings = settings_for(args.variant, {**fixed, "unigram_bias": bias})
-        device = resolve_device(settings["training"]["device"])
-        train = load_tokens_to_device(args.tokens_dir / "train.bin", device)
-        val = load_tokens_to_device(args.tokens_dir / "validation.bin", device)
-        vocab_size = read_token_metadata(args.tokens_dir / "train.bin")["vocab_size"]
         run(settings, train, val, vocab_size, args.steps, args.every, {"variant": args.variant, "unigram_bias": bias, **fixed})
 
 

@@ -58,6 +58,8 @@ CONFIG_CASES = [
     ("wrong type", setter("model", "n_layer", "six"), "model.n_layer: 'six' is not of type 'integer'"),
     ("out of range", setter("training", "learning_rate", 0), "training.learning_rate: 0 is less than or equal"),
     ("dropout range", setter("model", "dropout", 1.0), "model.dropout: 1.0 is greater than or equal"),
+    ("token eps range", setter("training", "token_adam_eps", 0), "training.token_adam_eps: 0 is less than or equal"),
+    ("unigram bias type", setter("model", "unigram_bias", "yes"), "model.unigram_bias: 'yes' is not of type 'boolean'"),
     ("bad enum", setter("model", "norm_position", "middle"), "model.norm_position: 'middle' is not one of"),
     ("bad variant name", setter("variants", "my variant", {}), "variants: 'my variant' does not match"),
     ("unknown variant key", setter("variants", "llama-preln", {"lr": 1e-3}), "variants.llama-preln: unknown key ('lr'"),

@@ -33,8 +33,8 @@ def resolve_device(name: str) -> torch.device:
 
 def resolved_precision(device: torch.device, precision: str = "auto") -> str:
     """``auto`` is bf16 on CUDA and fp32 elsewhere: on CPUs bf16 pays only for large
-    matmuls on chips with native bf16 (about 1.4x for the default model on an
-    AVX512-BF16 CPU), and costs time on small models, so it is opt-in there."""
+    matmuls on chips with native bf16 (1.5x for the default model on an AVX512-BF16
+    CPU) and gains little or loses on small models, so it is opt-in there."""
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision

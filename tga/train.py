@@ -119,9 +119,7 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
 
 
-def optimizer_param_groups(
-    model: nn.Module, weight_decay: float, token_eps: float = 1e-8
-) -> list[dict[str, Any]]:
+def optimizer_param_groups(model: nn.Module, weight_decay: float, token_eps: float) -> list[dict[str, Any]]:
     """Decay only matmul weights: norms' gains, biases and embeddings are left alone.
 
     The token embedding and logit bias get their own Adam ``eps``. Tokens the training
