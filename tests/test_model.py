@@ -161,6 +161,14 @@ def test_checkpoint_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_loaded_checkpoint_is_deterministic_despite_dropout(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", build(dropout=0.5), {})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    idx = torch.randint(0, 101, (2, 8))
+    assert not loaded.training
+    assert torch.equal(loaded(idx).logits, loaded(idx).logits)
+
+
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     model = build()
     path = tmp_path / "m.pt"

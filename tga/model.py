@@ -312,7 +312,12 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     expected_config: ModelConfig | None = None,
 ) -> tuple[Transformer, dict[str, Any]]:
-    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything else."""
+    """Load a checkpoint written by :func:`save_checkpoint`, refusing anything else.
+
+    The model comes back in eval mode: checkpoints are read for evaluation and
+    analysis, and with dropout on by default a forgotten ``.eval()`` would make every
+    measurement noisy. Training builds its own model and resumes from state dicts.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: rerun the training job that makes it")
@@ -347,4 +352,4 @@ def load_checkpoint(
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not match its own config: {exc}") from exc
-    return model.to(map_location), payload.get("extra", {})
+    return model.to(map_location).eval(), payload.get("extra", {})
