@@ -57,14 +57,44 @@ def test_post_ln_blocks_renormalize_the_residual_stream():
         assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
 
 
-def test_attention_is_causal():
-    model = build().eval()
+@pytest.mark.parametrize("position_encoding", ["learned", "rope"])
+def test_attention_is_causal(position_encoding):
+    model = build(position_encoding=position_encoding).eval()
     idx = torch.randint(0, 101, (1, 12))
     changed = idx.clone()
     changed[0, 8] = (idx[0, 8] + 1) % 101
     a, b = model(idx).logits, model(changed).logits
     assert torch.allclose(a[0, :8], b[0, :8], atol=1e-6)
     assert not torch.allclose(a[0, 8:], b[0, 8:], atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_the_offset():
+    from tga.model import RotaryEmbedding
+
+    rotary = RotaryEmbedding(head_size=8, block_size=16, base=10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    rq, rk = rotary(q.expand(16, 8)), rotary(k.expand(16, 8))
+    scores = rq @ rk.T  # scores[m, n]: query at position m, key at position n
+    for offset in (0, 1, 5):
+        diagonal = torch.diagonal(scores, offset=-offset)
+        assert torch.allclose(diagonal, diagonal[0].expand_as(diagonal), atol=1e-5)
+    assert not torch.isclose(scores[3, 2], scores[3, 0])
+    assert torch.allclose(rq.norm(dim=-1), q.norm().expand(16), atol=1e-5)  # a rotation
+
+
+def test_rope_model_has_no_position_table_and_sees_order():
+    model = build(position_encoding="rope").eval()
+    assert model.position_embedding is None
+    assert not any("position" in name for name in model.state_dict())
+    idx = torch.randint(0, 101, (1, 10))
+    swapped = idx.clone()
+    swapped[0, [2, 5]] = idx[0, [5, 2]]
+    # the same multiset of tokens in another order must give a different last prediction
+    assert not torch.allclose(model(idx).logits[0, -1], model(swapped).logits[0, -1], atol=1e-5)
+    with pytest.raises(ModelConfigError, match="even head size"):
+        ModelConfig(**{**TINY, "n_embd": 30, "n_head": 2, "position_encoding": "rope"})
+    with pytest.raises(ModelConfigError, match="position_encoding"):
+        ModelConfig(**{**TINY, "position_encoding": "alibi"})
 
 
 def test_padded_vocabulary_is_never_predicted_and_loss_matches_unpadded():

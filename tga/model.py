@@ -23,6 +23,7 @@ import torch.nn.functional as F
 NORM_POSITIONS = ("pre", "post")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
+POSITION_ENCODINGS = ("learned", "rope")
 CHECKPOINT_FORMAT = "tga-checkpoint-v1"
 VOCAB_PAD_MULTIPLE = 64
 
@@ -52,12 +53,15 @@ class ModelConfig:
     mlp: bool = True
     scale_embeddings: bool = False
     unigram_bias: bool = True
+    position_encoding: str = "learned"
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         for name, allowed in (
             ("norm_position", NORM_POSITIONS),
             ("norm", NORMS),
             ("activation", ACTIVATIONS),
+            ("position_encoding", POSITION_ENCODINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ModelConfigError(
@@ -74,6 +78,13 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"model setting dropout={self.dropout!r} must be in [0, 1)")
+        if self.position_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ModelConfigError(
+                f"model setting position_encoding='rope' needs an even head size, "
+                f"but n_embd/n_head = {self.n_embd // self.n_head}: change n_embd or n_head"
+            )
+        if not self.rope_base > 1.0:
+            raise ModelConfigError(f"model setting rope_base={self.rope_base!r} must be > 1")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
@@ -121,10 +132,37 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021, as in LLaMA): rotates each query and
+    key pair of channels by an angle proportional to the position, so attention scores
+    depend on relative offsets and one learned "look k tokens back" pattern serves every
+    position (learned absolute embeddings must learn it position by position)."""
+
+    def __init__(self, head_size: int, block_size: int, base: float) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)
+        # Not persistent: derived from the config, so checkpoints stay weights only.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.size(-2)
+        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
+        first, second = x[..., 0::2], x[..., 1::2]
+        return torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1).flatten(-2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
+        head_size = config.n_embd // config.n_head
+        self.rotary = (
+            RotaryEmbedding(head_size, config.block_size, config.rope_base)
+            if config.position_encoding == "rope"
+            else None
+        )
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -135,6 +173,8 @@ class CausalSelfAttention(nn.Module):
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
@@ -199,7 +239,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.position_embedding = (
+            nn.Embedding(config.block_size, config.n_embd) if config.position_encoding == "learned" else None
+        )
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
@@ -240,7 +282,9 @@ class Transformer(nn.Module):
     def num_parameters(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.position_embedding.weight.numel() + self.token_embedding.weight.numel()
+            n -= self.token_embedding.weight.numel()
+            if self.position_embedding is not None:
+                n -= self.position_embedding.weight.numel()
         return n
 
     def forward(
@@ -254,8 +298,9 @@ class Transformer(nn.Module):
         _, seq = idx.shape
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
-        positions = torch.arange(seq, device=idx.device)
-        x = self.token_embedding(idx) + self.position_embedding(positions)
+        x = self.token_embedding(idx)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(torch.arange(seq, device=idx.device))
         if self.config.scale_embeddings:
             # O(1) inputs from the small tied embeddings (Vaswani et al. 2017; Gemma).
             x = x * self.embedding_multiplier
