@@ -53,7 +53,7 @@ class ModelConfig:
     mlp: bool = True
     scale_embeddings: bool = False
     unigram_bias: bool = True
-    position_encoding: str = "learned"
+    position_encoding: str = "rope"
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
