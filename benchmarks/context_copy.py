@@ -34,7 +34,7 @@ from tga.data import load_token_file, non_overlapping_windows
 from tga.model import load_checkpoint
 
 CACHE_WEIGHTS = (0.05, 0.1, 0.2)
-TRAIN_COUNT_BUCKETS = ((0, 0), (1, 2), (3, 10), (11, 100), (101, None))
+TRAIN_COUNT_BUCKETS = ((0, 0), (1, 2), (3, 10), (11, 100), (101, math.inf))
 
 
 class KneserNeyTrigram:
@@ -99,8 +99,8 @@ def report(nll: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, train_cou
         out["ppl_with_cache"][str(lam)] = round(math.exp(-mixed[mask].log().mean().item()), 1)
     repeat = cache > 0
     for low, high in TRAIN_COUNT_BUCKETS:
-        in_bucket = mask & (train_count >= low) & (train_count <= (high if high is not None else train_count.max()))
-        row = {"train_count": f"{low}-{high}" if high is not None else f">={low}",
+        in_bucket = mask & (train_count >= low) & (train_count <= high)
+        row = {"train_count": f"{low}-{high}" if high != math.inf else f">={low}",
                "share": round(in_bucket.double().mean().item(), 4)}
         for name, sel in (("repeat", in_bucket & repeat), ("first", in_bucket & ~repeat)):
             row[f"n_{name}"] = int(sel.sum())
@@ -109,8 +109,7 @@ def report(nll: torch.Tensor, mask: torch.Tensor, cache: torch.Tensor, train_cou
     return out
 
 
-def model_nll(checkpoint: Path, x: torch.Tensor, y: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    model, _ = load_checkpoint(checkpoint)
+def model_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 16) -> torch.Tensor:
     rows = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
@@ -134,16 +133,15 @@ def main() -> None:
     x, y, mask = non_overlapping_windows(test, args.block_size)
     if args.windows:
         x, y, mask = x[: args.windows], y[: args.windows], mask[: args.windows]
-    vocab_size = int(max(train.max(), test.max())) + 1
-    for checkpoint in args.checkpoint:
-        vocab_size = max(vocab_size, load_checkpoint(checkpoint)[0].config.vocab_size)
+    models = {str(path): load_checkpoint(path)[0] for path in args.checkpoint}
+    vocab_size = max([int(max(train.max(), test.max())) + 1] + [m.config.vocab_size for m in models.values()])
     train_count = torch.from_numpy(np.bincount(train, minlength=vocab_size))[y]
     cache = window_cache_probability(x, y)
     kn = KneserNeyTrigram(train.tolist(), vocab_size)
     result = {"tokens_dir": str(args.tokens_dir), "windows": len(x), "scored_tokens": int(mask.sum()),
               "kneser_ney_trigram": report(kn.window_nll(x, y), mask, cache, train_count), "checkpoints": {}}
-    for checkpoint in args.checkpoint:
-        result["checkpoints"][str(checkpoint)] = report(model_nll(checkpoint, x, y), mask, cache, train_count)
+    for name, model in models.items():
+        result["checkpoints"][name] = report(model_nll(model, x, y), mask, cache, train_count)
     print(json.dumps(result, indent=1))
 
 

@@ -199,6 +199,20 @@ def test_loaded_checkpoint_is_deterministic_despite_dropout(tmp_path):
     assert torch.equal(loaded(idx).logits, loaded(idx).logits)
 
 
+def test_checkpoint_from_before_a_key_existed_keeps_its_old_meaning(tmp_path):
+    # Written before position_encoding and unigram_bias existed: learned positions, no bias.
+    old = build(position_encoding="learned", unigram_bias=False)
+    save_checkpoint(tmp_path / "old.pt", old, {})
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    for key in ("position_encoding", "unigram_bias"):
+        del payload["model_config"][key]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    assert (loaded.config.position_encoding, loaded.config.unigram_bias) == ("learned", False)
+    idx = torch.randint(0, 101, (1, 8))
+    assert torch.equal(old.eval()(idx).logits, loaded(idx).logits)
+
+
 def test_bad_checkpoints_are_refused_clearly(tmp_path):
     model = build()
     path = tmp_path / "m.pt"

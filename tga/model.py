@@ -25,6 +25,9 @@ NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
 POSITION_ENCODINGS = ("learned", "rope")
 CHECKPOINT_FORMAT = "tga-checkpoint-v1"
+# Model keys added after checkpoints were first written, with the behaviour those older
+# checkpoints were trained with; a later default must not silently change their meaning.
+KEYS_ADDED_LATER = {"unigram_bias": False, "position_encoding": "learned"}
 VOCAB_PAD_MULTIPLE = 64
 
 
@@ -379,7 +382,7 @@ def load_checkpoint(
             "give a checkpoint written by tga's training"
         )
     try:
-        config = ModelConfig.from_dict(payload["model_config"])
+        config = ModelConfig.from_dict({**KEYS_ADDED_LATER, **payload["model_config"]})
     except ModelConfigError as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from exc
     if expected_config is not None and config != expected_config:
