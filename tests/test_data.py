@@ -18,6 +18,7 @@ import torch
 from tga import data
 from tga.data import (
     DataError,
+    RareTokenRelabeler,
     copy_text_splits,
     download_wikitext2,
     load_token_file,
@@ -368,6 +369,55 @@ def test_sample_batch_reaches_both_ends() -> None:
     assert starts == set(range(10 - block))
     with pytest.raises(ValueError, match="block_size"):
         sample_batch(torch.arange(block), 1, block, g)
+
+
+def _relabel_fixture() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, set[int]]:
+    """Vocabulary of 40: tokens 0-9 are frequent (5 occurrences each), 10-39 occur
+    at most twice (20-39 never), so with max_count=2 the rare pool is 10-39."""
+    counts = torch.tensor([5] * 10 + [2] * 5 + [1] * 5 + [0] * 20)
+    x = torch.tensor([[0, 10, 1, 10, 11, 2, 11, 10], [3, 12, 12, 4, 13, 5, 14, 12]])
+    y = torch.cat([x[:, 1:], torch.tensor([[10], [13]])], dim=1)
+    return counts, x, y, set(range(10, 40))
+
+
+def test_rare_relabeling_is_one_bijection_of_the_rare_pool_per_window() -> None:
+    counts, x, y, pool = _relabel_fixture()
+    relabel = RareTokenRelabeler(counts, 40, max_count=2, probability=1.0)
+    seen_changes = 0
+    for seed in range(20):
+        new_x, new_y = relabel(x, y, torch.Generator().manual_seed(seed))
+        assert torch.equal(new_y[:, :-1], new_x[:, 1:])  # still x shifted by one
+        for old_row, new_row in zip(torch.cat([x, y[:, -1:]], 1), torch.cat([new_x, new_y[:, -1:]], 1)):
+            mapping: dict[int, int] = {}
+            for old, new in zip(old_row.tolist(), new_row.tolist()):
+                if old in pool:
+                    assert new in pool
+                    assert mapping.setdefault(old, new) == new  # consistent within the window
+                    seen_changes += old != new
+                else:
+                    assert new == old  # frequent tokens are never touched
+            assert len(set(mapping.values())) == len(mapping)  # distinct names stay distinct
+    assert seen_changes > 0
+
+
+def test_rare_relabeling_probability_and_determinism() -> None:
+    counts, x, y, _ = _relabel_fixture()
+    off = RareTokenRelabeler(counts, 40, max_count=2, probability=0.0)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    same_x, same_y = off(x, y, g)
+    assert same_x is x and same_y is y and torch.equal(g.get_state(), before)  # draws nothing when off
+    half = RareTokenRelabeler(counts, 40, max_count=2, probability=0.5)
+    big_x = x.repeat(200, 1)
+    big_y = y.repeat(200, 1)
+    new_x, _ = half(big_x, big_y, torch.Generator().manual_seed(1))
+    changed = (new_x != big_x).any(dim=1).float().mean().item()
+    assert 0.35 < changed < 0.65
+    again, _ = half(big_x, big_y, torch.Generator().manual_seed(1))
+    assert torch.equal(new_x, again)
+    none_rare = RareTokenRelabeler(torch.full((40,), 5), 40, max_count=2, probability=1.0)
+    same_x, same_y = none_rare(x, y, torch.Generator().manual_seed(0))
+    assert same_x is x and same_y is y
 
 
 def test_batches_from_a_memmapped_token_file(tmp_path: Path) -> None:

@@ -89,6 +89,19 @@ def test_cpu_training_is_reproducible_for_a_seed(token_files, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_rare_relabeling_changes_training_and_stays_reproducible(token_files, tmp_path):
+    train, valid = token_files
+    counts = np.bincount(np.fromfile(train, dtype=np.uint16))
+    max_count = int(np.median(counts[counts > 0]))  # about half the characters are "rare"
+    runs = {"off": small_config(max_steps=6, rare_relabel_probability=0.0), "a": None, "b": None}
+    runs["a"] = runs["b"] = small_config(max_steps=6, rare_relabel_probability=1.0, rare_relabel_max_count=max_count)
+    for name, config in runs.items():
+        train_model(MODEL, config, train, valid, tmp_path / name, show_progress=False)
+    off, a, b = (load_checkpoint(tmp_path / name / "final.pt")[0].state_dict() for name in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["token_embedding.weight"], off["token_embedding.weight"])
+
+
 def test_divergence_stops_with_variant_seed_and_step(token_files, tmp_path):
     train, valid = token_files
     with pytest.raises(TrainingError, match=r"llama-postln/seed3 diverged: .* at step \d+ \(seed 3\)"):
@@ -129,6 +142,10 @@ def test_checkpoint_steps_and_bad_training_settings():
         TrainConfig(max_steps=10, warmup_steps=20)
     with pytest.raises(TrainConfigError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(TrainConfigError, match=r"rare_relabel_probability=1.5 must be in \[0, 1\]"):
+        TrainConfig(rare_relabel_probability=1.5)
+    with pytest.raises(TrainConfigError, match="rare_relabel_max_count=-1 must be a non-negative integer"):
+        TrainConfig(rare_relabel_max_count=-1)
     with pytest.raises(TrainConfigError, match="unknown training setting"):
         TrainConfig.from_dict({"lr": 1.0})
 

@@ -452,6 +452,43 @@ def sample_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
+class RareTokenRelabeler:
+    """Training-time augmentation that makes copying from the context pay.
+
+    With 2M training tokens drawn from a 250k-token split, every name recurs in
+    epochs the model has already seen, so memorizing it always beats copying it from
+    earlier in the window and no copying circuit forms (Hernandez et al. 2022); yet in
+    held-out text rare words recur within an article. In a random ``probability``
+    fraction of windows, every token that occurs at most ``max_count`` times in the
+    training split is replaced through one random bijection of that rare pool, the
+    same within a window (entity anonymization, Hermann et al. 2015; a consistent form
+    of the data noising of Xie et al. 2017). A relabeled name cannot be recalled, only
+    copied. Measured (README, Training recipe), it mostly stops the memorization: the
+    gain is on tokens seen more than 10 times, the rarest still are not copied.
+    Everything runs on the tokens' device with no host synchronisation.
+    """
+
+    def __init__(self, token_counts: torch.Tensor, vocab_size: int, max_count: int, probability: float) -> None:
+        counts = token_counts[:vocab_size]
+        self.pool = torch.nonzero(counts <= max_count).flatten()
+        self.rank = torch.full((token_counts.numel(),), -1, dtype=torch.long, device=token_counts.device)
+        self.rank[self.pool] = torch.arange(self.pool.numel(), device=token_counts.device)
+        self.probability = probability
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.probability <= 0 or self.pool.numel() < 2:
+            return x, y  # draws nothing, so a run without relabeling samples as before
+        windows = torch.cat([x, y[:, -1:]], dim=1)
+        chosen = torch.rand(windows.size(0), device=windows.device, generator=generator) < self.probability
+        bijection = self.pool[torch.randperm(self.pool.numel(), device=windows.device, generator=generator)]
+        rank = self.rank[windows]
+        relabel = (rank >= 0) & chosen[:, None]
+        windows = torch.where(relabel, bijection[rank.clamp(min=0)], windows)
+        return windows[:, :-1], windows[:, 1:]
+
+
 def non_overlapping_windows(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tile a 1-D token tensor for evaluation so every token but the first is scored once.
 

@@ -29,7 +29,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tga.data import sha256_file, tokens_to_tensor, load_token_file, read_token_metadata, sample_batch
+from tga.data import (
+    RareTokenRelabeler,
+    load_token_file,
+    read_token_metadata,
+    sample_batch,
+    sha256_file,
+    tokens_to_tensor,
+)
 from tga.device import autocast_context, resolve_device, resolved_precision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
@@ -67,6 +74,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     token_adam_eps: float = 1e-6
+    rare_relabel_probability: float = 0.5
+    rare_relabel_max_count: int = 10
     grad_clip: float = 1.0
     eval_interval: int = 50
     eval_batches: int = 20
@@ -92,6 +101,15 @@ class TrainConfig:
             )
         if not self.token_adam_eps > 0:
             raise TrainConfigError(f"training setting token_adam_eps={self.token_adam_eps!r} must be > 0")
+        if not 0.0 <= self.rare_relabel_probability <= 1.0:
+            raise TrainConfigError(
+                f"training setting rare_relabel_probability={self.rare_relabel_probability!r} must be in [0, 1]"
+            )
+        count = self.rare_relabel_max_count
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise TrainConfigError(
+                f"training setting rare_relabel_max_count={count!r} must be a non-negative integer"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainConfigError(f"training setting min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -570,6 +588,8 @@ def train_model(
     train_data = load_tokens_to_device(train_tokens, device)
     val_data = load_tokens_to_device(val_tokens, device)
     token_counts = torch.bincount(train_data.long(), minlength=model_config.vocab_size)
+    relabel = RareTokenRelabeler(token_counts, model_config.vocab_size, train_config.rare_relabel_max_count,
+                                 train_config.rare_relabel_probability)
 
     def fresh() -> tuple[Transformer, torch.optim.AdamW, torch.Generator]:
         """Seeded init: the global RNG is left exactly where an uninterrupted run's is."""
@@ -671,6 +691,7 @@ def train_model(
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = sample_batch(train_data, train_config.batch_size, model_config.block_size, generator)
+        x, y = relabel(x, y, generator)
         loss_detached = train_step(step_fn_model, model, optimizer, x, y, amp, train_config.grad_clip)
         first_bad_step = torch.where(
             (first_bad_step < 0) & ~torch.isfinite(loss_detached), torch.full_like(first_bad_step, step + 1),
