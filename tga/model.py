@@ -1,9 +1,10 @@
 """A small decoder-only transformer whose normalization placement, norm and MLP
 activation are switches, so that variants differ in exactly those choices.
 
-The layout follows nanoGPT: learned positional embeddings, tied input/output
-embeddings, causal attention through ``scaled_dot_product_attention``. The forward
-pass can return the residual stream at every depth for the geometry analysis.
+The layout follows nanoGPT (tied input/output embeddings, causal attention through
+``scaled_dot_product_attention``), with rotary position embeddings by default
+(``position_encoding: learned`` gives GPT-2's table). The forward pass can return the
+residual stream at every depth for the geometry analysis.
 """
 
 from __future__ import annotations
