@@ -91,7 +91,7 @@ class TrainConfig:
         positive = ("max_steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise TrainConfigError(f"training setting {name}={value!r} must be a positive integer")
         if not self.learning_rate > 0:
             raise TrainConfigError(f"training setting learning_rate={self.learning_rate!r} must be > 0")
@@ -105,11 +105,9 @@ class TrainConfig:
             raise TrainConfigError(
                 f"training setting rare_relabel_probability={self.rare_relabel_probability!r} must be in [0, 1]"
             )
-        count = self.rare_relabel_max_count
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise TrainConfigError(
-                f"training setting rare_relabel_max_count={count!r} must be a non-negative integer"
-            )
+        max_count = self.rare_relabel_max_count
+        if not _is_int(max_count) or max_count < 0:
+            raise TrainConfigError(f"training setting rare_relabel_max_count={max_count!r} must be a non-negative integer")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainConfigError(f"training setting min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
