@@ -56,7 +56,7 @@ class ModelConfig:
     residual: bool = True
     mlp: bool = True
     scale_embeddings: bool = False
-    unigram_bias: bool = True
+    unigram_bias: bool = False
     position_encoding: str = "rope"
     rope_base: float = 10000.0
 

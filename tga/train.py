@@ -67,14 +67,14 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    token_adam_eps: float = 1e-6
-    rare_relabel_probability: float = 0.5
+    token_adam_eps: float = 1e-8
+    rare_relabel_probability: float = 0.0
     rare_relabel_max_count: int = 10
     grad_clip: float = 1.0
     eval_interval: int = 50
