@@ -85,6 +85,10 @@ CONFIG_CASES = [
     ("text source without files", setter("data", "source", "text"), "data.train is not set"),
     ("missing data file", lambda c: c["data"].update(source="text", train="a.txt", validation="b.txt", test="c.txt"), "data.train: file 'a.txt' does not exist"),
     ("missing archive", setter("data", "archive", "nowhere.zip"), "data.archive: file 'nowhere.zip' does not exist"),
+    ("unknown init", setter("model", "init", "kaiming"), "model.init: 'kaiming' is not one of"),
+    ("unknown activation", setter("variants", "llama-preln", {"activation": "tanh"}), "variants.llama-preln.activation: 'tanh' is not one of"),
+    ("FFN width zero", setter("model", "mlp_hidden", 0), "model.mlp_hidden: 0 is less than the minimum of 1"),
+    ("FFN width not an integer", setter("variants", "llama-preln", {"mlp_hidden": 1.5}), "variants.llama-preln.mlp_hidden: 1.5 is not of type"),
 ]
 
 

@@ -24,7 +24,7 @@ def build(**overrides) -> Transformer:
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 def test_every_variant_has_right_shapes_and_hidden_state_count(norm_position, norm, activation):
     model = build(norm_position=norm_position, norm=norm, activation=activation)
     idx = torch.randint(0, TINY["vocab_size"], (2, 10))
@@ -121,7 +121,7 @@ def test_unigram_bias_starts_at_the_token_prior():
     tokens = torch.multinomial(prior / prior.sum(), 20000, replacement=True)
     counts = torch.bincount(tokens, minlength=101)
     smoothed = (counts + 1.0) / (counts + 1.0).sum()
-    model = build(norm_position="post")
+    model = build(norm_position="post", unigram_bias=True)
     model.init_logit_bias(counts)
     assert torch.allclose(model.logit_bias[:101], smoothed.log(), atol=1e-6)
     assert torch.count_nonzero(model.logit_bias[101:]) == 0  # padding rows stay masked, not biased
@@ -138,10 +138,76 @@ def test_unigram_bias_starts_at_the_token_prior():
 
 
 def test_swiglu_and_gelu_mlps_hold_about_the_same_weights():
-    assert ModelConfig(n_embd=384, activation="swiglu").mlp_hidden == 1024
+    assert ModelConfig(n_embd=384, activation="swiglu").mlp_width == 1024
     swiglu = build(activation="swiglu").num_parameters()
     gelu = build(activation="gelu").num_parameters()
     assert abs(swiglu - gelu) / gelu < 0.05
+
+
+@pytest.mark.parametrize(
+    "activation, mlp_hidden, width",
+    [("gelu", None, 128), ("relu", None, 128), ("swiglu", None, 88), ("relu", 32, 32), ("swiglu", 40, 40)],
+)
+def test_mlp_width_defaults_and_override(activation, mlp_hidden, width):
+    model = build(activation=activation, mlp_hidden=mlp_hidden)
+    mlp = model.blocks[0].mlp
+    assert mlp.down.in_features == width
+    assert mlp.up.out_features == (2 * width if activation == "swiglu" else width)
+
+
+def test_relu_activation_is_relu():
+    mlp = build(activation="relu", mlp_hidden=32).blocks[0].mlp
+    x = torch.randn(3, TINY["n_embd"])
+    assert torch.allclose(mlp(x), mlp.down(torch.relu(mlp.up(x))))
+
+
+def test_xavier_init_has_per_matrix_variance_and_no_depth_scaling():
+    d = 64
+    model = build(init="xavier", n_embd=d, n_head=4, n_layer=8, activation="swiglu", mlp_hidden=96)
+    block = model.blocks[0]
+    # each of W^Q, W^K, W^V and W^O is d x d: variance 2/(d+d) = 1/d, whatever the depth
+    for part in block.attn.qkv.weight.split(d, dim=0):
+        assert part.std().item() == pytest.approx(d ** -0.5, rel=0.05)
+    assert block.attn.proj.weight.std().item() == pytest.approx(d ** -0.5, rel=0.05)
+    assert block.mlp.up.weight.std().item() == pytest.approx(math.sqrt(2 / (d + 96)), rel=0.05)
+    assert block.mlp.down.weight.std().item() == pytest.approx(math.sqrt(2 / (96 + d)), rel=0.05)
+    assert model.token_embedding.weight.std().item() == pytest.approx(d ** -0.5, rel=0.05)
+
+
+def test_prenorm_sums_are_the_sums_before_the_norms():
+    for norm_position in ("pre", "post"):
+        model = build(norm_position=norm_position).eval()
+        idx = torch.randint(0, 101, (2, 9))
+        out = model(idx, return_hidden_states=True, return_prenorm_sums=True)
+        plain = model(idx)
+        assert plain.prenorm_sums is None
+        assert torch.equal(out.logits, plain.logits)  # collecting changes nothing
+        assert len(out.prenorm_sums) == TINY["n_layer"]
+        for l, (block, sums) in enumerate(zip(model.blocks, out.prenorm_sums)):
+            x = out.hidden_states[l]
+            if norm_position == "post":
+                after_attention = x + block.attn(x)
+                assert torch.allclose(sums.attention, after_attention, atol=1e-5)
+                mid = block.attn_norm(after_attention)
+                assert torch.allclose(sums.mlp, mid + block.mlp(mid), atol=1e-5)
+                assert torch.allclose(block.mlp_norm(sums.mlp), out.hidden_states[l + 1], atol=1e-5)
+            else:  # Pre-LN: the residual stream itself
+                after_attention = x + block.attn(block.attn_norm(x))
+                assert torch.allclose(sums.attention, after_attention, atol=1e-5)
+                assert torch.equal(sums.mlp, out.hidden_states[l + 1])
+    no_mlp = build(mlp=False)(torch.randint(0, 101, (1, 5)), return_prenorm_sums=True)
+    assert all(sums.mlp is None for sums in no_mlp.prenorm_sums)
+
+
+def test_attention_probs_are_what_the_layer_applies():
+    attn = build(position_encoding="rope").blocks[0].attn.eval()
+    x = torch.randn(2, 7, TINY["n_embd"])
+    probs = attn.attention_probs(x)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, TINY["n_head"], 7))
+    assert torch.count_nonzero(probs.triu(1)) == 0  # causal
+    _, _, v = attn._heads(x)
+    y = (probs @ v).transpose(1, 2).reshape(2, 7, TINY["n_embd"])
+    assert torch.allclose(attn(x), attn.proj(y), atol=1e-5)
 
 
 def test_tied_embeddings_and_depth_scaled_init():
@@ -166,7 +232,10 @@ def test_ablations_remove_residual_and_mlp():
     [
         ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
         ({"norm_position": "middle"}, "norm_position"),
-        ({"activation": "relu"}, "activation"),
+        ({"activation": "tanh"}, "activation"),
+        ({"init": "kaiming"}, "init"),
+        ({"mlp_hidden": 0}, "mlp_hidden=0"),
+        ({"mlp_hidden": 2.5}, "mlp_hidden=2.5"),
         ({"n_layer": 0}, "n_layer"),
         ({"dropout": 1.5}, "dropout"),
     ],
@@ -201,14 +270,16 @@ def test_loaded_checkpoint_is_deterministic_despite_dropout(tmp_path):
 
 def test_checkpoint_from_before_a_key_existed_keeps_its_old_meaning(tmp_path):
     # Written before position_encoding and unigram_bias existed: learned positions, no bias.
+    # Also before init and mlp_hidden: GPT-2 init, the default FFN width.
     old = build(position_encoding="learned", unigram_bias=False)
     save_checkpoint(tmp_path / "old.pt", old, {})
     payload = torch.load(tmp_path / "old.pt", weights_only=True)
-    for key in ("position_encoding", "unigram_bias"):
+    for key in ("position_encoding", "unigram_bias", "init", "mlp_hidden"):
         del payload["model_config"][key]
     torch.save(payload, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(tmp_path / "old.pt")
     assert (loaded.config.position_encoding, loaded.config.unigram_bias) == ("learned", False)
+    assert (loaded.config.init, loaded.config.mlp_hidden) == ("gpt2", None)
     idx = torch.randint(0, 101, (1, 8))
     assert torch.equal(old.eval()(idx).logits, loaded(idx).logits)
 

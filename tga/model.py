@@ -4,7 +4,9 @@ activation are switches, so that variants differ in exactly those choices.
 The layout follows nanoGPT (tied input/output embeddings, causal attention through
 ``scaled_dot_product_attention``), with rotary position embeddings by default
 (``position_encoding: learned`` gives GPT-2's table). The forward pass can return the
-residual stream at every depth for the geometry analysis.
+residual stream at every depth for the geometry analysis, and each block's sums before
+its norms (Post-LN's x^{post,2}, x^{post,5}). ``init``, ``activation: relu`` and
+``mlp_hidden`` express the setting Xiong et al. (2020) analyse (docs/science.md).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import torch.nn.functional as F
 
 NORM_POSITIONS = ("pre", "post")
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
 POSITION_ENCODINGS = ("learned", "rope")
+INITS = ("gpt2", "xavier")
 CHECKPOINT_FORMAT = "tga-checkpoint-v1"
 # Model keys added after checkpoints were first written, with the behaviour those older
 # checkpoints were trained with; a later default must not silently change their meaning.
-KEYS_ADDED_LATER = {"unigram_bias": False, "position_encoding": "learned"}
+KEYS_ADDED_LATER = {"unigram_bias": False, "position_encoding": "learned", "init": "gpt2", "mlp_hidden": None}
 VOCAB_PAD_MULTIPLE = 64
 
 
@@ -59,6 +62,8 @@ class ModelConfig:
     unigram_bias: bool = False
     position_encoding: str = "rope"
     rope_base: float = 10000.0
+    init: str = "gpt2"
+    mlp_hidden: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -66,6 +71,7 @@ class ModelConfig:
             ("norm", NORMS),
             ("activation", ACTIVATIONS),
             ("position_encoding", POSITION_ENCODINGS),
+            ("init", INITS),
         ):
             if getattr(self, name) not in allowed:
                 raise ModelConfigError(
@@ -89,6 +95,13 @@ class ModelConfig:
             )
         if not self.rope_base > 1.0:
             raise ModelConfigError(f"model setting rope_base={self.rope_base!r} must be > 1")
+        if self.mlp_hidden is not None and (
+            not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden < 1
+        ):
+            raise ModelConfigError(
+                f"model setting mlp_hidden={self.mlp_hidden!r} must be a positive integer, "
+                "or null for the default width (4*n_embd; 2/3 of that for swiglu)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
@@ -104,18 +117,36 @@ class ModelConfig:
         return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
     @property
-    def mlp_hidden(self) -> int:
-        """SwiGLU gets 2/3 of GELU's 4*d (rounded up to a multiple of 8 for the matmuls)
-        so both MLPs hold about the same number of weights."""
-        if self.activation == "gelu":
+    def mlp_width(self) -> int:
+        """The FFN's hidden width: ``mlp_hidden`` when set, else 4*d for GELU and ReLU, and
+        2/3 of that for SwiGLU (rounded up to a multiple of 8 for the matmuls), so that
+        both MLPs hold about the same number of weights (SwiGLU has two input matrices)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.activation != "swiglu":
             return 4 * self.n_embd
         return math.ceil(8 * self.n_embd / 3 / 8) * 8
+
+
+class BlockSums(NamedTuple):
+    """A block's residual sums before any norm (Xiong et al. 2020's notation).
+
+    Post-LN: ``attention`` = x^{post,2} = x + attn(x), ``mlp`` = x^{post,5} =
+    x^{post,3} + mlp(x^{post,3}), each the input of the norm that follows it.
+    Pre-LN: the residual stream itself after each sublayer (x^{pre,3} and the block's
+    output), which is never normalized. Without residual connections, the sublayer
+    output alone. ``mlp`` is None when the model has no MLP.
+    """
+
+    attention: torch.Tensor
+    mlp: torch.Tensor | None
 
 
 class ModelOutput(NamedTuple):
     logits: torch.Tensor
     loss: torch.Tensor | None
     hidden_states: list[torch.Tensor] | None
+    prenorm_sums: list[BlockSums] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -169,31 +200,50 @@ class CausalSelfAttention(nn.Module):
         )
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.qkv.fused_parts = 3  # W^Q, W^K, W^V in one matmul; Xavier init treats them apart
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (rotated), keys (rotated) and values, each (batch, head, seq, head_size)."""
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self._heads(x)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
         y = y.transpose(1, 2).contiguous().view(batch, seq, dim)
         return self.resid_dropout(self.proj(y))
 
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The causal attention weights (batch, head, seq, seq) this layer applies to
+        ``x``, without dropout. The fused kernel in ``forward`` never materializes
+        them; analyses need them to say how far attention is from uniform."""
+        q, k, _ = self._heads(x)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        seq = x.size(1)
+        future = torch.ones(seq, seq, dtype=torch.bool, device=x.device).triu(1)
+        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.activation = config.activation
-        hidden = config.mlp_hidden
+        hidden = config.mlp_width
         # SwiGLU's gate and value projections are one matmul, split afterwards.
         n_in = 2 * hidden if self.activation == "swiglu" else hidden
         self.up = nn.Linear(config.n_embd, n_in, bias=config.bias)
+        self.up.fused_parts = 2 if self.activation == "swiglu" else 1
         self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.down.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
@@ -203,6 +253,8 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
+        elif self.activation == "relu":
+            h = F.relu(h)
         else:
             h = F.gelu(h)
         return self.dropout(self.down(h))
@@ -224,18 +276,26 @@ class Block(nn.Module):
         self.mlp = MLP(config) if config.mlp else None
         self.mlp_norm = make_norm(config) if config.mlp else None
 
-    def _sublayer(self, x: torch.Tensor, f: nn.Module, norm: nn.Module) -> torch.Tensor:
+    def _sublayer(self, x: torch.Tensor, f: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the sum before any norm): Pre-LN's output is that sum; Post-LN
+        normalizes it."""
         if self.pre:
             update = f(norm(x))
-            return x + update if self.residual else update
-        out = x + f(x) if self.residual else f(x)
-        return norm(out)
+            out = x + update if self.residual else update
+            return out, out
+        total = x + f(x) if self.residual else f(x)
+        return norm(total), total
+
+    def forward_with_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, BlockSums]:
+        """The block's output and its pre-norm sums (see :class:`BlockSums`)."""
+        x, after_attention = self._sublayer(x, self.attn, self.attn_norm)
+        after_mlp = None
+        if self.mlp is not None:
+            x, after_mlp = self._sublayer(x, self.mlp, self.mlp_norm)
+        return x, BlockSums(after_attention, after_mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._sublayer(x, self.attn, self.attn_norm)
-        if self.mlp is not None:
-            x = self._sublayer(x, self.mlp, self.mlp_norm)
-        return x
+        return self.forward_with_sums(x)[0]
 
 
 class Transformer(nn.Module):
@@ -257,17 +317,34 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 init; residual projections shrink with depth so the stream's variance
-        at initialization does not grow with the number of layers."""
+        """``init: gpt2``: std 0.02 everywhere, and residual projections shrink by
+        1/sqrt(2*n_layer) so the stream's variance at init does not grow with depth.
+
+        ``init: xavier`` (Xiong et al. 2020, who analyse it without that shrinking):
+        every weight matrix ~ N(0, 2/(fan_in + fan_out)). Fused layers count as their
+        parts: the qkv projection is three d x d matrices (std 1/sqrt(d) each, not
+        sqrt(2/4d)), SwiGLU's up projection is two d x h matrices. Embeddings (token
+        and learned position) ~ N(0, 1/d): the tied output head then gives logits of
+        unit variance from the final norm's output (squared norm d), and with
+        ``scale_embeddings: true`` the input is unit variance per coordinate
+        (E||x_0||^2 = d), as Lemma 2 and Vaswani et al. assume. Biases start at zero
+        and norm gains at one under both schemes."""
+        config = self.config
         if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            if config.init == "xavier":
+                fan_out, fan_in = module.weight.shape
+                fan_out //= getattr(module, "fused_parts", 1)
+                std = math.sqrt(2.0 / (fan_in + fan_out))
+            else:
+                std = 0.02
+                if getattr(module, "is_residual_projection", False):
+                    std = 0.02 / math.sqrt(2 * config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            std = 1.0 / math.sqrt(config.n_embd) if config.init == "xavier" else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
 
     @torch.no_grad()
     def init_logit_bias(self, token_counts: torch.Tensor) -> None:
@@ -296,9 +373,12 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         return_hidden_states: bool = False,
+        return_prenorm_sums: bool = False,
     ) -> ModelOutput:
         """Logits over the real vocabulary; mean loss over targets != -100; and, when
-        asked, the residual stream: embedding, each block, final norm (n_layer + 2)."""
+        asked, the residual stream: embedding, each block, final norm (n_layer + 2),
+        and each block's sums before its norms (:class:`BlockSums`, n_layer), which
+        is where Post-LN's stream can be measured before a norm fixes its scale."""
         _, seq = idx.shape
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
@@ -310,10 +390,13 @@ class Transformer(nn.Module):
             x = x * self.embedding_multiplier
         x = self.embedding_dropout(x)
         hidden = [x] if return_hidden_states else None
+        sums: list[BlockSums] | None = [] if return_prenorm_sums else None
         for block in self.blocks:
-            x = block(x)
+            x, block_sums = block.forward_with_sums(x)
             if hidden is not None:
                 hidden.append(x)
+            if sums is not None:
+                sums.append(block_sums)
         x = self.final_norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -327,7 +410,7 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
             )
-        return ModelOutput(logits[..., :vocab], loss, hidden)
+        return ModelOutput(logits[..., :vocab], loss, hidden, sums)
 
 
 def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None = None) -> None:
