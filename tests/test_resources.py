@@ -1,0 +1,156 @@
+"""Resource estimates (tga/resources.py) against what real jobs use.
+
+Memory: each case trains a small model for a few steps with the real ``train_model``
+in a fresh Python process and reads its peak resident set size (``ru_maxrss``); the
+estimate, less the process base it assumes, must lie within [0.67x, 1.5x] of the
+measured peak less the RSS the process had after its imports. That is the bound
+MEMORY_SAFETY_FACTOR (1.5) is chosen to cover. The cases are chosen so that a different
+part dominates in each: the logits, the blocks' activations, the attention matrices
+of CPU training with dropout, and the weights with AdamW's state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tga.model import ModelConfig, Transformer
+from tga.resources import (
+    MEMORY_SAFETY_FACTOR,
+    PROCESS_BASE_BYTES,
+    ResourceError,
+    ResourceEstimate,
+    available_memory,
+    check_fits,
+    estimate_training,
+    scheduler_resources,
+    slow_step_warning,
+)
+from tga.train import TrainConfig
+
+LOW, HIGH = 0.67, 1.5
+assert HIGH <= MEMORY_SAFETY_FACTOR  # the safety factor covers the worst estimate the test allows
+
+TRAINING = {"max_steps": 3, "warmup_steps": 1, "eval_interval": 3, "eval_batches": 1, "checkpoint_interval": 3,
+            "device": "cpu", "threads": 1}
+CASES = {
+    # vocab 2048 x 16 x 256 tokens: the logits (and their gradients) dominate
+    "logits": ({"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 256, "dropout": 0.0}, {"batch_size": 16}, 2047),
+    # wide, deep, small vocabulary: the activations the blocks keep dominate
+    "activations": ({"n_layer": 6, "n_head": 4, "n_embd": 256, "block_size": 256, "dropout": 0.0,
+                     "activation": "gelu"}, {"batch_size": 16}, 63),
+    # dropout on CPU makes attention materialize (window x window) matrices
+    "attention": ({"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 1024, "dropout": 0.1},
+                  {"batch_size": 4}, 63),
+    # 25M weights in a short window: weights, gradients and AdamW's moments dominate
+    "weights": ({"n_layer": 8, "n_head": 8, "n_embd": 512, "block_size": 16, "dropout": 0.0},
+                {"batch_size": 2}, 1023),
+}
+
+
+def _write_tokens(folder: Path, vocab: int, n_chars: int, seed: int = 0) -> dict[str, Path]:
+    """Train/validation token files over ``vocab`` distinct characters (+ <unk>)."""
+    from tga.data import tokenize_to_file
+    from tga.tokenizers import CharTokenizer
+
+    rng = random.Random(seed)
+    alphabet = [chr(0x4E00 + i) for i in range(vocab)]
+    text = "".join(alphabet) + "".join(rng.choice(alphabet) for _ in range(n_chars))
+    tokenizer = CharTokenizer.from_text(text)
+    paths = {}
+    for split in ("train", "validation"):
+        source = folder / f"{split}.txt"
+        source.write_text(text, encoding="utf-8")
+        paths[split] = folder / f"{split}.bin"
+        tokenize_to_file(source, tokenizer, paths[split])
+    return paths
+
+
+def measure_training_peak(model: dict, training: dict, vocab: int, folder: Path) -> tuple[int, int]:
+    """(peak RSS, RSS after imports) in bytes of a fresh process that runs train_model."""
+    tokens = _write_tokens(folder, vocab, 20_000)
+    spec = {"model": {**model, "vocab_size": vocab + 1}, "training": {**TRAINING, **training},
+            "train": str(tokens["train"]), "validation": str(tokens["validation"]), "out": str(folder / "run")}
+    proc = subprocess.run([sys.executable, __file__, json.dumps(spec)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak, base = json.loads(proc.stdout.strip().splitlines()[-1])
+    return peak, base
+
+
+def _child(spec: dict) -> None:
+    """Run in the fresh process: imports, then training; print peak and base RSS (bytes)."""
+    from tga.train import train_model
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    train_model(ModelConfig(**spec["model"]), TrainConfig(**spec["training"]), Path(spec["train"]),
+                Path(spec["validation"]), Path(spec["out"]), show_progress=False)
+    print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, base]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_memory_estimate_matches_measured_peak(tmp_path, case):
+    model, training, vocab = CASES[case]
+    peak, base = measure_training_peak(model, training, vocab, tmp_path)
+    config = ModelConfig(**{**model, "vocab_size": vocab + 1})
+    n_tokens = 2 * (20_000 + vocab)
+    estimate = estimate_training(config, {**TRAINING, **training}, "cpu", n_tokens)
+    estimated = estimate.host_bytes - PROCESS_BASE_BYTES["train"]
+    measured = peak - base
+    print(f"\n{case}: estimated {estimated / 2**20:.0f} MB, measured {measured / 2**20:.0f} MB "
+          f"(ratio {estimated / measured:.2f}; parts {  {k: round(v / 2**20) for k, v in estimate.parts.items()} })")
+    assert LOW * measured <= estimated <= HIGH * measured, (case, estimated, measured)
+    largest = max((p for p in estimate.parts.items() if p[0] != "process"), key=lambda kv: kv[1])[0]
+    assert case in largest, (case, estimate.parts)  # each case exercises the part it is named after
+
+
+@pytest.mark.parametrize("overrides", [{}, {"position_encoding": "learned", "unigram_bias": True},
+                                       {"norm": "layernorm", "bias": True, "activation": "gelu"},
+                                       {"mlp": False}])
+def test_parameter_count_is_the_models(overrides):
+    from tga.resources import _parameters
+
+    config = ModelConfig(vocab_size=1000, block_size=32, n_layer=2, n_head=2, n_embd=64, **overrides)
+    assert _parameters(config) == sum(p.numel() for p in Transformer(config).parameters())
+
+
+def test_a_typo_sized_batch_is_refused_with_one_line_naming_the_key():
+    config = ModelConfig(vocab_size=200, block_size=64, n_layer=4, n_head=4, n_embd=64, dropout=0.0)
+    estimate = estimate_training(config, {"batch_size": 100_000, "max_steps": 400}, "cpu")
+    with pytest.raises(ResourceError) as info:
+        check_fits(estimate, (24 * 2**30, "this machine"))
+    message = str(info.value)
+    assert "\n" not in message and "training.batch_size (100000)" in message and "24.0 GB" in message
+    check_fits(estimate_training(config, {"batch_size": 16}, "cpu"), (24 * 2**30, "this machine"))  # fits
+
+
+def test_a_long_window_warns_with_the_time_estimate():
+    config = ModelConfig(vocab_size=200, block_size=100_000, n_layer=4, n_head=4, n_embd=64, dropout=0.0)
+    estimate = estimate_training(config, {"batch_size": 1, "max_steps": 400}, "cpu", threads=1)
+    warning = slow_step_warning(estimate)
+    assert warning and "model.block_size" in warning and "400 steps" in warning
+    small = estimate_training(ModelConfig(vocab_size=200, block_size=64, n_layer=2, n_head=2, n_embd=32),
+                              {"batch_size": 4}, "cpu")
+    assert slow_step_warning(small) is None
+
+
+def test_scheduler_requests_carry_the_safety_factor():
+    estimate = ResourceEstimate("train", "cpu", "fp32", host_bytes=1000 * 2**20, device_bytes=0, steps=100,
+                                seconds_per_step=6.0)
+    assert scheduler_resources(estimate) == {"mem_mb": 1500, "runtime": 30}
+
+
+def test_available_memory_reads_the_machine_and_cgroup():
+    have, where = available_memory("cpu")
+    total_kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal:")).split()[1])
+    assert 0 < have <= total_kb * 1024 and "machine" in where
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
