@@ -16,7 +16,14 @@ from PIL import Image
 
 from test_workflow import TINY, make_workdir
 from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
-from tga.geometry import METRIC_NAMES, GeometryError, summarize_metrics
+from tga.geometry import (
+    CROSS_PROMPT,
+    CROSS_PROMPT_METRICS,
+    METRIC_NAMES,
+    PROMPT_METRICS,
+    GeometryError,
+    summarize_metrics,
+)
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.plots import (
     plot_heatmaps_before_after,
@@ -36,13 +43,17 @@ STAGES = [("init", 0), ("step100", 100), ("step200", 200), ("step250", 250)]
 
 
 def make_metrics(n_prompts: int = 3, seed: int = 0) -> pd.DataFrame:
-    """Per-prompt metrics.csv over the stages above; update_norm / knn_overlap NaN at layer 0."""
+    """metrics.csv over the stages above: per-prompt rows (update_norm / knn_overlap NaN at
+    layer 0) and the cross-prompt rows (prompt = CROSS_PROMPT; the frequency correlation
+    at the final norm only), as tga.geometry writes them."""
     rng = np.random.default_rng(seed)
     rows = []
     for stage, step in STAGES:
         for layer, name in enumerate(LAYER_NAMES):
-            for prompt in range(n_prompts):
-                for metric in METRIC_NAMES:
+            for prompt in [*range(n_prompts), CROSS_PROMPT]:
+                for metric in PROMPT_METRICS if prompt != CROSS_PROMPT else CROSS_PROMPT_METRICS:
+                    if metric == "mean_logit_freq_corr" and layer != len(LAYER_NAMES) - 1:
+                        continue
                     if metric in ("update_norm", "knn_overlap") and layer == 0:
                         value = math.nan
                     else:
@@ -138,9 +149,9 @@ def test_plot_metrics_by_step(tmp_path):
     assert_rerun_identical(lambda p: plot_metrics_by_step(summary, p, TITLE, DATA_LABEL, train_log=log),
                            tmp_path, "with_loss")
     # without the loss panel, and with a metric absent from the data: a 'no data' panel, no crash
-    partial = summary[summary["metric"] != "intrinsic_dim"]
+    partial = summary[summary["metric"] != "twonn"]
     assert_png(plot_metrics_by_step(partial, tmp_path / "no_loss.png", TITLE, DATA_LABEL,
-                                    metrics=["mean_cosine", "update_norm", "intrinsic_dim"]))
+                                    metrics=["mean_cosine", "update_norm", "twonn"]))
 
 
 def test_plot_heatmaps_before_after(tmp_path):
@@ -200,6 +211,10 @@ def test_one_variants_evolution_targets_build_every_stage(evolution_run):
     assert list(stages["stage"]) == ["init", "step8", "step16", "step20"]  # step20 = final.pt (20 = max_steps)
     assert list(stages["step"]) == [0, 8, 16, 20]
     assert set(summary["metric"]) == set(METRIC_NAMES)
+    # the train token file reached the analysis: one frequency correlation per stage
+    freq = summary[summary["metric"] == "mean_logit_freq_corr"]
+    assert freq["layer_name"].tolist() == ["final_norm"] * 4 and freq["mean"].between(-1, 1).all()
+    assert set(summary[summary["metric"] == "cross_prompt_cosine"]["n_prompts"]) == {2}  # both prompts pooled
     with np.load(out / "evolution" / VARIANT / "seed0" / "similarity.npz") as npz:
         assert {"init/layer0/prompt0", "step20/layer3/prompt1"} <= set(npz.files)
     for target in EVOLUTION:

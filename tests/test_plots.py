@@ -210,8 +210,9 @@ def test_compute_differences_single_seed_and_missing_variant():
 
 
 def test_metric_labels_have_units_for_all_metrics():
-    for m in ["mean_cosine", "token_norm", "update_norm", "centered_cosine", "effective_rank",
-              "rank1_residual", "intrinsic_dim", "knn_overlap"]:
+    from tga.geometry import METRIC_NAMES
+
+    for m in METRIC_NAMES:
         assert m in METRIC_LABELS
     assert "(unitless)" in METRIC_LABELS["mean_cosine"] and "L2 norm" in METRIC_LABELS["token_norm"]
 

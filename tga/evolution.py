@@ -57,12 +57,15 @@ def analyze_evolution(
     out_dir: str | os.PathLike[str],
     settings: Mapping[str, Any],
     threads: int = 0,
+    train_tokens: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Geometry of every stage (see :func:`evolution_stages`) into ``out_dir``; returns the summary.
 
-    Checks that each checkpoint's own ``extra["step"]`` (written by the training loop and
-    used as the ``step`` column) agrees with its stage name, so a checkpoint saved by a
-    different run can never be plotted at the wrong place on the step axis.
+    ``train_tokens`` (the training split's token file) adds the logit-frequency
+    correlation (tga/geometry.py). Checks that each checkpoint's own ``extra["step"]``
+    (written by the training loop and used as the ``step`` column) agrees with its stage
+    name, so a checkpoint saved by a different run can never be plotted at the wrong place
+    on the step axis.
     """
     missing = [f"{stage}: {path}" for stage, path in stages.items() if not Path(path).is_file()]
     if missing:
@@ -70,7 +73,8 @@ def analyze_evolution(
             "checkpoints expected from the training settings are missing (" + "; ".join(missing) + "); "
             "rerun the training job, e.g. after changing checkpoint_interval or max_steps"
         )
-    analyze_run(dict(stages), prompts_path, tokenizer_path, out_dir, settings, threads=threads)
+    analyze_run(dict(stages), prompts_path, tokenizer_path, out_dir, settings, threads=threads,
+                train_tokens=train_tokens)
     summary = pd.read_csv(Path(out_dir) / "summary.csv")
     steps = summary.drop_duplicates("stage").set_index("stage")["step"].to_dict()
     wrong = [

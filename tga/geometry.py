@@ -1,35 +1,47 @@
 """Geometry of token representations across layers.
 
-Every metric takes the hidden states of ONE prompt, either ``(T, d)`` (one layer) or
-``(L, T, d)`` (all layers stacked, computed in one vectorized call), works in float64
-and returns a scalar / ``(L,)`` tensor. Prompts are processed unpadded, so no masking
-is needed. Layer indexing follows docs/design.md: 0 = embedding, 1..N = blocks,
-N+1 = final norm.
+Definitions, citations and what each metric is computed over are in docs/metrics.md;
+this docstring is the short version.
 
-Metrics (names as written to ``metrics.csv``, see :data:`METRIC_NAMES`):
+**Which tokens.** Every metric is computed over each token's *first occurrence* in a
+prompt (positions from :func:`analysed_positions`; position 0 is dropped first when
+``exclude_first_token``). The rule depends only on the token ids, so the same token set
+is measured at every layer and every training stage. It removes duplicates, which with
+rotary positions are identical at layer 0 (no position is added there) and nearly
+identical after block 1: distance-based metrics would otherwise jump between those two
+layers for no reason but the duplicates.
 
-- ``mean_cosine``: off-diagonal mean of the token cosine-similarity matrix; its rise
-  towards 1 with depth is the representation-degeneration / anisotropy signal
-  (Ethayarajh 2019).
-- ``centered_cosine``: the same after subtracting the mean token vector, which removes
-  the common direction that dominates raw cosines (Ethayarajh 2019; Timkey & van
-  Schijndel 2021). For T tokens the value is always ``>= -1/(T-1)``.
-- ``token_norm``: mean L2 norm of the token vectors (residual-stream growth in Pre-LN,
-  Xiong et al. 2020).
+**Per-prompt metrics** take the hidden states of ONE prompt, ``(T, d)`` or ``(L, T, d)``
+(all layers stacked, computed in one vectorized call), work in float64 and return a
+scalar / ``(L,)`` tensor:
+
+- ``mean_cosine``: off-diagonal mean of the token cosine-similarity matrix.
+- ``adjusted_cosine``: ``mean_cosine`` minus the layer's ``cross_prompt_cosine``: the
+  similarity that sharing a prompt adds beyond the anisotropy every token has (Ethayarajh 2019).
+- ``common_direction_share``: mean over tokens of ``cos^2(h_i, m_l)`` with ``m_l`` the
+  layer's mean vector over all prompts' tokens: the share of each token's squared norm
+  that lies along the common direction (Gao et al. 2019; Mu & Viswanath 2018).
+- ``token_norm``: mean L2 norm of the token vectors.
 - ``update_norm``: mean over tokens of ``||h_l - h_{l-1}||``; NaN at layer 0.
-- ``effective_rank``: ``exp(H(p))`` with ``p_i = s_i / sum_j s_j`` over the singular
-  values of the ``T x d`` matrix (Roy & Vetterli 2007).
-- ``rank1_residual``: ``||H - H_1||_F / ||H||_F`` with ``H_1`` the best rank-1
-  approximation of the (uncentred) ``T x d`` matrix (Eckart-Young: equals
-  ``sqrt(sum_{i>=2} s_i^2 / sum_i s_i^2)``). Dong, Cordonnier & Loukas (2021) measure
-  the residual to ``1 x^T`` instead (all tokens equal); that is a stronger notion of
-  collapse and is not what is reported here.
-- ``intrinsic_dim``: TwoNN (Facco et al. 2017), maximum-likelihood form
-  ``d = (N - 1) / sum_i log(r2_i / r1_i)`` (not the paper's linear fit); duplicate
-  points are collapsed to one copy first, since the estimator needs ``r1 > 0``.
-- ``knn_overlap``: neighbourhood overlap between consecutive layers (Doimo et al. 2020):
-  fraction of each token's k nearest neighbours (Euclidean, self excluded) that are
-  the same at layer l-1 and layer l, averaged over tokens; NaN at layer 0.
+- ``effective_rank``: ``exp(H(p))``, ``p_i = s_i / sum_j s_j`` (Roy & Vetterli 2007).
+- ``rank1_residual``: ``||H - H_1||_F / ||H||_F``, ``H_1`` the best rank-1 approximation.
+- ``twonn``: TwoNN intrinsic dimension as Facco et al. (2017) estimate it: the slope of a
+  line through the origin fitted to ``-log(1 - F(mu))`` against ``log(mu)``, the largest
+  10% of ``mu = r2 / r1`` discarded.
+- ``twonn_mle``: the maximum-likelihood TwoNN estimate ``(N - 1) / sum_i log(mu_i)``.
+- ``knn_overlap``: neighbourhood overlap between consecutive layers (Doimo et al. 2020),
+  ties broken by token index; NaN at layer 0.
+
+**Cross-prompt metrics** need tokens of several prompts; their rows in ``metrics.csv``
+carry ``prompt = -1`` (:data:`CROSS_PROMPT`):
+
+- ``cross_prompt_cosine``: Ethayarajh's (2019) anisotropy baseline per layer, the mean
+  cosine between random tokens of *different* prompts (fixed seed, same pairs at every
+  layer and stage); NaN with fewer than two prompts.
+- ``mean_logit_freq_corr``: Pearson correlation, over the tokens seen in the training
+  split, between the logits of the mean final-norm vector (through the tied output
+  embedding, plus the logit bias if any) and the log training frequency (Gao et al.
+  2019); one row at the ``final_norm`` layer, written only when the train token file is given.
 """
 
 from __future__ import annotations
@@ -48,19 +60,32 @@ import torch
 
 __all__ = [
     "EPS",
+    "CROSS_PROMPT",
+    "PROMPT_METRICS",
+    "CROSS_PROMPT_METRICS",
     "METRIC_NAMES",
     "METRICS_COLUMNS",
     "SUMMARY_COLUMNS",
+    "TWONN_FRACTION",
+    "BASELINE_PAIRS",
+    "BASELINE_SEED",
     "GeometryError",
+    "analysed_positions",
     "cosine_similarity_matrix",
     "mean_pairwise_cosine",
-    "mean_centered_cosine",
     "mean_token_norm",
     "mean_update_norm",
     "effective_rank",
     "rank1_residual",
     "twonn_intrinsic_dimension",
+    "twonn_mle",
     "neighbourhood_overlap",
+    "mean_direction",
+    "common_direction_share",
+    "cross_prompt_pairs",
+    "cross_prompt_cosine",
+    "mean_logit_frequency_correlation",
+    "train_token_counts",
     "layer_names",
     "compute_layer_metrics",
     "load_prompts",
@@ -69,25 +94,39 @@ __all__ = [
     "analyze_model",
     "summarize_metrics",
     "analyze_checkpoints",
+    "analyze_run",
 ]
 
 EPS = 1e-12
 """Guard for divisions by a norm; zero vectors get cosine 0 with everything."""
 
-METRIC_NAMES: tuple[str, ...] = (
+CROSS_PROMPT = -1
+"""``prompt`` value of the rows of a metric computed across prompts, not within one."""
+
+PROMPT_METRICS: tuple[str, ...] = (
     "mean_cosine",
-    "centered_cosine",
+    "adjusted_cosine",
+    "common_direction_share",
     "token_norm",
     "update_norm",
     "effective_rank",
     "rank1_residual",
-    "intrinsic_dim",
+    "twonn",
+    "twonn_mle",
     "knn_overlap",
 )
+CROSS_PROMPT_METRICS: tuple[str, ...] = ("cross_prompt_cosine", "mean_logit_freq_corr")
+METRIC_NAMES: tuple[str, ...] = PROMPT_METRICS + CROSS_PROMPT_METRICS
 METRICS_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "prompt", "n_tokens", "metric", "value"]
 SUMMARY_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "metric", "mean", "std", "n_prompts"]
 
 MIN_TOKENS_TWONN = 3  # a point needs a first and a second neighbour
+TWONN_FRACTION = 0.9
+"""Share of the smallest ``mu`` Facco et al. (2017) keep for the fit (the tail is noisy)."""
+BASELINE_PAIRS = 10_000
+"""Random cross-prompt token pairs behind ``cross_prompt_cosine``; its sampling s.e. is
+about ``sd(cos) / 100``, well below the layer-to-layer changes it is read for."""
+BASELINE_SEED = 0
 
 
 class GeometryError(ValueError):
@@ -98,6 +137,27 @@ class _Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def analysed_positions(ids: Sequence[int], exclude_first_token: bool = False) -> list[int]:
+    """Positions whose hidden states the metrics use: each token id's first occurrence.
+
+    Position 0 is dropped first when ``exclude_first_token`` (an attention sink with an
+    outsized norm, Xiao et al. 2023). Depends on the ids only, so every layer and every
+    checkpoint is measured on the same tokens, and no duplicate (identical at layer 0
+    under rotary positions) can make a distance-based metric jump between layers.
+    """
+    seen: set[int] = set()
+    keep: list[int] = []
+    for pos in range(1 if exclude_first_token else 0, len(ids)):
+        tok = int(ids[pos])
+        if tok not in seen:
+            seen.add(tok)
+            keep.append(pos)
+    return keep
 
 
 # --------------------------------------------------------------------------- metrics
@@ -146,17 +206,6 @@ def mean_pairwise_cosine(h: torch.Tensor) -> torch.Tensor:
     x, single = _batched(h, what="mean_cosine")
     u = _unit(x)
     return _unbatch(_offdiag_mean(u @ u.transpose(-2, -1)), single)
-
-
-def mean_centered_cosine(h: torch.Tensor) -> torch.Tensor:
-    """Mean pairwise cosine after subtracting the mean token vector.
-
-    Removes the shared direction (e.g. a large common bias) so that what remains is the
-    relative arrangement of the tokens. Since the centred vectors sum to zero the value
-    is bounded below by ``-1/(T-1)`` (attained when all centred vectors share one norm).
-    """
-    x, single = _batched(h, what="centered_cosine")
-    return _unbatch(mean_pairwise_cosine(x - x.mean(dim=-2, keepdim=True)), single)
 
 
 def mean_token_norm(h: torch.Tensor) -> torch.Tensor:
@@ -219,41 +268,86 @@ def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def _twonn_from_distances(dist: torch.Tensor) -> torch.Tensor:
-    l, t, _ = dist.shape
+def _twonn_log_mu(dist: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, ``log(r2 / r1)`` of every point, exact duplicates kept once.
+
+    A point that coincides with an earlier one has ``r1 = 0`` and no finite ``mu``; only
+    the first copy is used. :func:`analysed_positions` already removes repeated tokens,
+    so in the pipeline this guard only matters for distinct tokens that coincide.
+    """
+    _, t, _ = dist.shape
     eye = torch.eye(t, dtype=torch.bool, device=dist.device)
     earlier = torch.ones(t, t, dtype=torch.bool, device=dist.device).tril(-1)  # j < i
-    # A point is a duplicate if an earlier point coincides with it: keep the first copy only.
     dup = ((dist == 0) & earlier).any(dim=-1)  # (L, T)
     d = dist.masked_fill(eye, math.inf).masked_fill(dup.unsqueeze(-2), math.inf)
     r = torch.topk(d, k=2, dim=-1, largest=False).values  # (L, T, 2)
     keep = ~dup & torch.isfinite(r[..., 1])
-    log_mu = torch.where(keep, torch.log(r[..., 1] / r[..., 0].clamp_min(EPS)), torch.zeros_like(r[..., 0]))
-    n = keep.sum(dim=-1).to(dist.dtype)
-    est = (n - 1) / log_mu.sum(dim=-1)
-    return torch.where(n >= MIN_TOKENS_TWONN, est, torch.full_like(est, math.nan))
+    log_mu = torch.log(r[..., 1] / r[..., 0].clamp_min(EPS))
+    return [log_mu[layer][keep[layer]] for layer in range(dist.shape[0])]
+
+
+def _twonn_fit(log_mu: torch.Tensor) -> float:
+    """Facco et al.'s estimate from one layer's ``log(mu)``: least-squares slope through the
+    origin of ``y_i = -log(1 - i/N)`` on the ``i``-th smallest ``log(mu)``, ``i <= 0.9 N``."""
+    n = log_mu.numel()
+    if n < MIN_TOKENS_TWONN:
+        return math.nan
+    n_fit = int(n * TWONN_FRACTION)
+    x = torch.sort(log_mu).values[:n_fit]
+    i = torch.arange(1, n_fit + 1, dtype=torch.float64, device=x.device)
+    y = -torch.log1p(-i / n)
+    sxx = float((x * x).sum())
+    return float((x * y).sum()) / sxx if sxx > 0 else math.inf  # every mu == 1: a lattice
+
+
+def _twonn_mle(log_mu: torch.Tensor) -> float:
+    """``(N - 1) / sum log(mu)``: the unbiased maximum-likelihood form of the Pareto shape."""
+    n = log_mu.numel()
+    if n < MIN_TOKENS_TWONN:
+        return math.nan
+    s = float(log_mu.sum())
+    return (n - 1) / s if s > 0 else math.inf
+
+
+def _per_layer(log_mus: list[torch.Tensor], estimate: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([estimate(v) for v in log_mus], dtype=torch.float64, device=like.device)
 
 
 def twonn_intrinsic_dimension(h: torch.Tensor) -> torch.Tensor:
-    """TwoNN intrinsic dimension (Facco et al. 2017), maximum-likelihood variant.
+    """TwoNN intrinsic dimension exactly as Facco et al. (2017) estimate it.
 
-    For each point, ``mu = r2 / r1`` (2nd / 1st nearest-neighbour distance) is Pareto
-    distributed with shape ``d`` on a locally uniform ``d``-manifold, whose MLE is
-    ``(N - 1) / sum log mu`` (the unbiased form). Exact duplicates are collapsed to one
-    copy (the paper's linear fit is not used). Needs ``T >= 3``; NaN if fewer than 3
-    distinct points remain; ``inf`` if every ``mu == 1`` (perfect lattice).
+    For each point ``mu = r2 / r1`` (2nd / 1st nearest-neighbour distance) follows
+    ``F(mu) = 1 - mu^-d`` on a locally uniform ``d``-manifold, so ``-log(1 - F)`` is a line
+    through the origin with slope ``d`` in ``log(mu)``. The empirical ``F = i/N`` of the
+    sorted ``mu`` is fitted by least squares, the largest 10% of ``mu`` discarded
+    (:data:`TWONN_FRACTION`). Needs ``T >= 3``; NaN if fewer than 3 distinct points, ``inf``
+    if every kept ``mu == 1``.
     """
-    x, single = _batched(h, min_tokens=MIN_TOKENS_TWONN, what="intrinsic_dim (TwoNN)")
-    return _unbatch(_twonn_from_distances(_pairwise_distances(x)), single)
+    x, single = _batched(h, min_tokens=MIN_TOKENS_TWONN, what="twonn")
+    return _unbatch(_per_layer(_twonn_log_mu(_pairwise_distances(x)), _twonn_fit, x), single)
+
+
+def twonn_mle(h: torch.Tensor) -> torch.Tensor:
+    """Maximum-likelihood TwoNN estimate ``(N - 1) / sum_i log(mu_i)`` over all points.
+
+    Same ``mu`` as :func:`twonn_intrinsic_dimension`; uses the whole tail instead of a
+    fit, so it reacts more to a few points with a tiny first-neighbour distance.
+    """
+    x, single = _batched(h, min_tokens=MIN_TOKENS_TWONN, what="twonn_mle")
+    return _unbatch(_per_layer(_twonn_log_mu(_pairwise_distances(x)), _twonn_mle, x), single)
 
 
 def _knn_membership(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean ``(L, T, T)``: entry ``[l, i, j]`` is True iff j is among i's k nearest (self excluded)."""
+    """Boolean ``(L, T, T)``: ``[l, i, j]`` is True iff j is among i's k nearest (self excluded).
+
+    Neighbours are ranked by (distance, index): a stable sort of each row, so exact ties
+    go to the lower token index at every layer, whatever the backend's ``topk`` does.
+    """
     t = dist.shape[-1]
     eye = torch.eye(t, dtype=torch.bool, device=dist.device)
-    idx = torch.topk(dist.masked_fill(eye, math.inf), k=k, dim=-1, largest=False).indices
+    order = torch.sort(dist.masked_fill(eye, math.inf), dim=-1, stable=True).indices
     member = torch.zeros(dist.shape, dtype=torch.bool, device=dist.device)
-    return member.scatter_(-1, idx, True)
+    return member.scatter_(-1, order[..., :k], True)
 
 
 def _check_k(k: int, t: int) -> int:
@@ -277,13 +371,163 @@ def neighbourhood_overlap(h: torch.Tensor, k: int = 5) -> torch.Tensor:
     For each token, the fraction of its ``k`` nearest neighbours (Euclidean, self
     excluded; ``k`` clipped to ``T - 1``) at layer ``l - 1`` that are still among its
     ``k`` nearest at layer ``l``; averaged over tokens. 1 = the layer kept the local
-    neighbourhood structure, ~k/(T-1) = unrelated. NaN at layer 0. Ties are broken by
-    ``torch.topk`` (deterministic for identical inputs).
+    neighbourhood structure, ~k/(T-1) = unrelated. NaN at layer 0. Exact distance ties
+    are broken by token index (lower first), the same rule at every layer.
     """
     if h.dim() != 3:
         raise GeometryError(f"knn_overlap needs stacked layers (L, T, d), got shape {tuple(h.shape)}")
     x, _ = _batched(h, what="knn_overlap")
     return _overlap_from_distances(_pairwise_distances(x), _check_k(k, x.shape[1]))
+
+
+def _stacked_prompts(hidden: Sequence[torch.Tensor], what: str) -> tuple[torch.Tensor, list[int]]:
+    """All prompts' ``(L, T_i, d)`` states concatenated along tokens, float64, and the ``T_i``."""
+    if not hidden:
+        raise GeometryError(f"{what} needs the hidden states of at least one prompt")
+    shapes = {(h.shape[0], h.shape[-1]) for h in hidden}
+    if any(h.dim() != 3 for h in hidden) or len(shapes) != 1:
+        got = [tuple(h.shape) for h in hidden]
+        raise GeometryError(f"{what} needs every prompt as (L, T_i, d) with one L and d, got shapes {got}")
+    return torch.cat([h.to(torch.float64) for h in hidden], dim=1), [int(h.shape[1]) for h in hidden]
+
+
+def mean_direction(hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per layer, the mean vector of every token of every prompt, ``(L, d)``: the common
+    direction of Gao et al. (2019) and Mu & Viswanath (2018)."""
+    pooled, _ = _stacked_prompts(hidden, "mean_direction")
+    return pooled.mean(dim=1)
+
+
+def common_direction_share(h: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``cos^2(h_i, direction)``, per layer.
+
+    ``cos^2`` is the fraction of ``||h_i||^2`` that lies along the direction: 1 when every
+    token is a multiple of it, ``1/d`` on average for isotropic tokens in ``d`` dimensions.
+    ``h`` is ``(T, d)`` with ``direction`` ``(d,)``, or ``(L, T, d)`` with ``(L, d)``.
+    """
+    x, single = _batched(h, min_tokens=1)
+    m = direction.to(torch.float64)
+    m = m.unsqueeze(0) if m.dim() == 1 else m
+    if tuple(m.shape) != (x.shape[0], x.shape[-1]):
+        raise GeometryError(
+            f"common direction of shape {tuple(direction.shape)} does not fit hidden states {tuple(h.shape)}"
+        )
+    cos = (_unit(x) * _unit(m).unsqueeze(1)).sum(dim=-1)  # (L, T)
+    return _unbatch((cos * cos).mean(dim=-1), single)
+
+
+def cross_prompt_pairs(
+    sizes: Sequence[int],
+    token_ids: Sequence[int] | None = None,
+    n_pairs: int = BASELINE_PAIRS,
+    seed: int = BASELINE_SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n_pairs`` random pairs of tokens from different prompts, as indices into all
+    prompts' tokens concatenated (``sizes[i]`` tokens from prompt ``i``).
+
+    The first token is uniform over all tokens, the second uniform over the other
+    prompts' tokens. With ``token_ids`` (the concatenated ids), pairs of the same id are
+    redrawn: within a prompt each id is analysed once, so the baseline compares distinct
+    tokens too. Fixed ``seed``: every layer and stage is measured on the same pairs.
+    Empty arrays when no such pair exists (fewer than two prompts, or one id throughout).
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    if (sizes_arr < 0).any() or n_pairs < 1:
+        raise GeometryError(f"cross_prompt_pairs needs sizes >= 0 and n_pairs >= 1, got {list(sizes)}, {n_pairs}")
+    total = int(sizes_arr.sum())
+    ids = None if token_ids is None else np.asarray(token_ids, dtype=np.int64)
+    if ids is not None and ids.shape != (total,):
+        raise GeometryError(f"cross_prompt_pairs got {ids.size} token ids for {total} tokens")
+    owner = np.repeat(np.arange(len(sizes_arr)), sizes_arr)
+    none = np.zeros(0, dtype=np.int64)
+    if int((sizes_arr > 0).sum()) < 2 or (ids is not None and np.unique(ids).size < 2):
+        return none, none  # with two prompts and two ids, some cross-prompt pair differs
+    starts = np.concatenate([[0], np.cumsum(sizes_arr)[:-1]])
+    rng = np.random.default_rng(seed)
+    firsts, seconds, have = [], [], 0
+    while have < n_pairs:
+        first = rng.integers(0, total, size=n_pairs)
+        p = owner[first]
+        other = (rng.random(n_pairs) * (total - sizes_arr[p])).astype(np.int64)  # uniform over the rest
+        second = np.where(other < starts[p], other, other + sizes_arr[p])
+        ok = np.ones(n_pairs, dtype=bool) if ids is None else ids[first] != ids[second]
+        firsts.append(first[ok])
+        seconds.append(second[ok])
+        have += int(ok.sum())
+    return np.concatenate(firsts)[:n_pairs], np.concatenate(seconds)[:n_pairs]
+
+
+def cross_prompt_cosine(
+    hidden: Sequence[torch.Tensor],
+    token_ids: Sequence[Sequence[int]] | None = None,
+    n_pairs: int = BASELINE_PAIRS,
+    seed: int = BASELINE_SEED,
+) -> torch.Tensor:
+    """Ethayarajh's (2019) anisotropy baseline per layer, ``(L,)``: the mean cosine between
+    random tokens of different prompts (:func:`cross_prompt_pairs`; with ``token_ids``,
+    one list per prompt, never two copies of one id).
+
+    ``hidden`` is one ``(L, T_i, d)`` tensor per prompt. Two unrelated tokens share no
+    context, so whatever cosine they have comes from the space itself being anisotropic;
+    NaN when no pair exists (fewer than two prompts).
+    """
+    pooled, sizes = _stacked_prompts(hidden, "cross_prompt_cosine")
+    ids = None if token_ids is None else [int(t) for seq in token_ids for t in seq]
+    first, second = cross_prompt_pairs(sizes, ids, n_pairs, seed)
+    if first.size == 0:
+        return torch.full((pooled.shape[0],), math.nan, dtype=torch.float64, device=pooled.device)
+    u = _unit(pooled)
+    a = torch.as_tensor(first, device=u.device)
+    b = torch.as_tensor(second, device=u.device)
+    return (u[:, a] * u[:, b]).sum(dim=-1).mean(dim=-1)
+
+
+def mean_logit_frequency_correlation(
+    mean_hidden: torch.Tensor,
+    output_embedding: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    token_counts: np.ndarray | torch.Tensor,
+) -> float:
+    """Pearson correlation between the mean vector's logits and log token frequency.
+
+    ``logits = E m + b`` (``E``: ``(V, d)`` output embedding, ``m``: the mean final-norm
+    vector, ``b``: the logit bias or none), correlated with ``log(count)`` over the tokens
+    with ``count >= 1``. A logit that equals ``log p(token) + c`` (a unigram model) gives
+    exactly 1, which is why Pearson and not a rank correlation: it asks whether the mean
+    direction *is* the frequency direction (Gao et al. 2019). NaN if fewer than two tokens
+    were seen or either side is constant.
+    """
+    emb = output_embedding.detach().to(torch.float64)
+    counts = torch.as_tensor(np.asarray(token_counts), dtype=torch.float64, device=emb.device)
+    if emb.dim() != 2 or counts.dim() != 1 or counts.numel() != emb.shape[0] or mean_hidden.numel() != emb.shape[1]:
+        raise GeometryError(
+            f"frequency correlation needs an output embedding (V, d), a mean vector (d,) and V counts; got "
+            f"{tuple(emb.shape)}, {tuple(mean_hidden.shape)} and {tuple(counts.shape)}"
+        )
+    logits = emb @ mean_hidden.detach().to(torch.float64).reshape(-1)
+    if logit_bias is not None:
+        logits = logits + logit_bias.detach().to(torch.float64).reshape(-1)[: emb.shape[0]]
+    seen = counts > 0
+    x, y = logits[seen], torch.log(counts[seen])
+    if x.numel() < 2:
+        return math.nan
+    x, y = x - x.mean(), y - y.mean()
+    denom = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denom if denom > 0 else math.nan
+
+
+def train_token_counts(path: str | os.PathLike[str], vocab_size: int) -> np.ndarray:
+    """Occurrences of each of ``vocab_size`` ids in a token file (tga/data.py format)."""
+    from tga.data import load_token_file, read_token_metadata  # lazy: keeps this module light
+
+    meta_vocab = int(read_token_metadata(path)["vocab_size"])
+    if meta_vocab != vocab_size:
+        raise GeometryError(
+            f"train token file {path} has vocab_size {meta_vocab} but the model's is {vocab_size}: "
+            "it was tokenized for another model"
+        )
+    tokens = np.asarray(load_token_file(path), dtype=np.int64)
+    return np.bincount(tokens, minlength=vocab_size).astype(np.float64)
 
 
 def layer_names(n_layer: int) -> list[str]:
@@ -292,37 +536,40 @@ def layer_names(n_layer: int) -> list[str]:
 
 
 def compute_layer_metrics(
-    hidden: torch.Tensor, exclude_first_token: bool = False, knn_k: int = 5
+    hidden: torch.Tensor, direction: torch.Tensor, baseline: torch.Tensor, knn_k: int = 5
 ) -> dict[str, torch.Tensor]:
-    """All metrics of one prompt: ``hidden`` is ``(L, T, d)``; returns name -> ``(L,)`` float64.
+    """The per-prompt metrics (:data:`PROMPT_METRICS`) of one prompt's analysed tokens.
 
-    ``exclude_first_token`` drops position 0 before everything: the first token acts as an
-    attention sink with an outsized norm (Xiao et al. 2023) and can dominate the geometry.
-    Shares one distance matrix between TwoNN and kNN and one SVD between the rank metrics.
+    ``hidden`` is ``(L, T, d)``, already restricted to :func:`analysed_positions`;
+    ``direction`` the ``(L, d)`` :func:`mean_direction` and ``baseline`` the ``(L,)``
+    :func:`cross_prompt_cosine` of the prompts analysed together. Returns name -> ``(L,)``
+    float64. Shares one distance matrix between TwoNN and kNN and one SVD between the
+    rank metrics.
     """
     if hidden.dim() != 3:
         raise GeometryError(f"expected stacked hidden states (L, T, d), got shape {tuple(hidden.shape)}")
-    x = hidden[:, 1:] if exclude_first_token else hidden
-    t = x.shape[1]
+    t = hidden.shape[1]
     if t < MIN_TOKENS_TWONN:
-        why = " after excluding the first token" if exclude_first_token else ""
         raise GeometryError(
-            f"only {t} token(s){why}; the geometry metrics need at least {MIN_TOKENS_TWONN} "
+            f"only {t} distinct token(s) analysed; the geometry metrics need at least {MIN_TOKENS_TWONN} "
             "(TwoNN needs two neighbours per token)"
         )
-    x = x.to(torch.float64)
+    x = hidden.to(torch.float64)
     u = _unit(x)
     cos = _offdiag_mean(u @ u.transpose(-2, -1))
     erank, resid = _entropy_rank_and_residual(x)
     dist = _pairwise_distances(x)
+    log_mu = _twonn_log_mu(dist)
     return {
         "mean_cosine": cos,
-        "centered_cosine": mean_centered_cosine(x),
+        "adjusted_cosine": cos - baseline.to(cos),
+        "common_direction_share": common_direction_share(x, direction),
         "token_norm": x.norm(dim=-1).mean(dim=-1),
         "update_norm": mean_update_norm(x),
         "effective_rank": erank,
         "rank1_residual": resid,
-        "intrinsic_dim": _twonn_from_distances(dist),
+        "twonn": _per_layer(log_mu, _twonn_fit, x),
+        "twonn_mle": _per_layer(log_mu, _twonn_mle, x),
         "knn_overlap": _overlap_from_distances(dist, _check_k(knn_k, t)),
     }
 
@@ -398,6 +645,19 @@ def resolve_layer_indices(layers: Sequence[int], n_layers_total: int) -> list[in
 # --------------------------------------------------------------------------- analysis
 
 
+def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tied output embedding and logit bias (if any) over the real vocabulary."""
+    emb = getattr(model, "token_embedding", None)
+    if not isinstance(emb, torch.nn.Embedding):
+        raise GeometryError(
+            f"the logit-frequency correlation needs the tied output embedding `token_embedding`; "
+            f"{type(model).__name__} has none"
+        )
+    vocab = int(model.config.vocab_size)
+    bias = getattr(model, "logit_bias", None)
+    return emb.weight[:vocab], None if bias is None else bias[:vocab]
+
+
 def analyze_model(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -407,13 +667,17 @@ def analyze_model(
     exclude_first_token: bool = False,
     knn_k: int = 5,
     device: str | torch.device = "cpu",
+    token_counts: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Run every prompt through ``model`` (one unpadded forward each) and measure all layers.
 
-    Returns the long metrics DataFrame (:data:`METRICS_COLUMNS`; ``n_tokens`` = tokens the
-    metrics were computed over, i.e. after ``exclude_first_token``) and the cosine matrices
-    ``{f"{stage}/layer{j}/prompt{i}": float32 (T, T)}`` for the requested layers (with the
-    first token excluded too when asked, so heatmaps match the metrics).
+    Metrics use each prompt's :func:`analysed_positions`; the cross-prompt ones pool them
+    over all prompts. ``token_counts`` (training-split occurrences per id, see
+    :func:`train_token_counts`) adds ``mean_logit_freq_corr``. Returns the long metrics
+    DataFrame (:data:`METRICS_COLUMNS`; ``n_tokens`` = tokens a value is computed over,
+    ``prompt`` = :data:`CROSS_PROMPT` for cross-prompt rows) and the cosine matrices
+    ``{f"{stage}/layer{j}/prompt{i}": float32 (T, T)}`` of the requested layers over every
+    position (after ``exclude_first_token``), so a heatmap reads as the prompt's text.
     """
     n_layer = int(model.config.n_layer)
     block_size = int(model.config.block_size)
@@ -425,8 +689,10 @@ def analyze_model(
     was_training = model.training
     model.eval()
     model.to(device)
-    rows: list[tuple] = []
+    selected: list[torch.Tensor] = []
+    selected_ids: list[list[int]] = []
     mats: dict[str, np.ndarray] = {}
+    start = 1 if exclude_first_token else 0
     try:
         with torch.inference_mode():
             for i, ids in enumerate(prompt_ids):
@@ -435,45 +701,73 @@ def analyze_model(
                         f"prompt {i} has {len(ids)} tokens but block_size is {block_size}; "
                         "encode with encode_prompts(..., truncate=True)"
                     )
+                positions = analysed_positions(ids, exclude_first_token)
+                if len(positions) < MIN_TOKENS_TWONN:
+                    why = " after excluding the first token" if exclude_first_token else ""
+                    raise GeometryError(
+                        f"prompt {i} ({len(ids)} tokens) has {len(positions)} distinct token(s){why}; the "
+                        f"geometry metrics need at least {MIN_TOKENS_TWONN} (TwoNN needs two neighbours per token)"
+                    )
                 idx = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
-                out = model(idx, return_hidden_states=True)
-                hs = out.hidden_states
+                hs = model(idx, return_hidden_states=True).hidden_states
                 if hs is None or len(hs) != n_total:
                     got = None if hs is None else len(hs)
                     raise GeometryError(f"model returned {got} hidden states, expected n_layer + 2 = {n_total}")
                 hidden = torch.stack([h[0] for h in hs])  # (L, T, d)
-                try:
-                    metrics = compute_layer_metrics(hidden, exclude_first_token=exclude_first_token, knn_k=knn_k)
-                except GeometryError as e:
-                    raise GeometryError(f"prompt {i} ({len(ids)} tokens): {e}") from e
-                x = hidden[:, 1:] if exclude_first_token else hidden
-                n_tok = x.shape[1]
-                values = torch.stack([metrics[m] for m in METRIC_NAMES]).cpu().numpy()  # (M, L)
-                for mi, m in enumerate(METRIC_NAMES):
-                    for layer in range(n_total):
-                        rows.append((stage, int(step), layer, names[layer], i, n_tok, m, float(values[mi, layer])))
+                selected.append(hidden[:, positions].to(torch.float64))
+                selected_ids.append([int(ids[p]) for p in positions])
                 if heat:
-                    cos = cosine_similarity_matrix(x[heat]).to(torch.float32).cpu().numpy()
+                    cos = cosine_similarity_matrix(hidden[heat, start:]).to(torch.float32).cpu().numpy()
                     for pos, j in enumerate(heat):
                         mats[f"{stage}/layer{j}/prompt{i}"] = cos[pos]
+            direction = mean_direction(selected)
+            baseline = cross_prompt_cosine(selected, selected_ids)
+            values = {i: compute_layer_metrics(x, direction, baseline, knn_k) for i, x in enumerate(selected)}
+            freq_corr = None
+            if token_counts is not None:
+                freq_corr = mean_logit_frequency_correlation(direction[-1], *_output_layer(model), token_counts)
     finally:
         model.train(was_training)
-    df = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    return df, mats
+    rows: list[tuple] = []
+    for i, metrics in values.items():
+        n_tok = int(selected[i].shape[1])
+        table = torch.stack([metrics[m] for m in PROMPT_METRICS]).cpu().numpy()  # (M, L)
+        for mi, m in enumerate(PROMPT_METRICS):
+            rows.extend((stage, int(step), j, names[j], i, n_tok, m, float(table[mi, j])) for j in range(n_total))
+    n_pooled = sum(int(x.shape[1]) for x in selected)
+    base = baseline.cpu().numpy()
+    rows.extend(
+        (stage, int(step), j, names[j], CROSS_PROMPT, n_pooled, "cross_prompt_cosine", float(base[j]))
+        for j in range(n_total)
+    )
+    if freq_corr is not None:
+        last = n_total - 1
+        rows.append((stage, int(step), last, names[last], CROSS_PROMPT, n_pooled, "mean_logit_freq_corr", freq_corr))
+    return pd.DataFrame(rows, columns=METRICS_COLUMNS), mats
 
 
 def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and std (ddof=1) across prompts per (stage, step, layer, metric).
 
     ``n_prompts`` counts the non-NaN values the statistics are over (0 for update_norm /
-    knn_overlap at layer 0); std is NaN with fewer than two. Row order follows ``df``.
+    knn_overlap at layer 0); std is NaN with fewer than two. A cross-prompt metric (rows
+    with ``prompt == CROSS_PROMPT``) has one value: mean = that value, std NaN, and
+    ``n_prompts`` = the prompts it pools (0 if the value is NaN). Row order follows ``df``.
     """
     missing = set(METRICS_COLUMNS) - set(df.columns)
     if missing:
         raise GeometryError(f"metrics DataFrame lacks columns {sorted(missing)}")
     keys = ["stage", "step", "layer", "layer_name", "metric"]
-    g = df.groupby(keys, sort=False, dropna=False)["value"]
-    out = g.agg(mean="mean", std=lambda v: v.std(ddof=1), n_prompts="count").reset_index()
+    d = df.assign(_cross=df["prompt"] == CROSS_PROMPT)
+    out = (
+        d.groupby(keys, sort=False, dropna=False)
+        .agg(mean=("value", "mean"), std=("value", lambda v: v.std(ddof=1)), n_prompts=("value", "count"),
+             cross=("_cross", "all"))
+        .reset_index()
+    )
+    pooled = out["stage"].map(d[~d["_cross"]].groupby("stage")["prompt"].nunique()).fillna(0)
+    cross = out["cross"].astype(bool)
+    out.loc[cross, "n_prompts"] = np.where(out.loc[cross, "n_prompts"] > 0, pooled[cross], 0)
     out["n_prompts"] = out["n_prompts"].astype(int)
     return out[SUMMARY_COLUMNS]
 
@@ -500,13 +794,16 @@ def analyze_checkpoints(
     exclude_first_token: bool = False,
     knn_k: int = 5,
     device: str | torch.device = "cpu",
+    train_tokens: str | os.PathLike[str] | None = None,
 ) -> None:
     """Analyse each checkpoint (stage name -> path) on the prompts and write the geometry files.
 
     Writes ``metrics.csv``, ``summary.csv``, ``similarity.npz`` (docs/design.md) and
     ``prompts.csv`` (``prompt,n_tokens_input,n_tokens_original,truncated,text``: tokens fed
-    to the model, tokens before truncation, whether the prompt was cut to the block size) into ``out_dir``, each atomically. A checkpoint's step is
-    ``extra["step"]`` (default 0). All stages must see the same token ids (same block size).
+    to the model, tokens before truncation, whether the prompt was cut to the block size)
+    into ``out_dir``, each atomically. A checkpoint's step is ``extra["step"]`` (default 0).
+    All stages must see the same token ids (same block size). ``train_tokens`` (the
+    training split's token file) adds ``mean_logit_freq_corr`` to every stage.
     """
     from tga.model import load_checkpoint  # lazy: keeps this module importable on its own
 
@@ -518,6 +815,7 @@ def analyze_checkpoints(
     mats: dict[str, np.ndarray] = {}
     ids_ref: list[list[int]] | None = None
     info_ref: list[dict[str, Any]] = []
+    counts: np.ndarray | None = None
     for stage, ckpt in checkpoints.items():
         if "/" in stage:
             raise GeometryError(f"stage name {stage!r} must not contain '/' (used as the npz key separator)")
@@ -527,6 +825,8 @@ def analyze_checkpoints(
         ids, info = encode_prompts(prompts, tokenizer, int(model.config.block_size), truncate=True)
         if ids_ref is None:
             ids_ref, info_ref = ids, info
+            if train_tokens is not None:
+                counts = train_token_counts(train_tokens, int(model.config.vocab_size))
         elif ids != ids_ref:
             raise GeometryError(
                 f"stage {stage!r} ({ckpt}) tokenizes the prompts differently from the first stage "
@@ -536,7 +836,7 @@ def analyze_checkpoints(
         model_config_layers = model.config.n_layer
         df, m = analyze_model(
             model, ids, stage, step, heatmap_layers,
-            exclude_first_token=exclude_first_token, knn_k=knn_k, device=device,
+            exclude_first_token=exclude_first_token, knn_k=knn_k, device=device, token_counts=counts,
         )
         frames.append(df)
         mats.update(m)
@@ -577,6 +877,7 @@ def analyze_run(
     out_dir: str | os.PathLike[str],
     settings: Mapping[str, Any],
     threads: int = 0,
+    train_tokens: str | os.PathLike[str] | None = None,
 ) -> None:
     """:func:`analyze_checkpoints` driven by the workflow's ``geometry`` settings and
     a saved tokenizer, as the pipeline calls it."""
@@ -594,4 +895,5 @@ def analyze_run(
         exclude_first_token=bool(settings["exclude_first_token"]),
         knn_k=int(settings["knn_k"]),
         device=resolve_device(str(settings["device"])),
+        train_tokens=train_tokens,
     )

@@ -55,13 +55,17 @@ __all__ = [
 #: Axis label (with units) for every geometry metric; used by every figure.
 METRIC_LABELS: dict[str, str] = {
     "mean_cosine": "mean pairwise cosine similarity (unitless)",
-    "centered_cosine": "mean pairwise cosine after mean-centring (unitless)",
+    "cross_prompt_cosine": "cross-prompt cosine, anisotropy baseline (unitless)",
+    "adjusted_cosine": "mean cosine minus cross-prompt baseline (unitless)",
+    "common_direction_share": "share of ‖h‖² along the mean direction (unitless)",
     "token_norm": "mean token L2 norm",
     "update_norm": "mean update L2 norm ‖h_l − h_(l−1)‖",
     "effective_rank": "effective rank (dimensions)",
     "rank1_residual": "rank-1 residual fraction (unitless)",
-    "intrinsic_dim": "TwoNN intrinsic dimension (dimensions)",
+    "twonn": "TwoNN intrinsic dimension, Facco fit (dimensions)",
+    "twonn_mle": "TwoNN intrinsic dimension, MLE (dimensions)",
     "knn_overlap": "k-NN overlap fraction (unitless)",
+    "mean_logit_freq_corr": "Pearson r, mean-vector logits vs log train frequency (unitless)",
 }
 
 #: Stage styling shared by all per-model and difference figures.
@@ -839,8 +843,9 @@ def plot_perplexity(ppl: pd.DataFrame, out_path: Path | str, data_label: str) ->
 
 #: Metrics drawn against the training step (every metric the geometry step writes).
 EVOLUTION_METRICS: tuple[str, ...] = (
-    "mean_cosine", "centered_cosine", "token_norm", "update_norm",
-    "effective_rank", "rank1_residual", "intrinsic_dim", "knn_overlap",
+    "mean_cosine", "cross_prompt_cosine", "adjusted_cosine", "common_direction_share", "token_norm",
+    "update_norm", "effective_rank", "rank1_residual", "twonn", "twonn_mle", "knn_overlap",
+    "mean_logit_freq_corr",
 )
 STEP_AXIS_LABEL = "training step (optimizer updates; 0 = initialization)"
 _ANALYSED_STYLE = {"color": "0.55", "lw": 0.8, "linestyle": ":"}

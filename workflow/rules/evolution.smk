@@ -17,6 +17,9 @@ rule evolution_geometry:
         checkpoints="outputs/models/{variant}/seed{seed}/checkpoints",
         tokenizer="outputs/data/tokens/tokenizer.json",
         prompts=config["geometry"]["prompts"],
+        # the training split's token counts, for the mean vector's logit-frequency correlation
+        train_tokens="outputs/data/tokens/train.bin",
+        train_meta="outputs/data/tokens/train.json",
     output:
         metrics="outputs/evolution/{variant}/seed{seed}/metrics.csv",
         summary="outputs/evolution/{variant}/seed{seed}/summary.csv",

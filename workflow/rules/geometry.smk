@@ -8,6 +8,9 @@ rule geometry:
         final="outputs/models/{variant}/seed{seed}/final.pt",
         tokenizer="outputs/data/tokens/tokenizer.json",
         prompts=config["geometry"]["prompts"],
+        # the training split's token counts, for the mean vector's logit-frequency correlation
+        train_tokens="outputs/data/tokens/train.bin",
+        train_meta="outputs/data/tokens/train.json",
     output:
         metrics="outputs/geometry/{variant}/seed{seed}/metrics.csv",
         summary="outputs/geometry/{variant}/seed{seed}/summary.csv",

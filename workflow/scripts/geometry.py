@@ -12,4 +12,5 @@ with logged_job(snakemake.log[0]):
         Path(snakemake.output.summary).parent,
         snakemake.params.geometry,
         threads=snakemake.threads,
+        train_tokens=snakemake.input.train_tokens,
     )
