@@ -89,6 +89,18 @@ CONFIG_CASES = [
     ("unknown activation", setter("variants", "llama-preln", {"activation": "tanh"}), "variants.llama-preln.activation: 'tanh' is not one of"),
     ("FFN width zero", setter("model", "mlp_hidden", 0), "model.mlp_hidden: 0 is less than the minimum of 1"),
     ("FFN width not an integer", setter("variants", "llama-preln", {"mlp_hidden": 1.5}), "variants.llama-preln.mlp_hidden: 1.5 is not of type"),
+    # Estimated from the settings (tga/resources.py) against this machine's memory, before any job:
+    # the logits alone are 20 PB and 0.6 TB.
+    ("batch that cannot fit in memory", setter("training", "batch_size", 100000),
+     "training needs an estimated"),
+    ("batch too large names its key", setter("training", "batch_size", 100000), "lower training.batch_size (100000)"),
+    ("window that cannot fit in memory", setter("model", "block_size", 100000), "model.block_size (100000)"),
+    ("prompts file is a directory", setter("geometry", "prompts", str(ROOT / "config")), "is a directory, not a file"),
+    ("data file is a directory", lambda c: c["data"].update(source="text", train=str(ROOT / "config"), validation="b.txt",
+                                                             test="c.txt"), "data.train: '" + str(ROOT / "config") + "' is a directory"),
+    ("archive is a directory", setter("data", "archive", str(ROOT / "config")), "data.archive: '" + str(ROOT / "config") + "' is a directory"),
+    ("prompts file not UTF-8", setter("geometry", "prompts", str(ROOT / "docs" / "figures" / "science_init_checks.png")),
+     "geometry.prompts: file '" + str(ROOT / "docs" / "figures" / "science_init_checks.png") + "' is not valid UTF-8"),
 ]
 
 
@@ -191,6 +203,17 @@ CLI_CASES = [
     ("analyze: missing prompts", ["analyze", "--prompts", "{tmp}/none.txt", "--trained-model", "{tmp}/m.pt",
                                   "--tokenizer", "char", "--output-dir", "{tmp}/out"], "none.txt"),
     ("download: half of the text splits", ["download", "--data-dir", "{tmp}/d", "--text-train", "{tmp}/a.txt"], "--text-validation"),
+    ("analyze: prompts is a directory", ["analyze", "--prompts", "{tmp}/data", "--trained-model", "{tmp}/m.pt",
+                                         "--tokenizer", "char", "--output-dir", "{tmp}/out"], "/data' is a directory, not a file"),
+    ("analyze: prompts not UTF-8", ["analyze", "--prompts", str(ROOT / "docs" / "figures" / "science_init_checks.png"),
+                                    "--trained-model", "{tmp}/m.pt", "--tokenizer", "char", "--output-dir", "{tmp}/out"],
+     "is not valid UTF-8 (byte 0x89 at offset 0)"),
+    ("download: text split is a directory", ["download", "--data-dir", "{tmp}/d", "--text-train", "{tmp}/data",
+                                             "--text-validation", "{tmp}/a.txt", "--text-test", "{tmp}/a.txt"],
+     "/data' is a directory, not a file"),
+    ("download: archive is a directory", ["download", "--data-dir", "{tmp}/d", "--archive", "{tmp}/data"],
+     "/data' is a directory, not a file"),
+    ("train: data dir is a file", ["train", "--tokenizer", "char", "--data-dir", "{tmp}/a.txt"], "is a file, not a folder"),
 ]
 
 
@@ -208,3 +231,17 @@ def test_bad_cli_flags(tmp_path, capsys, name, argv, message):
     assert err.startswith("tga: error:") and message in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "d").exists()
+
+
+def test_latin1_prompts_file_is_refused_by_the_workflow_and_the_cli(tmp_path, capsys):
+    from tga.cli import main
+
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert f"geometry.prompts: file '{latin1}' is not valid UTF-8 (byte 0xe9 at offset 3)" in config_error(
+        setter("geometry", "prompts", str(latin1)), tmp_path)
+    code = main(["analyze", "--prompts", str(latin1), "--trained-model", str(tmp_path / "m.pt"), "--tokenizer", "char",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tga: error: --prompts: file") and "not valid UTF-8" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -40,7 +40,8 @@ from tga.geometry import (
     resolve_layer_indices,
 )
 from tga.model import NORMS, CheckpointError, ModelConfig, ModelConfigError, Transformer, load_checkpoint
-from tga.settings import ConfigError
+from tga.resources import ResourceError
+from tga.settings import ConfigError, check_file
 from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, create_tokenizer, load_tokenizer
 from tga.train import TrainConfig, TrainConfigError, TrainingError, train_model
 
@@ -107,6 +108,7 @@ _LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     TrainingError,
     DeviceError,
+    ResourceError,
 )
 
 
@@ -287,7 +289,8 @@ def _one_line(exc: BaseException) -> str:
 def _require_splits(data_dir: Path, splits: Sequence[str]) -> None:
     """Name the missing split and the command that makes it, before anything runs."""
     if not data_dir.is_dir():
-        raise CLIError(f"--data-dir {data_dir} does not exist: run `tga download --data-dir {data_dir}` first, "
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise CLIError(f"--data-dir {data_dir} {what}: run `tga download --data-dir {data_dir}` first, "
                        "or point --data-dir at the folder download wrote")
     for split in splits:
         if not (data_dir / f"{split}.txt").is_file():
@@ -305,6 +308,9 @@ def _check_tokenizer_flags(name: str, encoder_json: Path | None, vocab_bpe: Path
                        "(GPT-2's encoder.json and vocab.bpe), or use --tokenizer tiktoken")
     if name not in ("bpe", "gpt2") and given:
         raise CLIError(f"{given[0]} is only used by --tokenizer bpe (got --tokenizer {name})")
+    for flag, path in (("--encoder-json", encoder_json), ("--vocab-bpe", vocab_bpe)):
+        if path is not None:
+            check_file(path, flag, "give the GPT-2 BPE file")
 
 
 def _build_tokenizer(name: str, data_dir: Path, encoder_json: Path | None, vocab_bpe: Path | None) -> Tokenizer:
@@ -439,6 +445,7 @@ def _check_device(name: str, flag: str = "--device") -> None:
 
 
 def _load_prompts(path: Path) -> list[str]:
+    check_file(path, "--prompts", "give a text file with one prompt per line", utf8=True)
     try:
         return load_prompts(path)
     except GeometryError as exc:
@@ -524,6 +531,8 @@ def _resolve_tokenizer(value: str | None, run_dir: Path, data_dir: Path, config:
         if value.lower() == "char":
             _require_splits(data_dir, ["train"])
         tokenizer, source = _build_tokenizer(value.lower(), data_dir, encoder_json, vocab_bpe), f"--tokenizer {value}"
+    elif Path(value).is_dir():
+        raise CLIError(f"--tokenizer {value!r} is a directory: give the tokenizer JSON file or a tokenizer name")
     elif encoder_json is not None or vocab_bpe is not None:
         tokenizer, source = load_tokenizer(value, encoder_json, vocab_bpe), f"--tokenizer {value}"
     else:
@@ -578,13 +587,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
             raise CLIError(f"{', '.join(missing)} missing: your own corpus needs --text-train, --text-validation "
                            "and --text-test")
         for flag, p in given.items():
-            if not p.is_file():
-                raise CLIError(f"{flag} {p} is not an existing file: give a UTF-8 text file")
+            check_file(p, flag, "give a UTF-8 text file")
         data = {"source": "text", "train": args.text_train, "validation": args.text_validation,
                 "test": args.text_test}
     else:
-        if args.archive is not None and not args.archive.is_file():
-            raise CLIError(f"--archive {args.archive} is not an existing file: give wikitext-2-raw-v1.zip")
+        if args.archive is not None:
+            check_file(args.archive, "--archive", "give wikitext-2-raw-v1.zip")
         data = {"source": "wikitext2", "archive": args.archive}
     with _no_empty_leftover(args.data_dir):
         prepare_corpus(data, args.data_dir)
@@ -620,6 +628,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _require_splits(args.data_dir, [args.split])
     tokens = _token_files(tokenizer, args.data_dir, [args.split])[args.split]
     out = args.output or ckpt.with_name(f"{ckpt.stem}_perplexity_{args.split}.json")
+    if out.is_dir():
+        raise CLIError(f"--output {str(out)!r} is a directory: give the path of the JSON file to write")
     labels = {"variant": run_dir.name, "seed": extra.get("seed"), "split": args.split, "checkpoint": str(ckpt)}
     result = evaluate_checkpoint(ckpt, tokens, out, labels=labels, batch_size=args.batch_size,
                                  device=args.device)
@@ -640,8 +650,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if init is None and (run_dir / "init.pt").is_file():
         init = run_dir / "init.pt"
     if init is not None:
-        if not init.is_file():
-            raise CLIError(f"--init-model {init} is not an existing file: give the run's init.pt")
+        check_file(init, "--init-model", "give the run's init.pt")
         _load(init, "--init-model", expected=config)  # another architecture is an error
         stages["init"] = init
     else:

@@ -16,6 +16,7 @@ import torch.nn as nn
 from tga.data import load_token_file, non_overlapping_windows, read_token_metadata, tokens_to_tensor
 from tga.device import autocast_context, resolve_device
 from tga.model import load_checkpoint
+from tga.resources import check_evaluation_fits
 
 
 def summed_loss_over_windows(
@@ -112,6 +113,7 @@ def evaluate_checkpoint(
             f"{token_file} was tokenized with vocab_size={meta['vocab_size']} but {checkpoint} expects "
             f"{model.config.vocab_size}: evaluate with the tokenizer the model was trained with"
         )
+    check_evaluation_fits(model.config, batch_size, torch_device.type, int(meta["n_tokens"]))
     tokens = tokens_to_tensor(load_token_file(token_file))
     total, count = summed_loss_over_windows(
         model, tokens, model.config.block_size, batch_size, autocast_context(torch_device, "auto")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tga.model import ModelConfig
 
@@ -29,6 +30,7 @@ __all__ = [
     "ResourceError",
     "ResourceEstimate",
     "available_memory",
+    "check_evaluation_fits",
     "check_fits",
     "check_training_fits",
     "estimate_evaluation",
@@ -67,10 +69,10 @@ CUDA_HOST_BYTES = 1500 * MB
 # Device memory CUDA keeps outside torch's allocator (context, cuBLAS workspace).
 CUDA_CONTEXT_BYTES = 600 * MB
 # Sustained throughput assumed for the time estimates. CPU: the default model trains at
-# ~400 tokens/s per thread in fp32 (README, Scale-out) = 0.18 GFLOP x 400 = ~7e10 per
-# thread; 2e10 is the floor small models reach. CUDA: one default training job on an
+# ~440 tokens/s per thread in bf16 (README, Scale-out) = 0.18 GFLOP x 440 = ~8e10 per
+# thread; fp32 reaches about half of that. CUDA: one default training job on an
 # H200 takes 32.8 s for 1000 steps = 1.1e13 FLOP/s (small models use a fraction of peak).
-CPU_FLOPS_PER_THREAD = 2e10
+CPU_FLOPS_PER_THREAD = 4e10
 CUDA_FLOPS = 1e13
 # Fixed cost per step and layer (kernel launches, Python) that dominates tiny models.
 STEP_OVERHEAD_SECONDS = 2e-3
@@ -102,20 +104,18 @@ class ResourceEstimate:
     seconds_per_step: float = 0.0
     # Settings that drive the largest part, as (config key, value), for messages.
     culprits: tuple[tuple[str, Any], ...] = ()
+    hint: str = ""
 
-    @property
-    def peak_bytes(self) -> int:
-        """The memory that has to fit where the tensors live (the GPU for CUDA jobs)."""
-        return self.device_bytes if self.device_type == "cuda" else self.host_bytes
 
     @property
     def seconds(self) -> float:
         return self.steps * self.seconds_per_step
 
-    def describe(self) -> str:
+    def describe(self, gpu: bool = False) -> str:
         """'610.5 GB (logits 480.3 GB, activations 120.1 GB, ...)': the largest parts first."""
-        parts = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
-        return f"{_size(self.peak_bytes)} ({', '.join(f'{name} {_size(b)}' for name, b in parts)})"
+        parts = sorted(((k, v) for k, v in self.parts.items() if k != "process" and v), key=lambda kv: -kv[1])[:3]
+        total = self.device_bytes if gpu else self.host_bytes
+        return f"{_size(total)} ({', '.join(f'{name} {_size(b)}' for name, b in parts)})"
 
 
 def _size(n: float) -> str:
@@ -279,11 +279,13 @@ def estimate_training(
     if largest == "weights and optimizer":
         culprits = (("model.n_embd", d), ("model.n_layer", model.n_layer))
     elif largest == "attention matrices":
-        culprits = (("model.block_size", t), ("training.batch_size", batch), ("model.dropout", model.dropout))
+        culprits = (("model.block_size", t), ("training.batch_size", batch))
     else:
         culprits = (("training.batch_size", batch), ("model.block_size", t))
+    hint = (", or set model.dropout: 0 (with dropout, CPU attention keeps window x window matrices)"
+            if largest == "attention matrices" else "")
     return ResourceEstimate("train", device_type, precision, int(host), int(device), parts, flops, steps,
-                            per_step, culprits)
+                            per_step, culprits, hint)
 
 
 def estimate_evaluation(
@@ -357,14 +359,28 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _gpu_memory(index: int) -> tuple[int, str]:
+    """The GPU's total memory; asked of nvidia-smi while this process has no CUDA
+    context, so that checking does not make one (it would hold GPU memory all run)."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        try:
+            out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.total,name",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+            mib, name = out.stdout.strip().split(", ", 1)
+            return int(mib) * MB, f"the GPU ({name})"
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+    props = torch.cuda.get_device_properties(index)
+    return int(props.total_memory), f"the GPU ({props.name})"
+
+
 def available_memory(device_type: str = "cpu", index: int | None = None) -> tuple[int, str]:
     """(bytes, where): the GPU's total memory for CUDA; for the host the machine's
     memory, or the cgroup limit (v2 memory.max, v1 memory.limit_in_bytes) when lower."""
     if device_type == "cuda":
-        import torch
-
-        props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-        return int(props.total_memory), f"the GPU ({props.name})"
+        return _gpu_memory(index or 0)
     total = None
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -382,15 +398,18 @@ def available_memory(device_type: str = "cpu", index: int | None = None) -> tupl
 
 
 def check_fits(estimate: ResourceEstimate, available: tuple[int, str] | None = None, what: str = "") -> None:
-    """Raise ResourceError, one line, when the estimate exceeds the memory there is."""
-    have, where = available if available is not None else available_memory(estimate.device_type)
-    if not have or estimate.peak_bytes <= have:
+    """Raise ResourceError, one line, when the estimate exceeds the memory there is
+    (the GPU's for a CUDA job, else the host's)."""
+    gpu = estimate.device_type == "cuda"
+    have, where = available if available is not None else available_memory("cuda" if gpu else "cpu")
+    need = estimate.device_bytes if gpu else estimate.host_bytes
+    if not have or need <= have:
         return
     keys = " or ".join(f"{key} ({value})" for key, value in estimate.culprits)
     job = {"train": "training", "evaluate": "evaluation"}.get(estimate.job, estimate.job)
     raise ResourceError(
-        f"{what + ': ' if what else ''}{job} needs an estimated {estimate.describe()} of "
-        f"{'GPU ' if estimate.device_type == 'cuda' else ''}memory, but {where} has {_size(have)}: lower {keys}"
+        f"{what + ': ' if what else ''}{job} needs an estimated {estimate.describe(gpu)} of "
+        f"{'GPU ' if gpu else ''}memory, but {where} has {_size(have)}: lower {keys}{estimate.hint}"
     )
 
 
@@ -405,12 +424,21 @@ def slow_step_warning(estimate: ResourceEstimate, limit: float = STEP_WARNING_SE
             f"{estimate.steps} steps; it runs anyway; lower {keys} to make it faster")
 
 
-def check_training_fits(model: ModelConfig, training: Any, device_type: str, n_tokens: int = 0) -> str | None:
-    """Before training allocates anything: raise ResourceError if it cannot fit on
-    this machine/GPU; return a warning line if a step will be slow, else None."""
-    estimate = estimate_training(model, training, device_type, n_tokens)
+def check_training_fits(
+    model: ModelConfig, training: Any, device_type: str, n_tokens: int = 0, warn: Callable[[str], None] = print
+) -> None:
+    """Before training allocates anything: raise ResourceError if it cannot fit in this
+    machine's (or GPU's) memory; pass ``warn`` one line if a step will be slow."""
+    estimate = estimate_training(model, training, "cuda" if device_type == "cuda" else "cpu", n_tokens)
     check_fits(estimate)
-    return slow_step_warning(estimate)
+    warning = slow_step_warning(estimate)
+    if warning:
+        warn(warning)
+
+
+def check_evaluation_fits(model: ModelConfig, batch_size: int, device_type: str, n_tokens: int = 0) -> None:
+    """Before evaluation batches anything: raise ResourceError if it cannot fit."""
+    check_fits(estimate_evaluation(model, batch_size, "cuda" if device_type == "cuda" else "cpu", n_tokens))
 
 
 def scheduler_resources(estimate: ResourceEstimate) -> dict[str, int]:

@@ -5,6 +5,7 @@ half-written outputs behind."""
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,34 @@ def resolve_variant(config: dict[str, Any], variant: str) -> dict[str, dict[str,
     return {"model": model, "training": training}
 
 
-def _check_file(path: str | None, key: str, hint: str) -> None:
+def check_file(path: str | Path | None, key: str, hint: str, utf8: bool = False) -> None:
+    """One ConfigError naming ``key`` (a config key or a command-line flag) when ``path``
+    is unset, missing, a directory, empty or, with ``utf8``, not UTF-8 text: said
+    before any job reads the file, instead of a traceback from the reader."""
     if not path:
         raise ConfigError(f"{key} is not set: {hint}")
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is a directory, not a file: {hint}")
     if not p.is_file():
-        raise ConfigError(f"{key}: file {path!r} does not exist: {hint}")
+        raise ConfigError(f"{key}: file {str(path)!r} does not exist: {hint}")
     if p.stat().st_size == 0:
-        raise ConfigError(f"{key}: file {path!r} is empty: {hint}")
+        raise ConfigError(f"{key}: file {str(path)!r} is empty: {hint}")
+    if utf8:
+        try:
+            p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{key}: file {str(path)!r} is not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}): save it as UTF-8 text"
+            ) from None
 
 
-def check_config(config: dict[str, Any]) -> None:
+def check_config(config: dict[str, Any], this_machine: bool = True) -> None:
     """Cross-key checks that the schema cannot make; raises one ConfigError naming
-    the key at fault."""
+    the key at fault. Then every job's estimated memory (tga/resources.py): with
+    ``this_machine`` (the jobs run here) a job that cannot fit in this machine's memory
+    is refused now; a step estimated to be slow gives a SlowJobWarning."""
     resolved_variants = {variant: resolve_variant(config, variant) for variant in config["variants"]}
     for variant, resolved in resolved_variants.items():
         try:
@@ -74,7 +90,7 @@ def check_config(config: dict[str, Any]) -> None:
             raise ConfigError(f"comparisons[{index}] compares {pair[0]!r} with itself: name two different variants")
 
     prompts = config["geometry"]["prompts"]
-    _check_file(prompts, "geometry.prompts", "give a text file with one prompt per line")
+    check_file(prompts, "geometry.prompts", "give a text file with one prompt per line", utf8=True)
     lines = [ln.strip() for ln in Path(prompts).read_text(encoding="utf-8").splitlines()]
     if not any(ln and not ln.startswith("#") for ln in lines):
         raise ConfigError(f"geometry.prompts: {prompts!r} holds no prompt (only blank or # lines): add one prompt per line")
@@ -82,9 +98,9 @@ def check_config(config: dict[str, Any]) -> None:
     data = config["data"]
     if data["source"] == "text":
         for split in ("train", "validation", "test"):
-            _check_file(data[split], f"data.{split}", "with data.source: text, give a UTF-8 text file for each split")
+            check_file(data[split], f"data.{split}", "with data.source: text, give a UTF-8 text file for each split")
     elif data["archive"]:
-        _check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
+        check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
 
     tokenizer = config["tokenizer"]
     given = [k for k in ("encoder_json", "vocab_bpe") if tokenizer[k]]
@@ -94,7 +110,7 @@ def check_config(config: dict[str, Any]) -> None:
         missing = "vocab_bpe" if given[0] == "encoder_json" else "encoder_json"
         raise ConfigError(f"tokenizer.{given[0]} is set but tokenizer.{missing} is not: give both GPT-2 files")
     for key in given:
-        _check_file(tokenizer[key], f"tokenizer.{key}", "give the GPT-2 BPE file, or remove the key to use tiktoken")
+        check_file(tokenizer[key], f"tokenizer.{key}", "give the GPT-2 BPE file, or remove the key to use tiktoken")
 
     depths = [resolved["model"]["n_layer"] for resolved in resolved_variants.values()]
     n_layer_max, n_layer_min = max(depths), min(depths)
@@ -105,6 +121,31 @@ def check_config(config: dict[str, Any]) -> None:
                 f"{-(n_layer_min + 2)}..{n_layer_min + 1} (0 = embedding, {n_layer_min + 1} or -1 = final norm)"
                 + (f" for the shallowest variant (n_layer={n_layer_min})" if n_layer_max != n_layer_min else "")
             )
+
+    _check_resources(config, resolved_variants, this_machine)
+
+
+class SlowJobWarning(UserWarning):
+    """A job estimated to take very long per step; it still runs."""
+
+
+def _check_resources(config: dict[str, Any], resolved_variants: dict[str, dict[str, Any]], this_machine: bool) -> None:
+    """Refuse a variant whose job cannot fit in this machine's (or its GPU's) memory,
+    before the DAG runs; warn about very slow steps."""
+    from tga.resources import ResourceError, check_fits, estimate_variant_jobs, slow_step_warning, vocab_size_for
+
+    vocab = vocab_size_for(config)
+    for variant, resolved in resolved_variants.items():
+        for estimate in estimate_variant_jobs(config, resolved, vocab, this_machine).values():
+            where = f"variants.{variant}"
+            if this_machine:
+                try:
+                    check_fits(estimate, what=where)
+                except ResourceError as exc:
+                    raise ConfigError(str(exc)) from None
+            warning = slow_step_warning(estimate, what=where)
+            if warning:
+                warnings.warn(warning, SlowJobWarning, stacklevel=3)
 
 
 

@@ -40,6 +40,7 @@ from tga.data import (
 from tga.device import autocast_context, resolve_device, resolved_precision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
+from tga.resources import check_training_fits
 
 LOG_COLUMNS = ("step", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "elapsed_s")
 
@@ -575,6 +576,7 @@ def train_model(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_training_fits(model_config, train_config, device.type, int(meta["n_tokens"]) + int(val_meta["n_tokens"]), _say)
     settings = run_settings(model_config, train_config, device, meta, val_meta)
     fingerprint = settings_fingerprint(settings)
     if failure_dir is not None:

@@ -1,11 +1,15 @@
 # Config validation and the helpers every rule file uses.
 import re
+import sys
+import warnings
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from tga.settings import ConfigError, check_config, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
+from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
+from tga.settings import SlowJobWarning
 from tga.train import failure_matches_settings, read_failure_record
 
 
@@ -15,7 +19,13 @@ except WorkflowError as error:
     schema = workflow.current_basedir.join("../schemas/config.schema.yaml").get_path_or_uri(secret_free=True)
     raise WorkflowError(schema_error_message(error, schema)) from None
 try:
-    check_config(config)
+    # Memory is checked against this machine only when the jobs run here; on a cluster
+    # each job checks on its node, and the scheduler gets the estimates (mem_mb below).
+    with warnings.catch_warnings(record=True) as slow_jobs:
+        warnings.simplefilter("always", SlowJobWarning)
+        check_config(config, this_machine=workflow.local_exec)
+    for slow in {str(w.message) for w in slow_jobs if issubclass(w.category, SlowJobWarning)}:
+        print(f"tga: warning: {slow}", file=sys.stderr)
 except ConfigError as error:
     raise WorkflowError(f"Invalid config: {error}") from None
 
@@ -29,6 +39,23 @@ wildcard_constraints:
     variant="|".join(re.escape(v) for v in VARIANTS),
     seed=r"\d+",
     split="|".join(SPLITS),
+
+
+def estimated_resources(job, key):
+    """A rule's ``resources: <key>=`` as a function of the wildcards: ``mem_mb`` (host
+    memory) and ``runtime`` (minutes) of this variant's ``job`` ("train", "evaluate",
+    "geometry", "evolution") from tga/resources.py, times its safety factors
+    (MEMORY_SAFETY_FACTOR, RUNTIME_SAFETY_FACTOR). A profile's set-resources wins.
+    The char tokenizer's vocabulary is read from the built tokenizer once it exists."""
+
+    def resource(wildcards):
+        resolved = resolve_variant(config, wildcards.variant)
+        vocab = vocab_size_for(config, "outputs/data/tokens/tokenizer.json")
+        stages = len(evolution_stages(resolved["training"], ".")) if job == "evolution" else 2
+        estimate = estimate_variant_jobs(config, resolved, vocab, workflow.local_exec, n_stages=stages)[job]
+        return scheduler_resources(estimate)[key]
+
+    return resource
 
 
 def variant_settings(wildcards):

@@ -18,7 +18,8 @@ rule evaluate:
         "outputs/benchmarks/evaluate/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=estimated_resources("evaluate", "mem_mb"),
+        runtime=estimated_resources("evaluate", "runtime"),
     conda:
         "../envs/tga.yaml"
     script:

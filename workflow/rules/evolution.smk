@@ -35,7 +35,8 @@ rule evolution_geometry:
         "outputs/benchmarks/evolution_geometry/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=estimated_resources("evolution", "mem_mb"),
+        runtime=estimated_resources("evolution", "runtime"),
     conda:
         "../envs/tga.yaml"
     script:

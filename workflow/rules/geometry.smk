@@ -25,7 +25,8 @@ rule geometry:
         "outputs/benchmarks/geometry/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=estimated_resources("geometry", "mem_mb"),
+        runtime=estimated_resources("geometry", "runtime"),
     conda:
         "../envs/tga.yaml"
     script:

@@ -23,7 +23,8 @@ rule train:
     threads: config["resources"]["train_threads"]
     resources:
         gpu=config["resources"]["train_gpus"],
-        mem_mb=8000,
+        mem_mb=estimated_resources("train", "mem_mb"),
+        runtime=estimated_resources("train", "runtime"),
     conda:
         "../envs/tga.yaml"
     script:
