@@ -11,17 +11,15 @@ import pytest
 from PIL import Image
 
 from tga import plots
+from tga.compare import compute_differences
 from tga.plots import (
     METRIC_LABELS,
-    compute_differences,
-    mean_ci95,
     plot_differences,
     plot_geometry_layers,
     plot_perplexity,
     plot_similarity_by_layer,
     plot_similarity_heatmaps,
     plot_training_curves,
-    t_quantile,
 )
 
 DATA_LABEL = "trained on wiki.valid.raw, evaluated on wiki.test.raw"
@@ -97,113 +95,6 @@ def assert_png(path: Path, min_w: int = 400, min_h: int = 250) -> tuple[int, int
 def figure_texts(fig) -> list[str]:
     return [t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text"))]
 
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize("df, expected", [(1, 12.706), (2, 4.303), (10, 2.228), (30, 2.042)])
-def test_t_quantile_matches_table(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
-
-
-def test_t_quantile_tails_symmetry_and_normal_limit():
-    assert t_quantile(0.025, 5) == pytest.approx(-t_quantile(0.975, 5))
-    assert t_quantile(0.5, 3) == 0.0
-    assert t_quantile(0.9995, 1) == pytest.approx(636.619, abs=1e-2)
-    assert t_quantile(0.975, math.inf) == pytest.approx(1.95996, abs=1e-5)
-    # Welch gives non-integer df: must lie strictly between its integer neighbours.
-    assert t_quantile(0.975, 3) > t_quantile(0.975, 3.5) > t_quantile(0.975, 4)
-    with pytest.raises(ValueError):
-        t_quantile(1.0, 3)
-    with pytest.raises(ValueError):
-        t_quantile(0.975, 0)
-
-
-def test_mean_ci95_hand_values():
-    m, lo, hi, n = mean_ci95([1.0, 2.0, 3.0, np.nan])
-    half = 4.303 * 1.0 / math.sqrt(3)
-    assert (m, n) == (2.0, 3)
-    assert lo == pytest.approx(2 - half, abs=1e-3) and hi == pytest.approx(2 + half, abs=1e-3)
-    m1, lo1, hi1, n1 = mean_ci95([5.0])
-    assert m1 == 5.0 and n1 == 1 and math.isnan(lo1) and math.isnan(hi1)
-
-
-def _two_layer_summaries(a_vals, b_vals, a_seeds, b_seeds) -> pd.DataFrame:
-    """2 variants x 3 seeds x 2 layers; values[layer][seed_idx], metric mean_cosine, stage trained."""
-    rows = []
-    for variant, vals, seeds in (("A", a_vals, a_seeds), ("B", b_vals, b_seeds)):
-        for layer in (0, 1):
-            for k, seed in enumerate(seeds):
-                rows.append(dict(variant=variant, seed=seed, stage="trained", step=100, layer=layer,
-                                 layer_name=f"L{layer}", metric="mean_cosine", mean=vals[layer][k],
-                                 std=0.1, n_prompts=4))
-    return pd.DataFrame(rows)
-
-
-def test_compute_differences_paired_by_seed():
-    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
-    b = {0: [0.5, 1.0, 2.0], 1: [2.0, 1.0, 3.5]}
-    out = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [0, 1, 2]), [("A", "B")], ["mean_cosine"])
-    assert list(out.columns[:12]) == ["comparison", "a", "b", "stage", "metric", "layer", "layer_name",
-                                      "mean_diff", "ci_low", "ci_high", "n_seeds", "excludes_zero"]
-    assert len(out) == 2 and set(out["method"]) == {"paired"}
-    r0, r1 = out.set_index("layer").loc[0], out.set_index("layer").loc[1]
-    # layer 0: d = [0.5, 1, 1]: mean 5/6, sd = sqrt(1/12), half = 4.303 * sd / sqrt(3)
-    half0 = 4.303 * math.sqrt(1 / 12) / math.sqrt(3)
-    assert r0["mean_diff"] == pytest.approx(5 / 6)
-    assert r0["ci_low"] == pytest.approx(5 / 6 - half0, abs=1e-3)
-    assert r0["ci_high"] == pytest.approx(5 / 6 + half0, abs=1e-3)
-    assert bool(r0["excludes_zero"]) is True and r0["n_seeds"] == 3 and r0["layer_name"] == "L0"
-    # layer 1: d = [-1, 1, -0.5]: mean -1/6, sd = sqrt(13/12), CI straddles 0
-    half1 = 4.303 * math.sqrt(13 / 12) / math.sqrt(3)
-    assert r1["mean_diff"] == pytest.approx(-1 / 6)
-    assert r1["ci_low"] == pytest.approx(-1 / 6 - half1, abs=1e-3)
-    assert bool(r1["excludes_zero"]) is False
-
-
-def test_compute_differences_unpaired_welch():
-    # B has different seeds -> Welch. Layer 0: B constant, so Welch df = 2 exactly (t = 4.303).
-    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
-    b = {0: [0.0, 0.0, 0.0], 1: [-2.0, -1.0, 0.0]}
-    out = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [10, 11, 12]), [("A", "B")], ["mean_cosine"])
-    assert set(out["method"]) == {"welch"}
-    r0, r1 = out.set_index("layer").loc[0], out.set_index("layer").loc[1]
-    half0 = 4.303 * math.sqrt(1 / 3)
-    assert r0["mean_diff"] == pytest.approx(2.0)
-    assert r0["df"] == pytest.approx(2.0)
-    assert (r0["ci_low"], r0["ci_high"]) == (pytest.approx(2 - half0, abs=1e-3), pytest.approx(2 + half0, abs=1e-3))
-    assert bool(r0["excludes_zero"]) is False  # -0.484 .. 4.484
-    # Layer 1: equal variances (1 each) -> df = 4, t = 2.776, se = sqrt(2/3); CI = 3 +- 2.267 > 0
-    half1 = 2.776 * math.sqrt(2 / 3)
-    assert r1["df"] == pytest.approx(4.0)
-    assert r1["ci_low"] == pytest.approx(3 - half1, abs=1e-3)
-    assert bool(r1["excludes_zero"]) is True
-
-
-def test_paired_and_unpaired_differ_on_same_values():
-    a = {0: [1.0, 2.0, 3.0], 1: [1.0, 2.0, 3.0]}
-    b = {0: [0.9, 1.9, 2.9], 1: [0.9, 1.9, 2.9]}
-    paired = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [0, 1, 2]), [("A", "B")], ["mean_cosine"])
-    welch = compute_differences(_two_layer_summaries(a, b, [0, 1, 2], [5, 6, 7]), [("A", "B")], ["mean_cosine"])
-    assert paired["mean_diff"].to_numpy() == pytest.approx(welch["mean_diff"].to_numpy())
-    # Pairing removes the shared seed-to-seed spread: constant difference 0.1 -> zero-width CI.
-    assert paired["excludes_zero"].all() and not welch["excludes_zero"].any()
-
-
-def test_compute_differences_single_seed_and_missing_variant():
-    s = make_summaries({"A": [0], "B": [0]})
-    out = compute_differences(s, [("A", "B"), ("A", "ghost")], METRICS)
-    ab = out[out["comparison"] == "A - B"]
-    assert len(ab) == 2 * 4 * 3  # stages x layers x metrics
-    assert ab["ci_low"].isna().all() and not ab["excludes_zero"].any()
-    # update_norm at the embedding is NaN by definition: the difference is NaN, never 0.
-    is_emb_update = (ab["metric"] == "update_norm") & (ab["layer"] == 0)
-    assert ab.loc[is_emb_update, "mean_diff"].isna().all()
-    assert set(ab.loc[is_emb_update, "method"]) == {"no-data"} and (ab.loc[is_emb_update, "n_seeds"] == 0).all()
-    assert (ab.loc[~is_emb_update, "n_seeds"] == 1).all()
-    assert set(ab.loc[~is_emb_update, "method"]) == {"single-seed"}
-    ghost = out[out["comparison"] == "A - ghost"]
-    assert len(ghost) == 2 * 3 and set(ghost["missing"]) == {"ghost"} and ghost["layer"].isna().all()
 
 
 # ----------------------------------------------------------------------------- figures
@@ -296,14 +187,19 @@ def test_plot_differences_with_missing_variant(tmp_path):
     assert_png(plot_differences(again, tmp_path / "difference2.png", DATA_LABEL))
 
 
-def test_plot_differences_marks_ci_excluding_zero():
+def test_plot_differences_stars_only_corrected_significant_layers():
     summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2]})  # A is offset by -0.2 from B
     diff = compute_differences(summaries, [("B", "A")], ["mean_cosine"])
-    assert diff.query("stage == 'trained'")["excludes_zero"].all()
+    # One layer whose raw p-value is below 0.05 but whose adjusted one is not: no star there.
+    borderline = diff.index[(diff["stage"] == "trained")][0]
+    diff.loc[borderline, ["p_value", "p_adjusted", "significant"]] = [0.03, 0.09, False]
     fig = plots._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
     stars = [l for l in fig.axes[0].get_lines() if l.get_marker() == "*"]
-    assert sum(len(l.get_xdata()) for l in stars) == int(diff["excludes_zero"].sum())
-    assert any("excludes 0" in t for t in figure_texts(fig))
+    starred = sum(len(l.get_xdata()) for l in stars)
+    assert starred == int(diff["significant"].sum()) == int(diff["significant"].sum())
+    assert starred < int((diff["p_value"] < 0.05).sum())
+    texts = figure_texts(fig)
+    assert any("significant after Benjamini–Hochberg (FDR 5%)" in t and "layer × metric tests" in t for t in texts)
 
 
 def test_plot_perplexity(tmp_path):

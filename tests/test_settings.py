@@ -76,3 +76,56 @@ def test_check_config_names_the_culprit(tmp_path, edit, message):
 
 def test_valid_config_passes(tmp_path):
     check_config(base_config(tmp_path))
+
+
+def _resolved_default_config() -> dict:
+    """config/config.yaml with the schema's defaults filled in, as the workflow sees it."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    validate(config, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def test_default_study_trains_the_named_architectures_on_the_corpus_as_it_is():
+    """Faithful by default: nothing GPT-2/LLaMA-style training lacks, for any variant."""
+    config = _resolved_default_config()
+    assert config["seeds"] == [0, 1, 2]
+    for variant in config["variants"]:
+        resolved = resolve_variant(config, variant)
+        assert resolved["model"]["unigram_bias"] is False, f"{variant}: the logit bias is on"
+        assert resolved["training"]["rare_relabel_probability"] == 0.0, f"{variant}: token renaming is on"
+        assert resolved["training"]["token_adam_eps"] == 1e-8, f"{variant}: the token Adam eps is not AdamW's"
+        assert resolved["model"]["position_encoding"] == "rope", f"{variant}: positions differ across variants"
+
+
+def test_small_data_recipe_is_an_overlay_that_turns_its_settings_on():
+    overlay = yaml.safe_load((ROOT / "config" / "recipes" / "small-data.yaml").read_text())
+    assert overlay["model"]["unigram_bias"] is True
+    assert overlay["training"]["rare_relabel_probability"] > 0 and overlay["training"]["token_adam_eps"] > 1e-8
+    from snakemake.utils import validate
+
+    validate(overlay, str(ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def test_command_line_strings_take_the_schema_types():
+    from tga.settings import coerce_config_types
+
+    given = {
+        "seeds": ["0", "1", "2"],
+        "training": {"learning_rate": "5e-4", "max_steps": "10", "compile": "false", "device": "cpu"},
+        "variants": {"v": {"n_layer": "2", "dropout": ".1", "norm": "rmsnorm"}},
+        "geometry": {"heatmap_layers": ["0", "-1"], "prompts": "123"},
+        "data": {"label": "7"},
+        "comparisons": [["1", "2"]],
+    }
+    coerced = coerce_config_types(given, SCHEMA)
+    assert coerced["seeds"] == [0, 1, 2] and all(type(s) is int for s in coerced["seeds"])
+    assert coerced["training"] == {"learning_rate": 5e-4, "max_steps": 10, "compile": False, "device": "cpu"}
+    assert coerced["variants"]["v"] == {"n_layer": 2, "dropout": 0.1, "norm": "rmsnorm"}
+    assert coerced["geometry"]["heatmap_layers"] == [0, -1]
+    # Strings stay strings where the schema asks for strings ...
+    assert coerced["geometry"]["prompts"] == "123" and coerced["data"]["label"] == "7"
+    assert coerced["comparisons"] == [["1", "2"]]
+    # ... and a string that is not a number is left for validation to name.
+    assert coerce_config_types({"seeds": ["one"]}, SCHEMA) == {"seeds": ["one"]}

@@ -34,6 +34,7 @@ TINY = {
     "evaluation": {"batch_size": 32, "device": "cpu"},
     "geometry": {"prompts": "tiny_prompts.txt", "heatmap_layers": [0, -1]},
     "resources": {"train_threads": 1},
+    "seeds": [0],
 }
 
 
@@ -153,15 +154,32 @@ def test_editing_one_variant_reruns_only_its_jobs(finished_run, tmp_path):
     assert not {"prepare_corpus", "tokenize_split", "build_tokenizer"} & {rule for rule, _ in jobs}
 
 
-def test_one_figure_builds_only_what_it_needs(tmp_path):
+def test_one_figure_with_three_seeds_from_the_command_line(tmp_path):
+    """Asking for one figure builds only what it needs. `--config 'seeds=[0,1,2]'` arrives
+    as strings; the schema's types win, and the difference table carries intervals, raw
+    and adjusted p-values and the flags."""
     config = {**TINY, "variants": {"a": {"norm_position": "pre"}, "b": {"norm_position": "post"}},
               "comparisons": [["a", "b"]]}
     workdir = make_workdir(tmp_path, config)
     rules = {rule for rule, _ in planned_jobs(workdir, "outputs/compare/difference.png")}
-    snakemake(workdir, "outputs/compare/difference.png")
+    snakemake(workdir, "outputs/compare/difference.png", "--config", "seeds=[0,1,2]")
+    # Only what that figure needs was built.
     assert (workdir / "outputs" / "compare" / "difference.png").is_file()
     assert "evaluate" not in rules and "plot_training_curves" not in rules
     assert not (workdir / "outputs" / "eval").exists()
+    table = pd.read_csv(workdir / "outputs" / "compare" / "difference.csv")
+    for column in ("mean_diff", "ci_low", "ci_high", "n_seeds", "p_value", "p_adjusted", "significant",
+                   "effect_size", "correction", "n_tests"):
+        assert column in table.columns, column
+    tested = table[table["p_value"].notna()]
+    assert set(tested["method"]) == {"paired"} and (tested["n_seeds"] == 3).all()
+    assert set(table["correction"]) == {"Benjamini-Hochberg"}
+    for (_, _), family in tested.groupby(["comparison", "stage"]):
+        assert (family["n_tests"] == len(family)).all()
+        assert (family["p_adjusted"] >= family["p_value"] - 1e-12).all()
+    assert table["significant"].tolist() == (table["p_adjusted"] < 0.05).tolist()
+    for seed in (0, 1, 2):
+        assert (workdir / "outputs" / "geometry" / "a" / f"seed{seed}" / "summary.csv").is_file()
 
 
 def _with(path: list[str], value):

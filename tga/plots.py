@@ -9,8 +9,8 @@ Output is deterministic (Agg backend, no timestamps / software version in metada
 written atomically (temp file in the target folder, then ``os.replace``), so Snakemake
 never sees a half-written figure and reruns on the same data are byte-identical.
 
-Statistics helpers (``t_quantile``, ``mean_ci95``, ``compute_differences``) live here
-too because they exist only to decide what the figures draw; they avoid scipy.
+The numbers a figure draws come from elsewhere: intervals and tests from ``tga.stats``,
+the A − B table from ``tga.compare.compute_differences``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -33,16 +32,15 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from tga.stats import CORRECTION_TEXT, mean_ci95  # noqa: E402
+
 __all__ = [
     "METRIC_LABELS",
     "metric_label",
-    "t_quantile",
-    "mean_ci95",
     "plot_geometry_layers",
     "plot_similarity_heatmaps",
     "plot_training_curves",
     "plot_similarity_by_layer",
-    "compute_differences",
     "plot_differences",
     "plot_perplexity",
     "EVOLUTION_METRICS",
@@ -77,12 +75,6 @@ STAGES: tuple[str, str] = ("init", "trained")
 
 DPI = 120
 BAND_ALPHA = 0.2
-_COMPARISON_SEP = " - "
-_DIFF_COLUMNS = [
-    "comparison", "a", "b", "stage", "metric", "layer", "layer_name",
-    "mean_diff", "ci_low", "ci_high", "n_seeds", "excludes_zero",
-    "method", "n_a", "n_b", "df", "missing",
-]
 
 
 # ----------------------------------------------------------------------------- text
@@ -158,141 +150,10 @@ def _new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the regularised incomplete beta (modified Lentz)."""
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_bt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    bt = math.exp(log_bt)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return bt * _betacf(a, b, x) / a
-    return 1.0 - bt * _betacf(b, a, 1.0 - x) / b
-
-
-def _t_cdf(t: float, df: float) -> float:
-    if math.isinf(df):
-        return 0.5 * math.erfc(-t / math.sqrt(2.0))
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def _t_pdf(t: float, df: float) -> float:
-    if math.isinf(df):
-        return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
-
-
-@lru_cache(maxsize=4096)
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t with (possibly non-integer, e.g. Welch) ``df``; df=inf is normal.
-
-    Exact to ~1e-12 via the incomplete beta function (no scipy): safeguarded Newton
-    iterations inside a bisection bracket.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if not df > 0:  # also rejects NaN
-        raise ValueError(f"df must be > 0, got {df}")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e300:
-            return math.inf
-    t = 0.5 * (lo + hi)
-    for _ in range(500):
-        f = _t_cdf(t, df) - p
-        if f > 0:
-            hi = t
-        else:
-            lo = t
-        dens = _t_pdf(t, df)
-        step_to = t - f / dens if dens > 0 else math.nan
-        new_t = step_to if lo < step_to < hi else 0.5 * (lo + hi)
-        if abs(new_t - t) <= 1e-13 * max(1.0, abs(t)):
-            return new_t
-        t = new_t
-    return t
-
-
-def mean_ci95(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float, float, float, int]:
-    """Mean and two-sided 95% t-interval (n−1 df) of the finite values: (mean, low, high, n).
-
-    With fewer than 2 finite values the interval is NaN: one seed says nothing about seed variance.
-    """
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    m = float(v.mean())
-    if n < 2:
-        return m, math.nan, math.nan, n
-    half = t_quantile(0.975, n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
-    return m, m - half, m + half, n
-
-
-def _welch_ci95(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
-    """Difference of means a−b with Welch's 95% interval: (diff, low, high, df)."""
-    na, nb = a.size, b.size
-    if na == 0 or nb == 0:
-        return math.nan, math.nan, math.nan, math.nan
-    diff = float(a.mean() - b.mean())
-    if na < 2 or nb < 2:
-        return diff, math.nan, math.nan, math.nan
-    va, vb = float(a.var(ddof=1)) / na, float(b.var(ddof=1)) / nb
-    se2 = va + vb
-    if se2 == 0.0:
-        return diff, diff, diff, math.nan
-    df = se2 * se2 / (va * va / (na - 1) + vb * vb / (nb - 1))
-    half = t_quantile(0.975, df) * math.sqrt(se2)
-    return diff, diff - half, diff + half, df
-
-
-def _excludes_zero(low: float, high: float) -> bool:
-    return bool(np.isfinite(low) and np.isfinite(high) and (low > 0 or high < 0))
-
-
 # ----------------------------------------------------------------------------- layer axis
 
 
-def _layer_names(df: pd.DataFrame) -> dict[int, str]:
+def layer_names(df: pd.DataFrame) -> dict[int, str]:
     """layer index -> layer_name (first seen); the x axis is the layer index."""
     if df.empty:
         return {}
@@ -370,7 +231,7 @@ def _figure_geometry_layers(summary: pd.DataFrame, title: str, data_label: str,
             style = STAGE_STYLE[stage]
             ax.plot(x, m, marker="o", ms=3, label=_stage_step(summary, stage), **style)
             ax.fill_between(x, m - sd, m + sd, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
-        _setup_layer_axis(ax, _layer_names(sub))
+        _setup_layer_axis(ax, layer_names(sub))
         lo_hi = np.concatenate([(sub["mean"] - sub["std"]).to_numpy(float), sub["mean"].to_numpy(float)])
         ax.set_ylabel(_maybe_log_y(ax, lo_hi, metric_label(metric)) if "norm" in metric
                       else metric_label(metric))
@@ -529,7 +390,7 @@ def plot_training_curves(log: pd.DataFrame, out_path: Path | str, title: str, da
 # ----------------------------------------------------------------------------- 4. cross-variant
 
 
-def _per_seed(summaries: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+def per_seed_means(summaries: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """One row per (variant, seed, stage, metric, layer) with that seed's prompt-mean."""
     df = summaries if metric is None else summaries[summaries["metric"] == metric]
     keys = ["variant", "seed", "stage", "metric", "layer"]
@@ -540,7 +401,7 @@ def _per_seed(summaries: pd.DataFrame, metric: str | None = None) -> pd.DataFram
 
 
 def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric: str) -> Figure:
-    per_seed = _per_seed(summaries, metric)
+    per_seed = per_seed_means(summaries, metric)
     variants = sorted(per_seed["variant"].unique())
     colors = _variant_colors(variants)
     fig = _new_figure(11.0, 4.6)
@@ -576,7 +437,7 @@ def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric
             ax.fill_between(x, lo, hi, color=colors[variant], alpha=BAND_ALPHA, linewidth=0)
             legend.setdefault(label, line)
         if consistent:
-            _setup_layer_axis(ax, _layer_names(sdf))
+            _setup_layer_axis(ax, layer_names(sdf))
         else:
             ax.set_xlabel("layer index (0 = embedding; depth differs across variants)")
         ax.grid(alpha=0.3)
@@ -603,80 +464,7 @@ def plot_similarity_by_layer(summaries: pd.DataFrame, out_path: Path | str, data
 # ----------------------------------------------------------------------------- 5. differences
 
 
-def compute_differences(summaries: pd.DataFrame, comparisons: list[tuple[str, str]],
-                        metrics: Sequence[str]) -> pd.DataFrame:
-    """Per comparison (A, B), stage, metric and layer: A − B with a 95% CI across seeds.
-
-    If A and B have the same seed set (≥2 seeds) the difference is paired by seed (seeds share
-    data order / init RNG, so pairing removes shared noise); otherwise Welch's unpaired interval.
-    With a single seed on either side the CI is NaN and ``excludes_zero`` is False.
-    Extra columns: ``method`` (paired / welch / single-seed / no-data / missing), ``n_a``, ``n_b``,
-    ``df`` (t degrees of freedom), ``missing`` (comma-joined variants without data, else "").
-    ``n_seeds`` is the number of pairs when paired, else min(n_a, n_b).
-    A comparison whose variant has no data yields one row per (stage, metric) with
-    ``layer`` NA and ``missing`` set, so downstream figures can say so instead of dropping it.
-    """
-    metrics = list(metrics)
-    needed = {"variant", "seed", "stage", "metric", "layer", "layer_name", "mean"}
-    if needed.issubset(summaries.columns):
-        per_seed = _per_seed(summaries[summaries["metric"].isin(metrics)])
-    else:
-        per_seed = pd.DataFrame(columns=sorted(needed | {"std"}))
-    present = set(per_seed["variant"].unique())
-    all_stages = sorted(per_seed["stage"].unique(), key=_stage_order) or list(STAGES)
-    rows: list[dict] = []
-    for a, b in comparisons:
-        comp = f"{a}{_COMPARISON_SEP}{b}"
-        missing = [v for v in (a, b) if v not in present]
-        if missing:
-            for stage in all_stages:
-                for metric in metrics:
-                    rows.append(dict(comparison=comp, a=a, b=b, stage=stage, metric=metric, layer=pd.NA,
-                                     layer_name="", mean_diff=math.nan, ci_low=math.nan, ci_high=math.nan,
-                                     n_seeds=0, excludes_zero=False, method="missing", n_a=0, n_b=0,
-                                     df=math.nan, missing=", ".join(missing)))
-            continue
-        pa, pb = per_seed[per_seed["variant"] == a], per_seed[per_seed["variant"] == b]
-        paired = set(pa["seed"]) == set(pb["seed"])
-        ga, gb = _cells(pa), _cells(pb)
-        names = {**_layer_names(pb), **_layer_names(pa)}
-        for stage, metric, layer in sorted(set(ga) | set(gb),
-                                           key=lambda k: (_stage_order(k[0]), metrics.index(k[1]), k[2])):
-            sa, sb = ga.get((stage, metric, layer), {}), gb.get((stage, metric, layer), {})
-            if paired:
-                common = sorted(set(sa) & set(sb))
-                mean, lo, hi, n = mean_ci95(np.array([sa[k] - sb[k] for k in common], dtype=float))
-                n_a = n_b = n
-                df = float(n - 1) if n >= 2 else math.nan
-                method = "paired" if n >= 2 else ("single-seed" if n == 1 else "no-data")
-                n_seeds = n
-            else:
-                mean, lo, hi, df = _welch_ci95(np.fromiter(sa.values(), float), np.fromiter(sb.values(), float))
-                n_a, n_b = len(sa), len(sb)
-                method = "welch" if min(n_a, n_b) >= 2 else ("single-seed" if min(n_a, n_b) == 1 else "no-data")
-                n_seeds = min(n_a, n_b)
-            rows.append(dict(comparison=comp, a=a, b=b, stage=stage, metric=metric, layer=int(layer),
-                             layer_name=names.get(int(layer), str(layer)), mean_diff=mean, ci_low=lo,
-                             ci_high=hi, n_seeds=int(n_seeds), excludes_zero=_excludes_zero(lo, hi),
-                             method=method, n_a=int(n_a), n_b=int(n_b), df=df, missing=""))
-    out = pd.DataFrame(rows, columns=_DIFF_COLUMNS)
-    out["layer"] = out["layer"].astype("Int64")
-    out["excludes_zero"] = out["excludes_zero"].astype(bool)
-    return out
-
-
-def _cells(per_seed: pd.DataFrame) -> dict[tuple[str, str, int], dict[int, float]]:
-    """(stage, metric, layer) -> {seed: finite per-seed mean}; plain dicts keep this fast."""
-    cells: dict[tuple[str, str, int], dict[int, float]] = {}
-    cols = zip(per_seed["stage"], per_seed["metric"], per_seed["layer"], per_seed["seed"], per_seed["mean"])
-    for stage, metric, layer, seed, value in cols:
-        cell = cells.setdefault((str(stage), str(metric), int(layer)), {})
-        if np.isfinite(value):
-            cell[int(seed)] = float(value)
-    return cells
-
-
-def _stage_order(stage: str) -> tuple[int, int]:
+def stage_order(stage: str) -> tuple[int, int]:
     """init < step{N} (by N) < trained."""
     if stage == "init":
         return (0, 0)
@@ -697,6 +485,16 @@ def _method_text(g: pd.DataFrame) -> str:
     return "1 seed: no CI"
 
 
+def _family_text(df: pd.DataFrame) -> str:
+    """How many tests each correction family held (one family = one comparison and stage)."""
+    if "n_tests" not in df.columns:
+        return "the layer × metric tests of each comparison and stage"
+    sizes = pd.to_numeric(df["n_tests"], errors="coerce").dropna()
+    sizes = sizes[sizes > 0]
+    counts = _fmt_range(sizes.astype(int)) if not sizes.empty else "0"
+    return f"the {counts} layer × metric tests of each comparison and stage"
+
+
 def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
     df = diff_df.copy()
@@ -710,7 +508,7 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
     if not comps:
         for ax in axes[0]:
             _no_data(ax, "no comparisons")
-    any_ci = any_star = False
+    any_ci = False
     for r, (comp, a, b) in enumerate(comps):
         cdf = df[df["comparison"] == comp]
         missing = ", ".join(dict.fromkeys(m for m in cdf["missing"] if m))
@@ -736,12 +534,11 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
                 if np.isfinite(lo).any():
                     any_ci = True
                     ax.fill_between(x, lo, hi, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
-                star = s[s["excludes_zero"].astype(bool)]
+                star = s[s["significant"].astype(bool)]
                 if not star.empty:
-                    any_star = True
                     ax.plot(star["layer"].to_numpy(float), star["mean_diff"].to_numpy(float), linestyle="none",
                             marker="*", ms=11, color=style["color"], markeredgecolor="black", markeredgewidth=0.5)
-            _setup_layer_axis(ax, _layer_names(g))
+            _setup_layer_axis(ax, layer_names(g))
             ax.set_ylabel(f"Δ {metric_label(metric)}", fontsize=8)
             ax.text(0.02, 0.97, _method_text(g), transform=ax.transAxes, ha="left", va="top", fontsize=7,
                     color="0.25", bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.85, "pad": 2})
@@ -753,9 +550,9 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
     if any_ci:
         handles.append(Patch(color="0.6", alpha=0.5))
         labels.append("shaded: 95% CI of A − B across seeds (paired t if same seeds, else Welch)")
-    if any_star:
+    if any_ci:
         handles.append(Line2D([], [], linestyle="none", marker="*", ms=11, color="0.5", markeredgecolor="black"))
-        labels.append("star: layer where the 95% CI excludes 0")
+        labels.append(f"star: significant after {CORRECTION_TEXT} over {_family_text(df)}")
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     seeds_note = ""
     if "method" in df.columns and (df["method"] == "single-seed").all():
@@ -766,9 +563,10 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
 
 def plot_differences(diff_df: pd.DataFrame, out_path: Path | str, data_label: str,
                      metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
-    """Grid of A − B per layer (rows = comparisons, columns = metrics) from ``compute_differences``.
+    """Grid of A − B per layer (rows = comparisons, columns = metrics) from ``tga.compare.compute_differences``.
 
-    Stars mark layers whose 95% CI excludes zero; a comparison with a variant lacking data
+    Stars mark layers whose difference is significant after the Benjamini–Hochberg
+    correction (``significant`` in the table); a comparison with a variant lacking data
     shows 'missing: <variant>' instead of vanishing.
     """
     return _save(_figure_differences(diff_df, data_label, metrics), out_path)
@@ -855,7 +653,7 @@ def _stage_steps(df: pd.DataFrame) -> dict[str, int]:
     """stage -> step, ordered along training (init first)."""
     pairs = df[["stage", "step"]].drop_duplicates("stage")
     ordered = sorted(zip(pairs["stage"].astype(str), pairs["step"].astype(int)),
-                     key=lambda p: (p[1], _stage_order(p[0])))
+                     key=lambda p: (p[1], stage_order(p[0])))
     return {stage: step for stage, step in ordered}
 
 
@@ -913,7 +711,7 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
                             metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
     stage_steps = _stage_steps(summary)
-    names = _layer_names(summary)
+    names = layer_names(summary)
     layers = sorted(names)
     cmap, norm = _depth_colormap(layers)
     color_of = {layer: cmap(norm(i)) for i, layer in enumerate(layers)}
@@ -1021,7 +819,7 @@ def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: 
     mats, tokens, names = _load_similarity(npz_path, prompt)
     if not mats:
         raise ValueError(f"{npz_path}: no similarity matrices for prompt {prompt}")
-    stages = sorted({k[0] for k in mats}, key=_stage_order)
+    stages = sorted({k[0] for k in mats}, key=stage_order)
     after = after or stages[-1]
     for stage in (before, after):
         if stage not in stages:
@@ -1096,7 +894,7 @@ def _figure_similarity_change(metrics_df: pd.DataFrame, title: str, data_label: 
     for stage in (before, after):
         if stage not in stage_steps:
             raise ValueError(f"stage {stage!r} not in the metrics table; stages: {list(stage_steps)}")
-    names = _layer_names(df)
+    names = layer_names(df)
     b = df[df["stage"] == before].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
     a = df[df["stage"] == after].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
     delta = (a - b).dropna(how="all")

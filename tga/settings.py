@@ -166,3 +166,66 @@ def schema_error_message(error: BaseException, schema_path: str | Path) -> str:
         message = re.sub(r"^(Unevaluated|Additional) properties are not allowed", "unknown key", message)
         message += f"; valid keys: {sorted(allowed)}"
     return f"Invalid config: {key}: {message}"
+
+
+_INTEGER = re.compile(r"^[+-]?\d+$")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_BOOLEAN = {"true": True, "false": False}
+
+
+def _resolve_schema(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """The schema with its ``$ref`` and ``allOf`` parts merged into one mapping, so the
+    type a key asks for can be read in one place."""
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        schema = {**_resolve_schema(target, root), **{k: v for k, v in schema.items() if k != "$ref"}}
+    for part in schema.get("allOf", []):
+        resolved = _resolve_schema(part, root)
+        merged = {**resolved.get("properties", {})}
+        for key, sub in schema.get("properties", {}).items():
+            merged[key] = {**merged.get(key, {}), **sub}
+        schema = {**resolved, **schema, "properties": merged}
+    return schema
+
+
+def _coerce_scalar(value: str, types: list[str]) -> Any:
+    text = value.strip()
+    if "string" in types:
+        return value
+    if "integer" in types and _INTEGER.match(text):
+        return int(text)
+    if "number" in types and _NUMBER.match(text):
+        number = float(text)
+        return int(number) if _INTEGER.match(text) else number
+    if "boolean" in types and text.lower() in _BOOLEAN:
+        return _BOOLEAN[text.lower()]
+    if "null" in types and text.lower() in ("null", "none", "~"):
+        return None
+    return value
+
+
+def coerce_config_types(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+    """``value`` with strings turned into the integer, number or boolean its schema asks
+    for. ``snakemake --config 'seeds=[0,1,2]'`` hands over the strings '0', '1', '2';
+    the schema, not the command line, decides what a key's type is. Strings that do not
+    look like the type asked for are left alone, so validation still names them."""
+    root = schema if root is None else root
+    schema = _resolve_schema(schema, root)
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else None)
+            out[key] = coerce_config_types(item, sub, root) if sub is not None else item
+        return out
+    if isinstance(value, list):
+        items = schema.get("items")
+        return [coerce_config_types(item, items, root) for item in value] if isinstance(items, dict) else value
+    if isinstance(value, str):
+        types = schema.get("type", [])
+        types = [types] if isinstance(types, str) else list(types)
+        return _coerce_scalar(value, types) if types else value
+    return value

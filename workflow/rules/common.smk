@@ -3,16 +3,20 @@ import re
 import sys
 import warnings
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tga.settings import ConfigError, check_config, resolve_variant, schema_error_message
+from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 from tga.settings import SlowJobWarning
 from tga.train import failure_matches_settings, read_failure_record
 
 
+# --config values arrive as strings ('seeds=[0,1,2]' gives '0', '1', '2'): the schema decides their types.
+config.update(coerce_config_types(dict(config), yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml")))))
 try:
     validate(config, "../schemas/config.schema.yaml")
 except WorkflowError as error:
