@@ -3,8 +3,9 @@ under the papers' own assumptions, and shown to fail on broken models.
 
 Each check is a function in ``tga.science`` that measures a model and returns a
 ``CheckResult``; the same function serves the test that the intact model agrees with the
-paper and the tests that broken models do not. A mutation is applied to the built model
-inside the test (forward hooks or the block's own switches), never to the library:
+paper and the tests that broken models do not. A mutation (``tga.science``) is applied
+to the built model inside the test (forward hooks or the block's own switches), never to
+the library code:
 
 - ``sublayers_x1000``: every attention and MLP output multiplied by 1000;
 - ``residual_removed``: every block drops its skip connection;
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from tga.model import ModelConfig, Transformer
+from tga.model import ModelConfig
 from tga.science import (
     MIN_KEPT,
     Build,
@@ -40,7 +41,11 @@ from tga.science import (
     check_xiong_lemma2_postln,
     check_xiong_lemma2_preln,
     lemma2_config,
+    pre_post_swapped,
     relative_residual,
+    residual_removed,
+    residual_restored,
+    sublayers_x1000,
 )
 
 LEMMA_PROBE = Probe()  # 32 seeds: Post-LN's spread is per seed (see MAX_RELATIVE_HALF_WIDTH)
@@ -57,41 +62,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------- mutations
-
-
-def _mutate(build: Build, change: Callable[[Transformer], None]) -> Build:
-    def mutated(seed: int) -> Transformer:
-        model = build(seed)
-        change(model)
-        return model
-    return mutated
-
-
-def sublayers_x1000(build: Build) -> Build:
-    def change(model: Transformer) -> None:
-        for block in model.blocks:
-            for sublayer in (block.attn, block.mlp):
-                if sublayer is not None:
-                    sublayer.register_forward_hook(lambda _module, _inputs, output: output * 1000.0)
-    return _mutate(build, change)
-
-
-def _set_blocks(name: str, attribute: str, value: Callable[[bool], bool]) -> Callable[[Build], Build]:
-    def mutation(build: Build) -> Build:
-        def change(model: Transformer) -> None:
-            for block in model.blocks:
-                setattr(block, attribute, value(getattr(block, attribute)))
-        return _mutate(build, change)
-    mutation.__name__ = name
-    return mutation
-
-
-residual_removed = _set_blocks("residual_removed", "residual", lambda _: False)
-residual_restored = _set_blocks("residual_restored", "residual", lambda _: True)
-pre_post_swapped = _set_blocks("pre_post_swapped", "pre", lambda pre: not pre)
 
 
 # ----------------------------------------------------------------- the measure itself

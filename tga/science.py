@@ -317,3 +317,42 @@ def check_dong_skip_keeps_rank(build: Build, probe: Probe, min_kept: float = MIN
                            f"{kept[seed, l]:.3g} < {min_kept}", values)
     return CheckResult(name, True, f"smallest res_l/res_0 over seeds and blocks {kept.min():.3f} "
                        f"(mean at block {kept.shape[1]}: {kept[:, -1].mean():.3f})", values)
+
+
+# ----------------------------------------------------------------- broken models
+# Mutations of a built model, for showing that each check fails when the model is broken
+# (tests/test_science.py, benchmarks/science_figures.py). They act on the model a build
+# returns (forward hooks, the blocks' own switches), never on the library code.
+
+
+def _mutate(build: Build, change: Callable[[Transformer], None]) -> Build:
+    def mutated(seed: int) -> Transformer:
+        model = build(seed)
+        change(model)
+        return model
+    return mutated
+
+
+def sublayers_x1000(build: Build) -> Build:
+    """Every attention and MLP output multiplied by 1000."""
+    def change(model: Transformer) -> None:
+        for block in model.blocks:
+            for sublayer in (block.attn, block.mlp):
+                if sublayer is not None:
+                    sublayer.register_forward_hook(lambda _module, _inputs, output: output * 1000.0)
+    return _mutate(build, change)
+
+
+def _set_blocks(name: str, attribute: str, value: Callable[[bool], bool]) -> Callable[[Build], Build]:
+    def mutation(build: Build) -> Build:
+        def change(model: Transformer) -> None:
+            for block in model.blocks:
+                setattr(block, attribute, value(getattr(block, attribute)))
+        return _mutate(build, change)
+    mutation.__name__ = name
+    return mutation
+
+
+residual_removed = _set_blocks("residual_removed", "residual", lambda _: False)
+residual_restored = _set_blocks("residual_restored", "residual", lambda _: True)
+pre_post_swapped = _set_blocks("pre_post_swapped", "pre", lambda pre: not pre)
