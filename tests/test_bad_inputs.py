@@ -99,8 +99,6 @@ CONFIG_CASES = [
     ("data file is a directory", lambda c: c["data"].update(source="text", train=str(ROOT / "config"), validation="b.txt",
                                                              test="c.txt"), "data.train: '" + str(ROOT / "config") + "' is a directory"),
     ("archive is a directory", setter("data", "archive", str(ROOT / "config")), "data.archive: '" + str(ROOT / "config") + "' is a directory"),
-    ("prompts file not UTF-8", setter("geometry", "prompts", str(ROOT / "docs" / "figures" / "science_init_checks.png")),
-     "geometry.prompts: file '" + str(ROOT / "docs" / "figures" / "science_init_checks.png") + "' is not valid UTF-8"),
 ]
 
 
@@ -205,9 +203,6 @@ CLI_CASES = [
     ("download: half of the text splits", ["download", "--data-dir", "{tmp}/d", "--text-train", "{tmp}/a.txt"], "--text-validation"),
     ("analyze: prompts is a directory", ["analyze", "--prompts", "{tmp}/data", "--trained-model", "{tmp}/m.pt",
                                          "--tokenizer", "char", "--output-dir", "{tmp}/out"], "/data' is a directory, not a file"),
-    ("analyze: prompts not UTF-8", ["analyze", "--prompts", str(ROOT / "docs" / "figures" / "science_init_checks.png"),
-                                    "--trained-model", "{tmp}/m.pt", "--tokenizer", "char", "--output-dir", "{tmp}/out"],
-     "is not valid UTF-8 (byte 0x89 at offset 0)"),
     ("download: text split is a directory", ["download", "--data-dir", "{tmp}/d", "--text-train", "{tmp}/data",
                                              "--text-validation", "{tmp}/a.txt", "--text-test", "{tmp}/a.txt"],
      "/data' is a directory, not a file"),

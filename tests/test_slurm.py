@@ -185,3 +185,50 @@ def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
     for rule_log in (workdir / "outputs" / "logs").rglob("*.log"):
         assert "Traceback" not in rule_log.read_text(), rule_log
     print(f"\nSLURM workflow test: {len(submitted)} SLURM jobs, {time.monotonic() - started:.1f}s wall time")
+
+
+@pytest.mark.slurm
+def test_a_failing_slurm_job_ends_the_run_with_its_error(tmp_path):
+    """A training job that fails at once (its window is longer than the training text)
+    must end the run with that job's error within a minute or two, on a cluster without
+    accounting (no slurmdbd: sacct is installed but answers nothing), with the status
+    command left to profiles/slurm."""
+    _require_plugin()
+    missing = missing_programs()
+    _require(not missing, f"SLURM/munge programs missing: {', '.join(missing)} "
+                          f"(apt-get install --no-install-recommends {DEBIAN_PACKAGES})")
+    _require(os.geteuid() == 0, "the one-node SLURM cluster needs root (slurmd starts the jobs)")
+    config = {**CONFIG, "resources": {"train_threads": 1, "train_gpus": 0}}
+    workdir = _make_workdir(tmp_path / "workflow", config)
+    main = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    train_chars = len((workdir / config["data"]["train"]).read_text(encoding="utf-8"))
+    main["variants"]["a"] = {"norm_position": "pre", "block_size": train_chars + 1000, "batch_size": 1, "dropout": 0.0}
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(main, sort_keys=False))
+    # The tokenizer and token files locally first, so the one SLURM job is the failing one.
+    tokens = [f"outputs/data/tokens/{split}.bin" for split in ("train", "validation")]
+    local = _snakemake(workdir, "--workflow-profile", "none", "--cores", "2", *tokens)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    with one_node_cluster(tmp_path / "slurm", gpus=0) as cluster:
+        accounting = cluster.run("sacct", "--noheader", "-X", check=False)
+        assert accounting.returncode != 0 or not accounting.stdout.strip(), accounting  # sacct cannot help here
+        profile = _parse_profile(ROOT / "profiles" / "slurm" / "config.yaml", SLURM_CONF=str(cluster.conf),
+                                 PATH=cluster.env["PATH"])
+        assert profile["slurm-status-command"] == "squeue", profile  # chosen by the profile: no accounting here
+        env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
+        started = time.monotonic()
+        proc = _snakemake(workdir, "--workflow-profile", "slurm", "--slurm-init-seconds-before-status-checks", "1",
+                          "--slurm-no-account", "--latency-wait", "5", "outputs/models/a/seed0/final.pt",
+                          env=env, timeout=240)
+        waited = time.monotonic() - started
+        log = proc.stdout + proc.stderr
+        finished = cluster.finished_jobs()
+
+    assert proc.returncode != 0, log[-4000:]
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+    assert len(submitted) == 1 and finished[submitted[0]]["JobState"] == "FAILED", (submitted, finished)
+    assert "Error in rule train" in log
+    # the job's own error, shown by the run (show-failed-logs), not only a pointer to a log file
+    assert f"fewer than block_size+1={train_chars + 1001}" in log, log[-4000:]
+    assert waited < 180, waited  # not left waiting for a status that never comes
+    print(f"\nfailing SLURM job: the run ended {waited:.1f}s after it started")

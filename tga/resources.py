@@ -364,6 +364,8 @@ def _gpu_memory(index: int) -> tuple[int, str]:
     context, so that checking does not make one (it would hold GPU memory all run)."""
     import torch
 
+    if not torch.cuda.is_available():
+        return 0, "no GPU"  # nothing to compare with: the job itself says CUDA is missing
     if not torch.cuda.is_initialized():
         try:
             out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.total,name",

@@ -8,7 +8,7 @@ import re
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -66,11 +66,12 @@ def check_file(path: str | Path | None, key: str, hint: str, utf8: bool = False)
             ) from None
 
 
-def check_config(config: dict[str, Any], this_machine: bool = True) -> None:
+def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callable[[str], None] | None = None) -> None:
     """Cross-key checks that the schema cannot make; raises one ConfigError naming
     the key at fault. Then every job's estimated memory (tga/resources.py): with
     ``this_machine`` (the jobs run here) a job that cannot fit in this machine's memory
-    is refused now; a step estimated to be slow gives a SlowJobWarning."""
+    is refused now; a step estimated to be slow is passed to ``warn`` (default: a
+    SlowJobWarning)."""
     resolved_variants = {variant: resolve_variant(config, variant) for variant in config["variants"]}
     for variant, resolved in resolved_variants.items():
         try:
@@ -122,14 +123,17 @@ def check_config(config: dict[str, Any], this_machine: bool = True) -> None:
                 + (f" for the shallowest variant (n_layer={n_layer_min})" if n_layer_max != n_layer_min else "")
             )
 
-    _check_resources(config, resolved_variants, this_machine)
+    _check_resources(config, resolved_variants, this_machine, warn)
 
 
 class SlowJobWarning(UserWarning):
     """A job estimated to take very long per step; it still runs."""
 
 
-def _check_resources(config: dict[str, Any], resolved_variants: dict[str, dict[str, Any]], this_machine: bool) -> None:
+def _check_resources(
+    config: dict[str, Any], resolved_variants: dict[str, dict[str, Any]], this_machine: bool,
+    warn: Callable[[str], None] | None,
+) -> None:
     """Refuse a variant whose job cannot fit in this machine's (or its GPU's) memory,
     before the DAG runs; warn about very slow steps."""
     from tga.resources import ResourceError, check_fits, estimate_variant_jobs, slow_step_warning, vocab_size_for
@@ -144,7 +148,9 @@ def _check_resources(config: dict[str, Any], resolved_variants: dict[str, dict[s
                 except ResourceError as exc:
                     raise ConfigError(str(exc)) from None
             warning = slow_step_warning(estimate, what=where)
-            if warning:
+            if warning and warn is not None:
+                warn(warning)
+            elif warning:
                 warnings.warn(warning, SlowJobWarning, stacklevel=3)
 
 

@@ -1,7 +1,6 @@
 # Config validation and the helpers every rule file uses.
 import re
 import sys
-import warnings
 
 import yaml
 
@@ -11,7 +10,6 @@ from snakemake.utils import validate
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
-from tga.settings import SlowJobWarning
 from tga.train import failure_matches_settings, read_failure_record
 
 
@@ -25,11 +23,7 @@ except WorkflowError as error:
 try:
     # Memory is checked against this machine only when the jobs run here; on a cluster
     # each job checks on its node, and the scheduler gets the estimates (mem_mb below).
-    with warnings.catch_warnings(record=True) as slow_jobs:
-        warnings.simplefilter("always", SlowJobWarning)
-        check_config(config, this_machine=workflow.local_exec)
-    for slow in {str(w.message) for w in slow_jobs if issubclass(w.category, SlowJobWarning)}:
-        print(f"tga: warning: {slow}", file=sys.stderr)
+    check_config(config, this_machine=workflow.local_exec, warn=lambda slow: print(f"tga: warning: {slow}", file=sys.stderr))
 except ConfigError as error:
     raise WorkflowError(f"Invalid config: {error}") from None
 
