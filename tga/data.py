@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tga.atomic import atomic_write_many
+
 __all__ = [
     "DataError",
     "SPLITS",
@@ -83,28 +85,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _atomic_write_many(files: Mapping[Path, bytes]) -> None:
-    """Write every file to a temp name first and rename only when all succeeded, so a
-    failure never leaves a half-written or partial set of outputs behind."""
-    tmps: dict[Path, Path] = {}
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _tmp_name(path)
-            tmps[path] = tmp
-            with open(tmp, "wb") as f:
-                f.write(data)
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
 
 
 def _check_split_bytes(data: bytes, what: str) -> None:
@@ -254,7 +234,7 @@ def download_wikitext2(
     targets = {split: out / f"{split}.txt" for split in SPLITS}
 
     def write(texts: Mapping[str, bytes]) -> None:
-        _atomic_write_many({targets[s]: texts[s] for s in SPLITS})
+        atomic_write_many({targets[s]: texts[s] for s in SPLITS})
 
     if archive is not None:
         write(_splits_from_zip(Path(archive).expanduser(), zip_sha256, member_sha256))
@@ -312,7 +292,7 @@ def copy_text_splits(
         _check_split_bytes(data, f"{split} split file {src} (`{key}`)")
         files[out / f"{split}.txt"] = data
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_many(files)
+    atomic_write_many(files)
 
 
 def prepare_corpus(data_config: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> None:
@@ -376,7 +356,7 @@ def tokenize_to_file(text_path: str | os.PathLike[str], tokenizer: Any, out_path
         "n_words": len(text.split()),
         "sha256": _sha256_bytes(payload),
     }
-    _atomic_write_many({out_path: payload, _sidecar(out_path): (json.dumps(meta, indent=1) + "\n").encode("utf-8")})
+    atomic_write_many({out_path: payload, _sidecar(out_path): (json.dumps(meta, indent=1) + "\n").encode("utf-8")})
     return meta
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from tga.atomic import atomic_write_text
 from tga.data import load_token_file, non_overlapping_windows, read_token_metadata, tokens_to_tensor
 from tga.device import autocast_context, resolve_device
 from tga.model import load_checkpoint
@@ -127,13 +127,5 @@ def evaluate_checkpoint(
         "block_size": model.config.block_size,
     })
     result.update(perplexity_metrics(total, count, int(meta["n_bytes"]), int(meta["n_words"])))
-    write_json(out_json, result)
+    atomic_write_text(out_json, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

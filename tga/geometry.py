@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,6 +56,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+
+from tga.atomic import atomic_write
 
 __all__ = [
     "EPS",
@@ -772,19 +773,6 @@ def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return out[SUMMARY_COLUMNS]
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then ``os.replace`` so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def analyze_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike[str]],
     prompts_path: str | os.PathLike[str],
@@ -864,10 +852,10 @@ def analyze_checkpoints(
         with open(p, "wb") as f:
             np.savez_compressed(f, **mats)
 
-    _atomic_write(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
-    _atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
-    _atomic_write(out / "prompts.csv", lambda p: prompt_table.to_csv(p, index=False))
-    _atomic_write(out / "similarity.npz", _npz)
+    atomic_write(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
+    atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    atomic_write(out / "prompts.csv", lambda p: prompt_table.to_csv(p, index=False))
+    atomic_write(out / "similarity.npz", _npz)
 
 
 def analyze_run(

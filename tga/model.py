@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +20,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tga.atomic import atomic_write_bytes
 
 NORM_POSITIONS = ("pre", "post")
 NORMS = ("rmsnorm", "layernorm")
@@ -415,8 +415,6 @@ class Transformer(nn.Module):
 
 def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None = None) -> None:
     """Write atomically so an interrupted job never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     raw = getattr(model, "_orig_mod", model)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -428,15 +426,7 @@ def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None
     # temporary name directly would make identical weights differ byte for byte.
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(

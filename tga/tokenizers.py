@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from tga.atomic import atomic_write_text
+
 __all__ = [
     "BPE_ALIASES",
     "CharTokenizer",
@@ -106,14 +108,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON description atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=True) + "\n")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
