@@ -23,7 +23,7 @@ from tga.settings import ConfigError, check_config, schema_error_message
 from tga.tokenizers import CharTokenizer, TokenizerError, create_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"  # links to tga/config.schema.yaml
 BASE = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
 
 
@@ -35,7 +35,7 @@ def config_error(edit: Callable[[dict], None], tmp_path: Path) -> str:
     try:
         validate(config, str(SCHEMA))
     except WorkflowError as error:
-        return schema_error_message(error, SCHEMA)
+        return schema_error_message(error)
     with pytest.raises(ConfigError) as info:
         check_config(config)
     return str(info.value)

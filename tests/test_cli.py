@@ -20,6 +20,7 @@ import pytest
 import tga.plots
 from tga.cli import build_parser, main
 from tga.data import read_token_metadata
+from tga.geometry import CROSS_PROMPT
 from tga.model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tga.tokenizers import load_tokenizer
 
@@ -63,7 +64,7 @@ def is_png(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """download -> train (defaults: Post-LN, GELU, RMSNorm) on the shipped sample, char tokenizer."""
+    """download -> train (the workflow's defaults: Pre-LN, SwiGLU, RMSNorm) on the shipped sample, char tokenizer."""
     root = tmp_path_factory.mktemp("cli")
     data = root / "data"
     downloaded = download_sample(data)
@@ -100,8 +101,9 @@ def test_train_writes_the_run_and_token_files(study: dict) -> None:
     tokenizer = load_tokenizer(run / "tokenizer.json")
     model, extra = load_checkpoint(run / "final.pt")
     assert extra["step"] == 5
-    # The seed's defaults: Post-LN unless --pre-ln, GELU unless --use-swiglu.
-    assert (model.config.norm_position, model.config.activation, model.config.norm) == ("post", "gelu", "rmsnorm")
+    # The workflow's defaults, from the one schema: Pre-LN, SwiGLU, RMSNorm, rotary positions.
+    assert (model.config.norm_position, model.config.activation, model.config.norm) == ("pre", "swiglu", "rmsnorm")
+    assert model.config.position_encoding == "rope"
     assert (model.config.n_layer, model.config.n_embd, model.config.n_head, model.config.block_size) == (1, 32, 2, 32)
     assert model.config.vocab_size == tokenizer.vocab_size
     for split in ("train", "validation", "test"):
@@ -138,7 +140,7 @@ def test_analyze_writes_geometry_and_figures(study: dict) -> None:
     metrics = pd.read_csv(out_dir / "metrics.csv")
     assert set(metrics["stage"]) == {"init", "trained"}
     assert set(metrics["layer"]) == {0, 1, 2}
-    assert set(metrics["prompt"]) == {0, 1, 2}
+    assert set(metrics["prompt"]) == {CROSS_PROMPT, 0, 1, 2}  # -1: the cross-prompt baseline rows
     summary = pd.read_csv(out_dir / "summary.csv")
     cos = summary[summary["metric"] == "mean_cosine"]["mean"]
     assert ((cos > -1) & (cos <= 1)).all()
@@ -284,6 +286,22 @@ def test_help_explains_every_flag(command: str) -> None:
         assert "(default: 8)" in out  # --batch-size: defaults are shown
 
 
+@pytest.mark.parametrize("command", ["train", "evolve"])
+def test_setting_flags_are_the_schemas_keys_with_its_defaults(command: str) -> None:
+    """Every model and training key of the workflow is a flag of train/evolve, with the
+    schema's default (evolve derives its intervals, and warmup is capped by the steps)."""
+    from tga.schema import key_specs
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    defaults: dict[str, object] = {}
+    for action in subparsers.choices[command]._actions:  # the first action of a dest sets its default
+        defaults.setdefault(action.dest, action.default)
+    derived = {"warmup_steps", *(("checkpoint_interval", "eval_interval") if command == "evolve" else ())}
+    for section in ("model", "training"):
+        for key, spec in key_specs(section).items():
+            assert defaults[key] == (None if key in derived else spec["default"]), key
+
+
 def test_top_level_help_and_missing_command() -> None:
     code, out, _ = cli("--help")
     assert code == 0
@@ -318,7 +336,7 @@ def test_train_bad_input_writes_nothing(study: dict, tmp_path: Path) -> None:
     assert_error(cli(*base, "--tokenizer", "bpe", "--encoder-json", tmp_path / "encoder.json"), "--vocab-bpe")
     assert_error(cli(*base, "--tokenizer", "char", "--vocab-bpe", tmp_path / "v.bpe"), "--vocab-bpe", "bpe")
     assert_error(cli(*base, "--tokenizer", "bpe", "--encoder-json", tmp_path / "e.json", "--vocab-bpe",
-                     tmp_path / "v.bpe"), "e.json", "not found")
+                     tmp_path / "v.bpe"), "--encoder-json", "e.json", "does not exist")
     assert_error(cli(*base, "--tokenizer", "char", "--n-embd", 30, "--n-head", 4), "n_embd=30", "n_head=4", "--n-embd")
     assert_error(cli(*base, "--tokenizer", "char", "--max-steps", 5, "--warmup-steps", 10),
                  "warmup_steps=10", "--warmup-steps")
@@ -363,7 +381,7 @@ def test_analyze_bad_prompts(study: dict, tmp_path: Path) -> None:
     assert_error(analyze(blank), "blank.txt", "only comments/blank lines")
     short = tmp_path / "short.txt"
     short.write_text("A fine prompt .\nab\n")
-    assert_error(analyze(short), "prompt 1", "2 token(s)", "at least 3")
+    assert_error(analyze(short), "prompt 1", "2 distinct token(s)", "at least 3")
     exactly3 = tmp_path / "three.txt"
     exactly3.write_text("abc\n")
     assert_error(analyze(exactly3, "--exclude-first-token"), "prompt 0", "after excluding the first token")

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -39,11 +38,12 @@ from tga.geometry import (
     load_prompts,
     resolve_layer_indices,
 )
-from tga.model import NORMS, CheckpointError, ModelConfig, ModelConfigError, Transformer, load_checkpoint
+from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
 from tga.settings import ConfigError, check_file
 from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, create_tokenizer, load_tokenizer
-from tga.train import TrainConfig, TrainConfigError, TrainingError, train_model
+from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs
+from tga.train import TrainingError, train_model
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -51,7 +51,6 @@ TOKENIZER_CHOICES = ("tiktoken", "bpe", "char")
 # Keys of a GPT-2 tokenizer JSON that say how it was built, not which ids it gives
 # (every route is hash-checked to give the same ids), so they do not block reuse.
 _TOKENIZER_ROUTE_KEYS = ("source", "encoder_json", "vocab_bpe")
-_SETTING_RE = re.compile(r"setting (\w+)=")
 _DESCRIPTION = """\
 Train small LLaMA-style transformer variants (Pre-LN/Post-LN, RMSNorm/LayerNorm,
 SwiGLU/GELU) and measure the geometry of their token representations.
@@ -88,7 +87,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     defaults computed at run time, which the help text explains)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0 or action.default is None:
+        switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if switch or action.default is None:
             return action.help
         return super()._get_help_string(action)
 
@@ -103,8 +103,7 @@ _LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
     TokenizerError,
     GeometryError,
     CheckpointError,
-    ModelConfigError,
-    TrainConfigError,
+    SettingError,
     ConfigError,
     TrainingError,
     DeviceError,
@@ -132,51 +131,59 @@ def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
                    help="GPT-2's vocab.bpe, for --tokenizer bpe")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    d = ModelConfig()
-    g = p.add_argument_group("model architecture")
-    pos = g.add_mutually_exclusive_group()
-    pos.add_argument("--pre-ln", dest="norm_position", action="store_const", const="pre",
-                     help="Pre-LN blocks, x + f(norm(x)) (LLaMA/GPT-2 style)")
-    pos.add_argument("--post-ln", dest="norm_position", action="store_const", const="post",
-                     help="Post-LN blocks, norm(x + f(x)) (original Transformer; the default unless --pre-ln)")
-    p.set_defaults(norm_position="post")
-    g.add_argument("--use-swiglu", action="store_true",
-                   help="SwiGLU MLP (LLaMA); without this flag the MLP uses GELU")
-    g.add_argument("--norm", choices=NORMS, default=d.norm, help="normalization layer")
-    g.add_argument("--n-layer", type=int, default=d.n_layer, help="number of transformer blocks")
-    g.add_argument("--n-head", type=int, default=d.n_head, help="attention heads per block (must divide --n-embd)")
-    g.add_argument("--n-embd", type=int, default=d.n_embd, help="width of the residual stream")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="context length in tokens")
-    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability, in [0, 1)")
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
 
 
-def _add_training_args(p: argparse.ArgumentParser, evolve: bool) -> None:
-    d = TrainConfig()
-    g = p.add_argument_group("training")
-    if not evolve:
-        g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help="peak AdamW learning rate (linear warmup, then cosine decay to 10%% of it)")
-    g.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warmup steps; default: a tenth of the steps, at most {d.warmup_steps}")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matmul weights only)")
-    if evolve:
-        g.add_argument("--eval-interval", type=int, default=None,
-                       help="validate every this many steps; default: the checkpoint interval")
-        g.add_argument("--checkpoint-interval", type=int, default=None,
-                       help="keep a checkpoint every this many steps; default: a fifth of --iterations")
+def _schema_flag(g: Any, section: str, key: str, flag: str | None = None, **overrides: Any) -> argparse.Action:
+    """One flag for a config key, with the type, choices, default and help the schema
+    (tga/config.schema.yaml) gives it; booleans get --KEY/--no-KEY."""
+    spec = key_specs(section)[key]
+    types = [spec["type"]] if isinstance(spec.get("type"), str) else list(spec.get("type", []))
+    kwargs: dict[str, Any] = {"dest": key, "default": spec["default"],
+                              "help": spec.get("description", key.replace("_", " ")).replace("%", "%%")}
+    if "enum" in spec:
+        kwargs["choices"] = spec["enum"]
+    elif "boolean" in types:
+        kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="validate every this many steps")
-        g.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval,
-                       help="keep checkpoints/stepNNNNNN.pt every this many steps")
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches,
-                   help="validation batches (of --batch-size windows) per evaluation")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and the batch order")
-    g.add_argument("--device", default=d.device, help="auto (cuda > mps > cpu), cpu, cuda[:N] or mps")
+        kwargs["type"] = next(_FLAG_TYPES[t] for t in types if t in _FLAG_TYPES)
+    kwargs.update(overrides)
+    return g.add_argument(flag or f"--{key.replace('_', '-')}", **kwargs)
+
+
+def _add_settings(p: argparse.ArgumentParser, evolve: bool) -> None:
+    """Every model and training key of the workflow as a flag, plus the seed study's
+    shorthands --pre-ln/--post-ln and --use-swiglu. ``evolve`` names the step count
+    --iterations and derives the intervals from it."""
+    g = p.add_argument_group("model architecture (defaults: the workflow's, from tga/config.schema.yaml)")
+    pos = g.add_mutually_exclusive_group()
+    act = g.add_mutually_exclusive_group()
+    for key in key_specs("model"):
+        _schema_flag({"norm_position": pos, "activation": act}.get(key, g), "model", key)
+    pos.add_argument("--pre-ln", dest="norm_position", action="store_const", const="pre",
+                     help="Pre-LN blocks, x + f(norm(x)) (LLaMA/GPT-2 style): --norm-position pre")
+    pos.add_argument("--post-ln", dest="norm_position", action="store_const", const="post",
+                     help="Post-LN blocks, norm(x + f(x)) (original Transformer): --norm-position post")
+    act.add_argument("--use-swiglu", dest="activation", action="store_const", const="swiglu",
+                     help="SwiGLU MLP (LLaMA): --activation swiglu")
+    g = p.add_argument_group("training (defaults: the workflow's, from tga/config.schema.yaml)")
+    overrides: dict[str, dict[str, Any]] = {"warmup_steps": {
+        "default": None, "help": f"linear warmup steps; default: {defaults('training')['warmup_steps']}, "
+                                 "or all steps when there are fewer"}}
+    if evolve:
+        overrides["max_steps"] = {"help": "optimizer steps", "flag": "--iterations"}
+        overrides["checkpoint_interval"] = {"default": None, "help": "keep a checkpoint every this many steps; "
+                                            "default: a fifth of --iterations"}
+        overrides["eval_interval"] = {"default": None,
+                                      "help": "validate every this many steps; default: the checkpoint interval"}
+    flags = {}
+    for key in key_specs("training"):
+        action = _schema_flag(g, "training", key, **overrides.get(key, {}))
+        flags[key] = action.option_strings[0]
+    g.add_argument("--seed", type=int, default=TrainConfig().seed, help="seed of the initialization and the batch order")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a model already in the run folder (otherwise it is an error)")
+    p.set_defaults(flags=flags)
 
 
 def _add_geometry_args(p: argparse.ArgumentParser) -> None:
@@ -187,10 +194,9 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, nargs="+", default=None,
                    help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, "
                         "-1 = after the final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
-    g.add_argument("--exclude-first-token", action="store_true",
-                   help="drop position 0 (an attention sink with an outsized norm) before measuring")
-    g.add_argument("--knn-k", type=int, default=5, help="neighbours for the k-NN overlap metric")
-    g.add_argument("--analysis-device", default="cpu", help="device for the analysis forward passes")
+    _schema_flag(g, "geometry", "exclude_first_token", action="store_true")
+    _schema_flag(g, "geometry", "knn_k")
+    _schema_flag(g, "geometry", "device", "--analysis-device", dest="analysis_device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "<output-dir>/<model-name>/.")
     _add_data_dir(p, "where `tga download` wrote them")
     _add_tokenizer_args(p)
-    _add_model_args(p)
-    _add_training_args(p, evolve=False)
+    _add_settings(p, evolve=False)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("models"), help="folder of the model folders")
     g.add_argument("--model-name", default=None,
@@ -239,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer JSON the model was trained with; default: tokenizer.json in the model folder")
     p.add_argument("--output", type=Path, default=None,
                    help="JSON to write; default: <checkpoint stem>_perplexity_<split>.json next to the checkpoint")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda[:N] or mps")
+    _schema_flag(p, "evaluation", "batch_size")
+    _schema_flag(p, "evaluation", "device")
 
     p = command("analyze", _cmd_analyze, "token geometry of a model at init and after training",
                 "Run the prompts through the model at initialization and after training and measure the "
@@ -264,12 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--checkpoint-interval steps, then measure the token geometry at initialization and at every "
                 "checkpoint (stages init, step<N>). The model goes to <output-dir>/model/, the geometry files "
                 "and figures to <output-dir>/.")
-    p.add_argument("--iterations", type=int, default=TrainConfig().max_steps, help="optimizer steps")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the model, geometry files and figures")
     _add_data_dir(p, "where `tga download` wrote them")
     _add_tokenizer_args(p)
-    _add_model_args(p)
-    _add_training_args(p, evolve=True)
+    _add_settings(p, evolve=True)
     _add_geometry_args(p)
     return parser
 
@@ -385,55 +388,21 @@ def _token_files(tokenizer: Tokenizer, data_dir: Path, splits: Sequence[str]) ->
     return files
 
 
-def _config_error(exc: Exception, flags: dict[str, str]) -> CLIError:
-    """The dataclass's message plus the flag that sets the culprit."""
-    m = _SETTING_RE.search(str(exc))
-    name = m.group(1) if m else None
-    flag = flags.get(name, f"--{name.replace('_', '-')}") if name else None
-    return CLIError(f"{exc} (set by {flag})" if flag else str(exc))
-
-
-def _model_config(args: argparse.Namespace) -> ModelConfig:
-    """Checked now, before any data work; ``vocab_size`` is set once the tokenizer is known."""
+def _settings(args: argparse.Namespace, **derived: Any) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training settings the flags give, checked now, before any data
+    work, by the same dataclasses (and schema) as the workflow's; a bad one names its
+    flag. ``vocab_size`` is set once the tokenizer is known."""
+    values = {**vars(args), **derived}
+    if values["warmup_steps"] is None:
+        values["warmup_steps"] = min(defaults("training")["warmup_steps"], values["max_steps"])
     try:
-        return ModelConfig(
-            vocab_size=1,
-            block_size=args.block_size,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            n_embd=args.n_embd,
-            norm_position=args.norm_position,
-            norm=args.norm,
-            activation="swiglu" if args.use_swiglu else "gelu",
-            dropout=args.dropout,
-        )
-    except ModelConfigError as exc:
-        raise _config_error(exc, {}) from None
-
-
-def _train_config(args: argparse.Namespace, max_steps: int, flags: dict[str, str], **overrides: Any) -> TrainConfig:
-    warmup = args.warmup_steps
-    if warmup is None:
-        warmup = min(TrainConfig().warmup_steps, max_steps // 10)
-    values = dict(
-        max_steps=max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=warmup,
-        weight_decay=args.weight_decay,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        checkpoint_interval=args.checkpoint_interval,
-        seed=args.seed,
-        device=args.device,
-    )
-    values.update(overrides)
-    try:
-        config = TrainConfig(**values)
-    except TrainConfigError as exc:
-        raise _config_error(exc, flags) from None
-    _check_device(config.device)
-    return config
+        model = ModelConfig(vocab_size=1, **{k: values[k] for k in key_specs("model")})
+        training = TrainConfig(seed=args.seed, **{k: values[k] for k in key_specs("training")})
+    except SettingError as exc:
+        flag = {**args.flags, "seed": "--seed"}.get(exc.key, f"--{exc.key.replace('_', '-')}")
+        raise CLIError(f"{exc} (set by {flag})") from None
+    _check_device(training.device)
+    return model, training
 
 
 def _check_device(name: str, flag: str = "--device") -> None:
@@ -454,13 +423,14 @@ def _load_prompts(path: Path) -> list[str]:
 
 @contextmanager
 def _no_empty_leftover(folder: Path) -> Iterator[None]:
-    """A failed command must not leave behind the empty folders it created (``folder``
-    and any missing parents)."""
+    """A failed command must not leave behind the empty folders it created (``folder``,
+    any missing parents, and empty folders made inside it, such as checkpoints/)."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         yield
     except BaseException:
-        for path in created:  # deepest first
+        inside = sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True) if created else []
+        for path in [*inside, *created]:  # deepest first
             if path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
         raise
@@ -603,8 +573,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    model_cfg = _model_config(args)
-    train_cfg = _train_config(args, args.max_steps, {})
+    model_cfg, train_cfg = _settings(args)
     name = args.model_name or (f"{model_cfg.norm_position}ln-{model_cfg.norm}-{model_cfg.activation}"
                                f"-seed{train_cfg.seed}")
     run_dir = args.output_dir / name
@@ -681,10 +650,9 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
 
     _check_device(args.analysis_device, "--analysis-device")
     prompts = _load_prompts(args.prompts)
-    model_cfg = _model_config(args)
-    interval = max(1, args.iterations // 5) if args.checkpoint_interval is None else args.checkpoint_interval
-    train_cfg = _train_config(args, args.iterations, {"max_steps": "--iterations"}, checkpoint_interval=interval,
-                              eval_interval=max(1, interval) if args.eval_interval is None else args.eval_interval)
+    interval = max(1, args.max_steps // 5) if args.checkpoint_interval is None else args.checkpoint_interval
+    model_cfg, train_cfg = _settings(args, checkpoint_interval=interval,
+                                     eval_interval=max(1, interval) if args.eval_interval is None else args.eval_interval)
     layers = _heatmap_layers(args.layers, model_cfg.n_layer)
     run_dir = args.output_dir / "model"
     _prepare_run_dir(run_dir, args.overwrite)
@@ -704,7 +672,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     with _truncation_noted(args.prompts, args.output_dir):
         analyze_evolution(stages, args.prompts, run_dir / "tokenizer.json", args.output_dir, geometry)
     title = _model_title(args.output_dir.name, model_cfg)
-    data_label = (f"trained {args.iterations} steps (lr {args.learning_rate:g}) on {args.data_dir / 'train.txt'}; "
+    data_label = (f"trained {train_cfg.max_steps} steps (lr {train_cfg.learning_rate:g}) on {args.data_dir / 'train.txt'}; "
                   f"{len(prompts)} prompts from {args.prompts}")
     made = _evolution_figures(args.output_dir, run_dir, title, data_label,
                               evolution_steps(dataclasses.asdict(train_cfg)))

@@ -1,7 +1,7 @@
 """Model evolution: token geometry at initialization and at every saved checkpoint.
 
 The stages analysed are derived from the variant's training settings (the same
-:func:`tga.train.checkpoint_steps` the training loop uses), never by listing the
+:func:`tga.schema.checkpoint_steps` the training loop uses), never by listing the
 checkpoint folder, so a stale checkpoint left over from an earlier run with another
 ``checkpoint_interval`` can never slip into the analysis, and a missing one is an error.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+# Torch-free at import: the workflow calls evolution_stages while it builds the DAG.
+from tga.schema import TrainConfig, checkpoint_steps
 
-from tga.geometry import GeometryError, analyze_run
-from tga.train import TrainConfig, checkpoint_steps
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["evolution_stages", "evolution_steps", "analyze_evolution"]
 
@@ -67,6 +68,10 @@ def analyze_evolution(
     name, so a checkpoint saved by a different run can never be plotted at the wrong place
     on the step axis.
     """
+    import pandas as pd
+
+    from tga.geometry import GeometryError, analyze_run
+
     missing = [f"{stage}: {path}" for stage, path in stages.items() if not Path(path).is_file()]
     if missing:
         raise GeometryError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,110 +22,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tga.atomic import atomic_write_bytes
+# The config is torch-free so that the workflow reads settings without torch.
+from tga.schema import ModelConfig, ModelConfigError
 
-NORM_POSITIONS = ("pre", "post")
-NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu", "relu")
-POSITION_ENCODINGS = ("learned", "rope")
-INITS = ("gpt2", "xavier")
 CHECKPOINT_FORMAT = "tga-checkpoint-v1"
 # Model keys added after checkpoints were first written, with the behaviour those older
 # checkpoints were trained with; a later default must not silently change their meaning.
 KEYS_ADDED_LATER = {"unigram_bias": False, "position_encoding": "learned", "init": "gpt2", "mlp_hidden": None}
-VOCAB_PAD_MULTIPLE = 64
-
-
-class ModelConfigError(ValueError):
-    """A model setting that cannot build a model."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or belongs to another architecture."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 50257
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    norm_position: str = "pre"
-    norm: str = "rmsnorm"
-    activation: str = "swiglu"
-    dropout: float = 0.1
-    bias: bool = False
-    norm_eps: float = 1e-5
-    residual: bool = True
-    mlp: bool = True
-    scale_embeddings: bool = False
-    unigram_bias: bool = False
-    position_encoding: str = "rope"
-    rope_base: float = 10000.0
-    init: str = "gpt2"
-    mlp_hidden: int | None = None
-
-    def __post_init__(self) -> None:
-        for name, allowed in (
-            ("norm_position", NORM_POSITIONS),
-            ("norm", NORMS),
-            ("activation", ACTIVATIONS),
-            ("position_encoding", POSITION_ENCODINGS),
-            ("init", INITS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ModelConfigError(
-                    f"model setting {name}={getattr(self, name)!r} is not one of {list(allowed)}"
-                )
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ModelConfigError(f"model setting {name}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ModelConfigError(
-                f"model setting n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                "choose n_embd as a multiple of n_head"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelConfigError(f"model setting dropout={self.dropout!r} must be in [0, 1)")
-        if self.position_encoding == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ModelConfigError(
-                f"model setting position_encoding='rope' needs an even head size, "
-                f"but n_embd/n_head = {self.n_embd // self.n_head}: change n_embd or n_head"
-            )
-        if not self.rope_base > 1.0:
-            raise ModelConfigError(f"model setting rope_base={self.rope_base!r} must be > 1")
-        if self.mlp_hidden is not None and (
-            not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden < 1
-        ):
-            raise ModelConfigError(
-                f"model setting mlp_hidden={self.mlp_hidden!r} must be a positive integer, "
-                "or null for the default width (4*n_embd; 2/3 of that for swiglu)"
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ModelConfigError(f"unknown model setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Vocabulary rounded up so the output matmul has tensor-core friendly shapes."""
-        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-
-    @property
-    def mlp_width(self) -> int:
-        """The FFN's hidden width: ``mlp_hidden`` when set, else 4*d for GELU and ReLU, and
-        2/3 of that for SwiGLU (rounded up to a multiple of 8 for the matmuls), so that
-        both MLPs hold about the same number of weights (SwiGLU has two input matrices)."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.activation != "swiglu":
-            return 4 * self.n_embd
-        return math.ceil(8 * self.n_embd / 3 / 8) * 8
 
 
 class BlockSums(NamedTuple):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from tga.model import ModelConfig
+from tga.schema import ModelConfig
 
 __all__ = [
     "MEMORY_SAFETY_FACTOR",

@@ -1,22 +1,19 @@
 """Resolving a variant's settings from the workflow config, and the checks a JSON
 schema cannot express. Both run before any job starts, so a bad config never leaves
-half-written outputs behind."""
+half-written outputs behind. Torch-free (the workflow imports this to build its DAG);
+the schema itself, and the settings' dataclasses, are tga/schema.py's."""
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema
 
-from tga.model import ModelConfig, ModelConfigError
-from tga.train import TrainConfig, TrainConfigError
-
-MODEL_KEYS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
-TRAINING_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("seed", "threads"))
+MODEL_KEYS = tuple(key_specs("model"))
+TRAINING_KEYS = tuple(key_specs("training"))
 
 
 class ConfigError(ValueError):
@@ -77,15 +74,16 @@ def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callab
         try:
             ModelConfig(**resolved["model"])
             TrainConfig(**resolved["training"])
-        except (ModelConfigError, TrainConfigError) as exc:
+        except SettingError as exc:
             raise ConfigError(f"variants.{variant}: {exc}") from None
 
     for index, pair in enumerate(config["comparisons"]):
         for name in pair:
-            if name not in config["variants"]:
+            if name not in config["variants"] and name not in (config.get("pretrained") or {}):
                 raise ConfigError(
                     f"comparisons[{index}] = {list(pair)} names unknown variant {name!r}; "
                     f"configured variants: {sorted(config['variants'])}"
+                    + (f", pretrained: {sorted(config['pretrained'])}" if config.get("pretrained") else "")
                 )
         if pair[0] == pair[1]:
             raise ConfigError(f"comparisons[{index}] compares {pair[0]!r} with itself: name two different variants")
@@ -155,9 +153,9 @@ def _check_resources(
 
 
 
-def schema_error_message(error: BaseException, schema_path: str | Path) -> str:
-    """One line naming the config key that failed the JSON schema, instead of the
-    validator's dump of the whole schema."""
+def schema_error_message(error: BaseException) -> str:
+    """One line naming the config key that failed the JSON schema (tga/schema.py's),
+    instead of the validator's dump of the whole schema."""
     candidates = [error.__cause__, error.__context__, *getattr(error, "args", ())]
     inner = next((c for c in candidates if hasattr(c, "absolute_path")), None)
     if inner is None:
@@ -165,7 +163,7 @@ def schema_error_message(error: BaseException, schema_path: str | Path) -> str:
     key = ".".join(str(p) for p in inner.absolute_path) or "<top level>"
     message = inner.message
     if inner.validator in ("additionalProperties", "unevaluatedProperties"):
-        defs = yaml.safe_load(Path(schema_path).read_text()).get("$defs", {})
+        defs = load_schema().get("$defs", {})
         allowed = set(inner.schema.get("properties", {}))
         for part in inner.schema.get("allOf", []):
             allowed |= set(defs.get(part.get("$ref", "").split("/")[-1], {}).get("properties", {}))
@@ -212,11 +210,13 @@ def _coerce_scalar(value: str, types: list[str]) -> Any:
     return value
 
 
-def coerce_config_types(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = None) -> Any:
+def coerce_config_types(value: Any, schema: dict[str, Any] | None = None, root: dict[str, Any] | None = None) -> Any:
     """``value`` with strings turned into the integer, number or boolean its schema asks
     for. ``snakemake --config 'seeds=[0,1,2]'`` hands over the strings '0', '1', '2';
     the schema, not the command line, decides what a key's type is. Strings that do not
-    look like the type asked for are left alone, so validation still names them."""
+    look like the type asked for are left alone, so validation still names them.
+    ``schema`` defaults to the packaged one."""
+    schema = load_schema() if schema is None else schema
     root = schema if root is None else root
     schema = _resolve_schema(schema, root)
     if isinstance(value, dict):

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from tga.device import autocast_context, resolve_device, resolved_precision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.resources import check_training_fits
+# The config is torch-free so that the workflow reads settings without torch.
+from tga.schema import TrainConfig, TrainConfigError, checkpoint_steps
 
 LOG_COLUMNS = ("step", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "elapsed_s")
 
@@ -58,71 +60,6 @@ class TrainingDiverged(TrainingError):
         self.seed = seed
         self.step = step
         self.last_logged_step = last_logged_step
-
-
-class TrainConfigError(ValueError):
-    """A training setting that makes no sense."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 8
-    learning_rate: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    token_adam_eps: float = 1e-8
-    rare_relabel_probability: float = 0.0
-    rare_relabel_max_count: int = 10
-    grad_clip: float = 1.0
-    eval_interval: int = 50
-    eval_batches: int = 20
-    checkpoint_interval: int = 200
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    compile_mode: str = "default"
-    threads: int = 0
-
-    def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval")
-        for name in positive:
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise TrainConfigError(f"training setting {name}={value!r} must be a positive integer")
-        if not self.learning_rate > 0:
-            raise TrainConfigError(f"training setting learning_rate={self.learning_rate!r} must be > 0")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise TrainConfigError(
-                f"training setting warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]"
-            )
-        if not self.token_adam_eps > 0:
-            raise TrainConfigError(f"training setting token_adam_eps={self.token_adam_eps!r} must be > 0")
-        if not 0.0 <= self.rare_relabel_probability <= 1.0:
-            raise TrainConfigError(
-                f"training setting rare_relabel_probability={self.rare_relabel_probability!r} must be in [0, 1]"
-            )
-        max_count = self.rare_relabel_max_count
-        if not _is_int(max_count) or max_count < 0:
-            raise TrainConfigError(f"training setting rare_relabel_max_count={max_count!r} must be a non-negative integer")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise TrainConfigError(f"training setting min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise TrainConfigError(f"training setting precision={self.precision!r} must be auto, fp32 or bf16")
-        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
-            raise TrainConfigError(f"training setting device={self.device!r} must be auto, cpu, cuda[:N] or mps")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown training setting(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
@@ -177,11 +114,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def load_tokens_to_device(path: Path, device: torch.device) -> torch.Tensor:
     """The whole token file as int32 on the device, so batches are gathered there."""
     return tokens_to_tensor(load_token_file(path), device)
-
-
-def checkpoint_steps(config: TrainConfig) -> list[int]:
-    """Steps (counted as completed optimizer steps) at which a checkpoint is kept."""
-    return list(range(config.checkpoint_interval, config.max_steps + 1, config.checkpoint_interval))
 
 
 def train_step(

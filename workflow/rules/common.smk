@@ -1,12 +1,12 @@
-# Config validation and the helpers every rule file uses.
+# Config validation and the helpers every rule file uses. Nothing imported here may
+# import torch at module level: `snakemake -n` builds the DAG without it.
 import re
 import sys
-
-import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
@@ -14,12 +14,13 @@ from tga.train import failure_matches_settings, read_failure_record
 
 
 # --config values arrive as strings ('seeds=[0,1,2]' gives '0', '1', '2'): the schema decides their types.
-config.update(coerce_config_types(dict(config), yaml.safe_load(open(workflow.source_path("../schemas/config.schema.yaml")))))
+config.update(coerce_config_types(dict(config)))
 try:
-    validate(config, "../schemas/config.schema.yaml")
+    # The package's schema (workflow/schemas/config.schema.yaml links to it): the library
+    # checks settings against the same file.
+    validate(config, str(SCHEMA_PATH))
 except WorkflowError as error:
-    schema = workflow.current_basedir.join("../schemas/config.schema.yaml").get_path_or_uri(secret_free=True)
-    raise WorkflowError(schema_error_message(error, schema)) from None
+    raise WorkflowError(schema_error_message(error)) from None
 try:
     # Memory is checked against this machine only when the jobs run here; on a cluster
     # each job checks on its node, and the scheduler gets the estimates (mem_mb below).
