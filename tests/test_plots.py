@@ -1,4 +1,4 @@
-"""Tests for tga.plots: files are real, readable PNGs; statistics match hand computations."""
+"""Tests for the figure modules: files are real, readable PNGs; statistics match hand computations."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import QuadMesh
 from PIL import Image
 
-from tga import plots
+from tga import figures_compare, figures_evolution, figures_model
 from tga.compare import compute_differences
-from tga.plots import (
-    METRIC_LABELS,
-    plot_differences,
-    plot_geometry_layers,
-    plot_perplexity,
-    plot_similarity_by_layer,
-    plot_similarity_heatmaps,
-    plot_training_curves,
-)
+from tga.figure_style import METRIC_LABELS
+from tga.figures_compare import plot_differences, plot_perplexity, plot_similarity_by_layer
+from tga.figures_model import plot_geometry_layers, plot_similarity_heatmaps, plot_training_curves
 
 DATA_LABEL = "trained on wiki.valid.raw, evaluated on wiki.test.raw"
 LAYER_NAMES = ["embedding", "block1", "block2", "final_norm"]
@@ -96,6 +91,13 @@ def figure_texts(fig) -> list[str]:
     return [t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text"))]
 
 
+def heatmap_of(ax) -> QuadMesh | None:
+    """The seaborn heatmap drawn on ``ax`` (a QuadMesh), if any; colour bars are no heatmaps."""
+    if ax.get_label() == "<colorbar>":
+        return None
+    return next((c for c in ax.collections if isinstance(c, QuadMesh)), None)
+
+
 
 # ----------------------------------------------------------------------------- figures
 
@@ -114,7 +116,7 @@ def test_plot_geometry_layers(tmp_path):
                                DATA_LABEL, metrics=(*METRICS, "effective_rank"))
     w, h = assert_png(out)
     assert w > h
-    fig = plots._figure_geometry_layers(summary, "v, seed 0", DATA_LABEL, METRICS)
+    fig = figures_model._figure_geometry_layers(summary, "v, seed 0", DATA_LABEL, METRICS)
     texts = figure_texts(fig)
     assert any(DATA_LABEL in t for t in texts)
     assert any("±1 s.d. across 4 prompts" in t for t in texts)
@@ -123,7 +125,7 @@ def test_plot_geometry_layers(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == LAYER_NAMES
     # an absent metric gets a visible 'no data' panel, not a silent gap
     assert any("no data for effective_rank" in t for t in figure_texts(
-        plots._figure_geometry_layers(summary, "v", DATA_LABEL, ["effective_rank"])))
+        figures_model._figure_geometry_layers(summary, "v", DATA_LABEL, ["effective_rank"])))
 
 
 def test_plot_similarity_heatmaps(tmp_path):
@@ -131,17 +133,22 @@ def test_plot_similarity_heatmaps(tmp_path):
     out = plot_similarity_heatmaps(npz, tmp_path / "h.png", "v, seed 0", DATA_LABEL, prompt=1,
                                    layer_names={0: "embedding", 1: "block1", 3: "final_norm"})
     assert_png(out)
-    fig = plots._figure_similarity_heatmaps(npz, "v", DATA_LABEL, 0, 40, None)
-    image_axes = [ax for ax in fig.axes if ax.images]
-    assert len(image_axes) == 6  # 2 stages x 3 stored layers
-    assert all(ax.images[0].get_clim() == (-1.0, 1.0) for ax in image_axes)
-    colorbar_labels = [ax.get_ylabel() for ax in fig.axes if not ax.images]
+    fig = figures_model._figure_similarity_heatmaps(npz, "v", DATA_LABEL, 0, 40, None)
+    heatmap_axes = [ax for ax in fig.axes if heatmap_of(ax) is not None]
+    assert len(heatmap_axes) == 6  # 2 stages x 3 stored layers
+    assert all(heatmap_of(ax).get_clim() == (-1.0, 1.0) for ax in heatmap_axes)
+    with np.load(npz) as stored:  # the cells are the stored matrix, row 0 at the top
+        assert np.allclose(heatmap_of(heatmap_axes[0]).get_array().reshape(12, 12), stored["init/layer0/prompt0"])
+    assert heatmap_axes[0].yaxis_inverted()
+    colorbar_labels = [ax.get_ylabel() for ax in fig.axes if heatmap_of(ax) is None]
     assert any("cosine similarity" in lbl for lbl in colorbar_labels)
-    labels = [t.get_text() for t in image_axes[0].get_yticklabels()]
+    labels = [t.get_text() for t in heatmap_axes[0].get_yticklabels()]
     assert labels[:3] == ["␣the", r"\$", "↵"]  # whitespace visible, '$' escaped from mathtext
+    assert list(heatmap_axes[0].get_yticks()[:3]) == [0.5, 1.5, 2.5]  # labels on the cell centres
     # long prompts: every k-th token labelled, at most max_tick_labels
-    fig_long = plots._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0, 20, None)
-    ax0 = [ax for ax in fig_long.axes if ax.images][0]
+    fig_long = figures_model._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0, 20,
+                                                         None)
+    ax0 = [ax for ax in fig_long.axes if heatmap_of(ax) is not None][0]
     assert 1 < len(ax0.get_yticks()) <= 20
 
 
@@ -153,7 +160,7 @@ def test_plot_similarity_heatmaps_rejects_wrong_prompt(tmp_path):
 
 def test_plot_training_curves(tmp_path):
     assert_png(plot_training_curves(make_log(), tmp_path / "training_curves.png", "v, seed 0", DATA_LABEL))
-    fig = plots._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL)
+    fig = figures_model._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL)
     ylabels = [ax.get_ylabel() for ax in fig.axes]
     assert "loss (nats/token)" in ylabels and fig.axes[1].get_yscale() == "log"
     assert all(ax.get_xlabel() == "training step" for ax in fig.axes)
@@ -162,11 +169,11 @@ def test_plot_training_curves(tmp_path):
 def test_plot_similarity_by_layer_seed_bands(tmp_path):
     summaries = make_summaries({"preln": [0, 1, 2], "postln": [0]})
     assert_png(plot_similarity_by_layer(summaries, tmp_path / "sim.png", DATA_LABEL))
-    texts = figure_texts(plots._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine"))
+    texts = figure_texts(figures_compare._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine"))
     assert any("preln: mean ± 95% CI over 3 seeds" in t for t in texts)
     assert any("postln: seed 0, ±1 s.d. across 4 prompts" in t for t in texts)
     # the line is the mean over seeds of per-seed means
-    fig = plots._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine")
+    fig = figures_compare._figure_similarity_by_layer(summaries, DATA_LABEL, "mean_cosine")
     line = next(l for l in fig.axes[1].get_lines() if "preln:" in l.get_label())
     per_seed = summaries.query("variant == 'preln' and stage == 'trained' and metric == 'mean_cosine'")
     assert line.get_ydata() == pytest.approx(per_seed.groupby("layer")["mean"].mean().to_numpy())
@@ -177,7 +184,7 @@ def test_plot_differences_with_missing_variant(tmp_path):
     diff = compute_differences(summaries, [("A", "B"), ("A", "failed_variant")], METRICS)
     out = plot_differences(diff, tmp_path / "difference.png", DATA_LABEL)
     assert_png(out)
-    texts = figure_texts(plots._figure_differences(diff, DATA_LABEL, METRICS))
+    texts = figure_texts(figures_compare._figure_differences(diff, DATA_LABEL, METRICS))
     assert sum("missing: failed_variant" in t for t in texts) == len(METRICS)
     assert any("A − B" == t for t in texts)
     assert sum("paired by seed, n = 3 seeds" in t for t in texts) == len(METRICS)
@@ -193,7 +200,7 @@ def test_plot_differences_stars_only_corrected_significant_layers():
     # One layer whose raw p-value is below 0.05 but whose adjusted one is not: no star there.
     borderline = diff.index[(diff["stage"] == "trained")][0]
     diff.loc[borderline, ["p_value", "p_adjusted", "significant"]] = [0.03, 0.09, False]
-    fig = plots._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
     stars = [l for l in fig.axes[0].get_lines() if l.get_marker() == "*"]
     starred = sum(len(l.get_xdata()) for l in stars)
     assert starred == int(diff["significant"].sum()) == int(diff["significant"].sum())
@@ -207,7 +214,7 @@ def test_plot_perplexity(tmp_path):
                             bits_per_byte=[1.5, 1.6, 1.55, 1.8], word_ppl=[90.0, 95, 93, 120],
                             split="test", tokenizer="char"))
     assert_png(plot_perplexity(ppl, tmp_path / "perplexity.png", DATA_LABEL))
-    fig = plots._figure_perplexity(ppl, DATA_LABEL)
+    fig = figures_compare._figure_perplexity(ppl, DATA_LABEL)
     texts = figure_texts(fig)
     half = 4.303 * 1.0 / math.sqrt(3)
     assert f"31.00\n±{half:.2f}" in texts and "40.00" in texts

@@ -216,9 +216,19 @@ def test_bad_config_stops_before_any_job_with_one_clear_message(tmp_path, edit, 
     assert not (workdir / "outputs").exists()
 
 
+FIGURE_RULES = {
+    "figures_model": {"plot_geometry_layers", "plot_similarity_heatmaps", "plot_training_curves"},
+    "figures_compare": {"plot_perplexity", "plot_similarity_by_layer", "plot_differences"},
+    "figures_evolution": {"plot_metrics_by_step", "plot_heatmaps_before_after", "plot_similarity_change",
+                          "plot_training_loss"},
+}
+
+
 def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tmp_path):
-    """A copy of tga/ on PYTHONPATH stands in for an edited checkout: editing the
-    plotting code reruns only figures; editing the model reruns training onwards."""
+    """A copy of tga/ on PYTHONPATH stands in for an edited checkout: editing one figure
+    module reruns only the rules drawing its figures (no table), the shared figure style
+    reruns every figure and still no table, the table code reruns the tables and the
+    figures drawn from them, and editing the model reruns training onwards."""
     package = tmp_path / "site" / "tga"
     shutil.copytree(ROOT / "tga", package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**__import__("os").environ, "PYTHONPATH": str(package.parent)}
@@ -228,17 +238,40 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
                                "--configfile", "tiny.yaml"], cwd=finished_run, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M))
+        return set(re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M)) - {"all"}
+
+    def planned_after_editing(module: str) -> set[str]:
+        source = package / f"{module}.py"
+        original = source.read_text()
+        source.write_text(original + "\n\ndef _an_edit() -> None:\n    return None\n")
+        try:
+            return planned_rules()
+        finally:
+            source.write_text(original)
 
     assert planned_rules() == set()  # same code, same fingerprints
-    with open(package / "plots.py", "a") as handle:
-        handle.write("\n\ndef _an_edit() -> None:\n    return None\n")
-    figures = planned_rules()  # tga.compare imports tga.plots, so its table reruns too
-    assert {"plot_geometry_layers", "plot_differences", "plot_metrics_by_step"} <= figures, figures
-    assert all(r.startswith("plot_") or r in {"all", "perplexity_table"} for r in figures), figures
-    with open(package / "model.py", "a") as handle:
-        handle.write("\n\ndef _an_edit() -> None:\n    return None\n")
-    assert {"train", "evaluate", "geometry"} <= planned_rules()
+    for module, rules in FIGURE_RULES.items():
+        assert planned_after_editing(module) == rules, module
+    assert planned_after_editing("figure_style") == set().union(*FIGURE_RULES.values())
+    assert planned_after_editing("compare") == {"perplexity_table", "plot_perplexity", "difference_table",
+                                                "plot_differences"}
+    assert {"train", "evaluate", "geometry"} <= planned_after_editing("model")
+
+
+def test_every_rule_fingerprints_the_modules_its_script_imports():
+    """A rule whose ``code_fingerprint`` misses a module its script runs would not rerun
+    when that code changes; one naming more would rerun for code it never runs."""
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule \w+:)", smk.read_text()):
+            script = re.search(r'script:\s*"\.\./scripts/([\w.]+)"', block)
+            if not block.startswith("rule ") or not script:
+                continue
+            code = re.search(r"code=code_fingerprint\(([^)]*)\)", block)
+            assert code, f"{smk.name}: {block.split(':')[0]} has no code fingerprint"
+            declared = set(re.findall(r'"(tga\.\w+)"', code.group(1)))
+            source = (ROOT / "workflow" / "scripts" / script.group(1)).read_text()
+            imported = set(re.findall(r"^from (tga\.\w+) import", source, flags=re.M)) - {"tga.joblog"}
+            assert declared == imported, f"{smk.name}: {block.split(':')[0]} fingerprints {declared}, runs {imported}"
 
 
 def test_a_diverged_variant_is_marked_missing_with_keep_going(tmp_path):

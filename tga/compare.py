@@ -1,21 +1,23 @@
-"""Gathering every model's results into comparison tables and figures.
+"""Gathering every model's results into comparison tables.
 
-The data work lives here (per-seed tables, A − B differences with their intervals,
-tests and corrected significance); ``tga.plots`` only draws what these tables say.
+The data work lives here (the perplexity table, A − B differences with their
+intervals, tests and corrected significance); :mod:`tga.figures_compare` only draws
+what these tables say, and nothing here imports figure code, so editing a figure never
+reruns a table.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from tga.plots import STAGES, layer_names, per_seed_means, plot_differences, plot_perplexity, plot_similarity_by_layer, stage_order
+from tga.atomic import atomic_write
 from tga.stats import ALPHA, CORRECTION, adjust_pvalues, paired_difference, welch_difference
+from tga.tables import STAGES, layer_names, load_summaries, per_seed_means, stage_order
 
 COMPARISON_SEP = " - "
 DIFFERENCE_COLUMNS = [
@@ -31,11 +33,7 @@ PERPLEXITY_COLUMNS = [
 
 
 def _atomic_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def write_perplexity_table(
@@ -52,57 +50,18 @@ def write_perplexity_table(
     return frame
 
 
-def plot_perplexity_table(csv_path: str | Path, out_png: str | Path, data_label: str) -> None:
-    plot_perplexity(pd.read_csv(csv_path), out_png, data_label)
-
-
-def load_summaries(summary_paths: Sequence[str | Path], labels: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """Every model's geometry summary in one frame, tagged with its variant and seed."""
-    if len(summary_paths) != len(labels):
-        raise ValueError(f"{len(summary_paths)} summaries but {len(labels)} labels")
-    frames = []
-    for path, label in zip(summary_paths, labels):
-        frame = pd.read_csv(path)
-        frame["variant"] = label["variant"]
-        frame["seed"] = int(label["seed"])
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def diverged_note(data_label: str, diverged: Sequence[dict[str, Any]]) -> str:
-    """The figure subtitle, extended with the runs that are missing because they diverged."""
-    if not diverged:
-        return data_label
-    runs = ", ".join(f"{d['variant']} seed {d['seed']} (step {d['step']})" for d in diverged)
-    return f"{data_label}\nmissing, training diverged: {runs}"
-
-
-def plot_similarity_by_layer_files(
-    summary_paths: Sequence[str | Path],
-    labels: Sequence[dict[str, Any]],
-    out_png: str | Path,
-    data_label: str,
-    diverged: Sequence[dict[str, Any]] = (),
-) -> None:
-    plot_similarity_by_layer(load_summaries(summary_paths, labels), out_png, diverged_note(data_label, diverged))
-
-
 def write_differences(
     summary_paths: Sequence[str | Path],
     labels: Sequence[dict[str, Any]],
     comparisons: Sequence[Sequence[str]],
-    out_png: str | Path,
     out_csv: str | Path,
-    data_label: str,
-    diverged: Sequence[dict[str, Any]] = (),
 ) -> pd.DataFrame:
-    """A − B per layer for every comparison, as a table and as a figure; a variant
-    with no trained model is marked missing in its panels."""
+    """A − B per layer for every comparison, as ``difference.csv``; a variant with no
+    trained model (diverged or absent) gets rows marked missing, so its figure says so."""
     summaries = load_summaries(summary_paths, labels)
     metrics = sorted(summaries["metric"].unique())
     differences = compute_differences(summaries, [tuple(pair) for pair in comparisons], metrics)
     _atomic_csv(differences, out_csv)
-    plot_differences(differences, out_png, diverged_note(data_label, diverged))
     return differences
 
 

@@ -3,7 +3,11 @@
 Snakemake reruns a job when its inputs, params or rule code change, but not when the
 library code it imports changes. Each rule therefore takes the fingerprint of the
 ``tga`` modules it depends on as a param: editing the model or training code reruns
-training and everything downstream, editing the plotting code reruns only figures.
+training and everything downstream, editing one figure module (``tga.figures_model``,
+``tga.figures_compare``, ``tga.figures_evolution``) reruns only the rules drawing its
+figures. A rule names the module its script imports; the fingerprint follows that
+module's ``tga.*`` imports (flat modules, ``tga/<name>.py``), so a table module must
+never import figure code.
 """
 
 from __future__ import annotations

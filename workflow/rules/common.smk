@@ -141,7 +141,8 @@ def compare_despite_divergence():
     that found the divergence already shows what it means for the comparison."""
     from pathlib import Path
 
-    from tga.compare import plot_perplexity_table, plot_similarity_by_layer_files, write_differences, write_perplexity_table
+    from tga.compare import write_differences, write_perplexity_table
+    from tga.figures_compare import plot_differences_table, plot_perplexity_table, plot_similarity_by_layer_files
 
     diverged = diverged_models()
     if not diverged:
@@ -163,6 +164,6 @@ def compare_despite_divergence():
     write_perplexity_table(evals, "outputs/compare/perplexity.csv", diverged)
     plot_perplexity_table("outputs/compare/perplexity.csv", "outputs/compare/perplexity.png", label)
     plot_similarity_by_layer_files(summaries, finished, "outputs/compare/similarity_by_layer.png", label, diverged)
-    write_differences(summaries, finished, config["comparisons"], "outputs/compare/difference.png",
-                      "outputs/compare/difference.csv", label, diverged)
+    write_differences(summaries, finished, config["comparisons"], "outputs/compare/difference.csv")
+    plot_differences_table("outputs/compare/difference.csv", "outputs/compare/difference.png", label, diverged)
     print(f"tga: comparisons written without the diverged run(s): {sorted(lost)}")

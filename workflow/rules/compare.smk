@@ -1,5 +1,5 @@
 # Across all variants and seeds: perplexity table and bars, similarity by layer,
-# and A − B differences for every configured comparison.
+# and A − B differences for every configured comparison (the table, then its figure).
 from tga.fingerprint import code_fingerprint
 
 
@@ -42,7 +42,7 @@ rule plot_perplexity:
             labels={"figure": "perplexity by variant"},
         ),
     params:
-        code=code_fingerprint("tga.compare"),
+        code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
     log:
         "outputs/logs/compare/plot_perplexity.log",
@@ -69,7 +69,7 @@ rule plot_similarity_by_layer:
             labels={"figure": "similarity by layer"},
         ),
     params:
-        code=code_fingerprint("tga.compare"),
+        code=code_fingerprint("tga.figures_compare"),
         labels=model_labels(),
         data_label=config["data"]["label"],
         diverged=DIVERGED,
@@ -86,18 +86,11 @@ rule plot_similarity_by_layer:
         "../scripts/plot_similarity_by_layer.py"
 
 
-rule plot_differences:
+rule difference_table:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
     output:
-        figure=report(
-            "outputs/compare/difference.png",
-            caption="../report/difference.rst",
-            category="comparison",
-            subcategory="differences A − B",
-            labels={"figure": "differences A − B"},
-        ),
-        table=report(
+        report(
             "outputs/compare/difference.csv",
             caption="../report/difference_table.rst",
             category="comparison",
@@ -108,6 +101,32 @@ rule plot_differences:
         code=code_fingerprint("tga.compare"),
         labels=model_labels(),
         comparisons=config["comparisons"],
+    log:
+        "outputs/logs/compare/difference_table.log",
+    benchmark:
+        "outputs/benchmarks/compare/difference_table.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/difference_table.py"
+
+
+rule plot_differences:
+    input:
+        table=rules.difference_table.output[0],
+    output:
+        report(
+            "outputs/compare/difference.png",
+            caption="../report/difference.rst",
+            category="comparison",
+            subcategory="differences A − B",
+            labels={"figure": "differences A − B"},
+        ),
+    params:
+        code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
         diverged=DIVERGED,
     log:

@@ -56,7 +56,7 @@ rule plot_metrics_by_step:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "metrics by step"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -84,7 +84,7 @@ rule plot_heatmaps_before_after:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "heatmaps before/after"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -112,7 +112,7 @@ rule plot_similarity_change:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity change"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -140,7 +140,7 @@ rule plot_training_loss:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "training loss"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
         data_label=config["data"]["label"],
         steps=evolution_analysed_steps,

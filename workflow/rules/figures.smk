@@ -14,7 +14,7 @@ rule plot_geometry_layers:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "geometry by layer"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_model"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -42,7 +42,7 @@ rule plot_similarity_heatmaps:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity heatmaps"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_model"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
@@ -70,7 +70,7 @@ rule plot_training_curves:
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "training curves"},
         ),
     params:
-        code=code_fingerprint("tga.plots"),
+        code=code_fingerprint("tga.figures_model"),
         title=model_title,
         data_label=config["data"]["label"],
     log:

@@ -1,14 +1,8 @@
-"""Comparison figure and table: A - B per layer for each configured pair."""
-from tga.compare import write_differences
+"""Comparison figure: A - B per layer for each configured pair, from the difference table."""
+from tga.figures_compare import plot_differences_table
 from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
-    write_differences(
-        list(snakemake.input),
-        snakemake.params.labels,
-        snakemake.params.comparisons,
-        snakemake.output.figure,
-        snakemake.output.table,
-        snakemake.params.data_label,
-        snakemake.params.diverged,
+    plot_differences_table(
+        snakemake.input.table, snakemake.output[0], snakemake.params.data_label, snakemake.params.diverged
     )

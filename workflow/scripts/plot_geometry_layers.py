@@ -2,7 +2,7 @@
 import pandas as pd
 
 from tga.joblog import logged_job
-from tga.plots import plot_geometry_layers
+from tga.figures_model import plot_geometry_layers
 
 with logged_job(snakemake.log[0]):
     plot_geometry_layers(

@@ -1,5 +1,5 @@
 """Comparison figure: test perplexity and bits per byte per variant."""
-from tga.compare import plot_perplexity_table
+from tga.figures_compare import plot_perplexity_table
 from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):

@@ -1,5 +1,5 @@
 """Comparison figure: mean pairwise cosine similarity by layer, all variants."""
-from tga.compare import plot_similarity_by_layer_files
+from tga.figures_compare import plot_similarity_by_layer_files
 from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from tga.joblog import logged_job
-from tga.plots import plot_similarity_change
+from tga.figures_evolution import plot_similarity_change
 
 with logged_job(snakemake.log[0]):
     plot_similarity_change(

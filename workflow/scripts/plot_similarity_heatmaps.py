@@ -1,6 +1,6 @@
 """Per-model figure: token x token cosine similarity at the chosen layers."""
 from tga.joblog import logged_job
-from tga.plots import plot_similarity_heatmaps
+from tga.figures_model import plot_similarity_heatmaps
 
 with logged_job(snakemake.log[0]):
     plot_similarity_heatmaps(snakemake.input.similarity, snakemake.output[0], snakemake.params.title, snakemake.params.data_label)

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from tga.joblog import logged_job
-from tga.plots import plot_training_curves
+from tga.figures_model import plot_training_curves
 
 with logged_job(snakemake.log[0]):
     plot_training_curves(

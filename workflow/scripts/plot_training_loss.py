@@ -2,7 +2,7 @@
 import pandas as pd
 
 from tga.joblog import logged_job
-from tga.plots import plot_loss_by_step
+from tga.figures_evolution import plot_loss_by_step
 
 with logged_job(snakemake.log[0]):
     plot_loss_by_step(

@@ -1,0 +1,315 @@
+"""Figures across variants and seeds: similarity by layer, A − B differences, perplexity.
+
+They draw the comparison tables and never compute them: the A − B table comes from
+:func:`tga.compare.compute_differences` (read back from ``difference.csv``), intervals
+from :mod:`tga.stats`. A run whose training diverged is named in the subtitle
+(:func:`diverged_note`), so a comparison never silently lacks it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from tga.figure_style import (
+    BAND_ALPHA,
+    STAGE_STYLE,
+    esc,
+    figure_title,
+    fmt_range,
+    fmt_seeds,
+    metric_label,
+    metric_short,
+    new_figure,
+    no_data,
+    save,
+    setup_layer_axis,
+    stage_step,
+    variant_colors,
+)
+from tga.stats import CORRECTION_TEXT, mean_ci95
+from tga.tables import STAGES, layer_names, load_summaries, per_seed_means
+
+__all__ = [
+    "diverged_note",
+    "plot_differences",
+    "plot_differences_table",
+    "plot_perplexity",
+    "plot_perplexity_table",
+    "plot_similarity_by_layer",
+    "plot_similarity_by_layer_files",
+]
+
+
+def diverged_note(data_label: str, diverged: Sequence[dict[str, Any]]) -> str:
+    """The figure subtitle, extended with the runs that are missing because they diverged."""
+    if not diverged:
+        return data_label
+    runs = ", ".join(f"{d['variant']} seed {d['seed']} (step {d['step']})" for d in diverged)
+    return f"{data_label}\nmissing, training diverged: {runs}"
+
+
+# ----------------------------------------------------------------------------- similarity by layer
+
+
+def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric: str) -> Figure:
+    per_seed = per_seed_means(summaries, metric)
+    variants = sorted(per_seed["variant"].unique())
+    colors = variant_colors(variants)
+    fig = new_figure(11.0, 4.6)
+    axes = fig.subplots(1, 2, sharey=True)
+    legend: dict[str, object] = {}
+    name_sets = per_seed.groupby("layer")["layer_name"].nunique() if not per_seed.empty else pd.Series(dtype=int)
+    consistent = bool((name_sets <= 1).all())
+    for ax, stage in zip(axes, STAGES):
+        ax.set_title(stage_step(per_seed, stage), fontsize=10)
+        sdf = per_seed[per_seed["stage"] == stage]
+        if sdf.empty:
+            no_data(ax, f"no {stage} data")
+            continue
+        for variant in variants:
+            vdf = sdf[sdf["variant"] == variant]
+            if vdf.empty:
+                continue
+            seeds = sorted(vdf["seed"].unique())
+            if len(seeds) >= 2:
+                rows = [(layer, *mean_ci95(g["mean"])) for layer, g in vdf.groupby("layer", sort=True)]
+                x = np.array([r[0] for r in rows], dtype=float)
+                m, lo, hi = (np.array([r[i] for r in rows], dtype=float) for i in (1, 2, 3))
+                label = f"{esc(variant)}: mean ± 95% CI over {len(seeds)} seeds"
+            else:
+                g = vdf.sort_values("layer")
+                x = g["layer"].to_numpy(float)
+                m = g["mean"].to_numpy(float)
+                sd = g["std"].to_numpy(float)
+                lo, hi = m - sd, m + sd
+                n_p = fmt_range(g["n_prompts"]) if "n_prompts" in g.columns else "?"
+                label = f"{esc(variant)}: seed {int(seeds[0])}, ±1 s.d. across {n_p} prompts"
+            (line,) = ax.plot(x, m, marker="o", ms=3, color=colors[variant], label=label)
+            ax.fill_between(x, lo, hi, color=colors[variant], alpha=BAND_ALPHA, linewidth=0)
+            legend.setdefault(label, line)
+        if consistent:
+            setup_layer_axis(ax, layer_names(sdf))
+        else:
+            ax.set_xlabel("layer index (0 = embedding; depth differs across variants)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric_label(metric))
+    if legend:
+        fig.legend(list(legend.values()), list(legend.keys()), loc="outside lower center",
+                   ncols=2 if len(legend) > 3 else len(legend), fontsize=8)
+    seeds_txt = fmt_seeds(per_seed["seed"]) if not per_seed.empty else "no data"
+    figure_title(fig, f"{metric_short(metric)} by layer: {len(variants)} variants, {seeds_txt}", data_label)
+    return fig
+
+
+def plot_similarity_by_layer(summaries: pd.DataFrame, out_path: Path | str, data_label: str,
+                             metric: str = "mean_cosine") -> Path:
+    """All variants on one axis per stage, so architecture effects on a metric can be compared.
+
+    ``summaries`` = concatenated summary.csv files plus ``variant`` and ``seed`` columns.
+    ≥2 seeds: line = mean over seeds of per-seed prompt-means, band = 95% t-CI over seeds
+    (the same t-interval as the difference table, not seaborn's bootstrap).
+    1 seed: line = prompt-mean, band = ±1 s.d. across prompts. The legend says which.
+    """
+    return save(_figure_similarity_by_layer(summaries, data_label, metric), out_path)
+
+
+def plot_similarity_by_layer_files(
+    summary_paths: Sequence[str | Path],
+    labels: Sequence[dict[str, Any]],
+    out_png: str | Path,
+    data_label: str,
+    diverged: Sequence[dict[str, Any]] = (),
+) -> Path:
+    """:func:`plot_similarity_by_layer` from every model's ``summary.csv`` (the workflow's form)."""
+    return plot_similarity_by_layer(load_summaries(summary_paths, labels), out_png, diverged_note(data_label, diverged))
+
+
+# ----------------------------------------------------------------------------- differences
+
+
+def _method_text(g: pd.DataFrame) -> str:
+    """Per-panel note on how the CI was formed (layers without data, e.g. update_norm at 0, ignored)."""
+    g = g[g["method"] != "no-data"]
+    methods = set(g["method"])
+    if methods == {"paired"}:
+        return f"paired by seed, n = {fmt_range(g['n_seeds'])} seeds"
+    if "welch" in methods:
+        return f"Welch (unpaired), n = {fmt_range(g['n_a'])} vs {fmt_range(g['n_b'])} seeds"
+    return "1 seed: no CI"
+
+
+def _family_text(df: pd.DataFrame) -> str:
+    """How many tests each correction family held (one family = one comparison and stage)."""
+    if "n_tests" not in df.columns:
+        return "the layer × metric tests of each comparison and stage"
+    sizes = pd.to_numeric(df["n_tests"], errors="coerce").dropna()
+    sizes = sizes[sizes > 0]
+    counts = fmt_range(sizes.astype(int)) if not sizes.empty else "0"
+    return f"the {counts} layer × metric tests of each comparison and stage"
+
+
+def _difference_panel(ax: Axes, g: pd.DataFrame, metric: str) -> bool:
+    """A − B of one comparison and metric per layer, init and trained; True if it has an interval."""
+    any_ci = False
+    ax.axhline(0.0, color="black", lw=0.8)
+    for stage in STAGES:
+        s = g[g["stage"] == stage].sort_values("layer")
+        if s.empty:
+            continue
+        style = STAGE_STYLE[stage]
+        x = s["layer"].to_numpy(dtype=float)
+        ax.plot(x, s["mean_diff"].to_numpy(float), marker="o", ms=3, **style)
+        lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
+        if np.isfinite(lo).any():
+            any_ci = True
+            ax.fill_between(x, lo, hi, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+        star = s[s["significant"].astype(bool)]
+        if not star.empty:
+            ax.plot(star["layer"].to_numpy(float), star["mean_diff"].to_numpy(float), linestyle="none",
+                    marker="*", ms=11, color=style["color"], markeredgecolor="black", markeredgewidth=0.5)
+    setup_layer_axis(ax, layer_names(g))
+    ax.set_ylabel(f"Δ {metric_label(metric)}", fontsize=8)
+    ax.text(0.02, 0.97, _method_text(g), transform=ax.transAxes, ha="left", va="top", fontsize=7,
+            color="0.25", bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.85, "pad": 2})
+    ax.grid(alpha=0.3)
+    return any_ci
+
+
+def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequence[str]) -> Figure:
+    metrics = list(metrics)
+    df = diff_df.copy()
+    if "missing" not in df.columns:
+        df["missing"] = ""
+    df["missing"] = df["missing"].fillna("").astype(str)
+    comps = list(dict.fromkeys(zip(df["comparison"], df["a"], df["b"])))
+    n_rows = max(1, len(comps))
+    fig = new_figure(4.2 * len(metrics), 2.9 * n_rows + 1.0)
+    axes = fig.subplots(n_rows, len(metrics), squeeze=False)
+    if not comps:
+        for ax in axes[0]:
+            no_data(ax, "no comparisons")
+    any_ci = False
+    for r, (comp, a, b) in enumerate(comps):
+        cdf = df[df["comparison"] == comp]
+        missing = ", ".join(dict.fromkeys(m for m in cdf["missing"] if m))
+        for c, metric in enumerate(metrics):
+            ax = axes[r][c]
+            ax.set_title(f"{esc(a)} − {esc(b)}", fontsize=9)
+            if missing:
+                no_data(ax, f"missing: {missing}")
+                continue
+            g = cdf[(cdf["metric"] == metric) & cdf["stage"].isin(STAGES) & cdf["layer"].notna()]
+            if g.empty:
+                no_data(ax, f"no data for {metric}")
+                continue
+            any_ci = _difference_panel(ax, g, metric) or any_ci
+    handles: list[object] = [Line2D([], [], marker="o", ms=3, **STAGE_STYLE[s]) for s in STAGES]
+    labels = ["init: A − B (dashed)", "trained: A − B (solid)"]
+    handles.append(Line2D([], [], color="black", lw=0.8))
+    labels.append("zero (no difference)")
+    if any_ci:
+        handles.append(Patch(color="0.6", alpha=0.5))
+        labels.append("shaded: 95% CI of A − B across seeds (paired t if same seeds, else Welch)")
+        handles.append(Line2D([], [], linestyle="none", marker="*", ms=11, color="0.5", markeredgecolor="black"))
+        labels.append(f"star: significant after {CORRECTION_TEXT} over {_family_text(df)}")
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    seeds_note = ""
+    if "method" in df.columns and (df["method"] == "single-seed").all():
+        seeds_note = " (single seed: no uncertainty estimate)"
+    figure_title(fig, f"Architecture differences A − B by layer{seeds_note}", data_label)
+    return fig
+
+
+def plot_differences(diff_df: pd.DataFrame, out_path: Path | str, data_label: str,
+                     metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
+    """Grid of A − B per layer (rows = comparisons, columns = metrics) from ``tga.compare.compute_differences``.
+
+    Stars mark layers whose difference is significant after the Benjamini–Hochberg
+    correction (``significant`` in the table); a comparison with a variant lacking data
+    shows 'missing: <variant>' instead of vanishing.
+    """
+    return save(_figure_differences(diff_df, data_label, metrics), out_path)
+
+
+def plot_differences_table(csv_path: str | Path, out_png: str | Path, data_label: str,
+                           diverged: Sequence[dict[str, Any]] = ()) -> Path:
+    """:func:`plot_differences` from ``difference.csv``, the table rule's output."""
+    return plot_differences(pd.read_csv(csv_path), out_png, diverged_note(data_label, diverged))
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def _bar_panel(ax: Axes, ppl: pd.DataFrame, variants: list[str], column: str, ylabel: str,
+               colors: dict[str, tuple]) -> None:
+    ymax = 0.0
+    for i, variant in enumerate(variants):
+        vals = ppl.loc[ppl["variant"] == variant, column].astype(float).dropna().to_numpy()
+        if vals.size == 0:
+            ax.text(i, 0.02, "missing", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                    fontsize=8, color="tab:red")
+            continue
+        mean, lo, hi, n = mean_ci95(vals)
+        yerr = None if n < 2 else np.array([[mean - lo], [hi - mean]])
+        ax.bar(i, mean, color=colors[variant], alpha=0.6, width=0.7, yerr=yerr, capsize=4,
+               error_kw={"elinewidth": 1.2})
+        offsets = np.linspace(-0.18, 0.18, vals.size) if vals.size > 1 else np.zeros(1)
+        ax.plot(i + offsets, vals, linestyle="none", marker="o", ms=4, color="black")
+        text = f"{mean:.2f}" if n < 2 else f"{mean:.2f}\n±{hi - mean:.2f}"
+        top = max(hi if n >= 2 else mean, float(vals.max()))
+        ymax = max(ymax, top)
+        ax.annotate(text, (i, top), textcoords="offset points", xytext=(0, 6), ha="center",
+                    va="bottom", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(variants)))
+    counts = [int(ppl.loc[ppl["variant"] == v, column].notna().sum()) for v in variants]
+    ax.set_xticklabels([f"{esc(v)}\n(n={k})" for v, k in zip(variants, counts)], rotation=30, ha="right",
+                       fontsize=8)
+    ax.set_xlabel("variant (n = seeds)")
+    ax.set_ylim(0, ymax * 1.2 if ymax > 0 else 1.0)  # from zero: bar heights stay proportional
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _figure_perplexity(ppl: pd.DataFrame, data_label: str) -> Figure:
+    variants = list(dict.fromkeys(ppl["variant"]))
+    colors = variant_colors(variants)
+    fig = new_figure(max(9.0, 1.6 * len(variants) + 3.0), 4.8)
+    ax_ppl, ax_bpb = fig.subplots(1, 2)
+    split = ", ".join(sorted(ppl["split"].dropna().astype(str).unique())) if "split" in ppl.columns else "test"
+    split = split or "test"
+    _bar_panel(ax_ppl, ppl, variants, "token_ppl", f"{split} token perplexity (tokens)", colors)
+    ax_ppl.set_title("token perplexity (lower is better)", fontsize=10)
+    _bar_panel(ax_bpb, ppl, variants, "bits_per_byte", f"{split} bits per byte (bits/byte)", colors)
+    ax_bpb.set_title("bits per byte (tokenizer-independent)", fontsize=10)
+    handles = [Patch(color="0.6", alpha=0.6), Line2D([], [], color="black"),
+               Line2D([], [], linestyle="none", marker="o", ms=4, color="black")]
+    labels = ["bar: mean over seeds", "error bar: 95% CI over seeds (t, n−1 df; only n ≥ 2)", "dot: one seed"]
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    text = f"{split} perplexity by variant ({fmt_seeds(ppl['seed'])})" if "seed" in ppl.columns \
+        else f"{split} perplexity by variant"
+    if "tokenizer" in ppl.columns and ppl["tokenizer"].nunique() > 1:
+        text += "; tokenizers differ, so compare bits/byte, not token perplexity"
+    figure_title(fig, text, data_label)
+    return fig
+
+
+def plot_perplexity(ppl: pd.DataFrame, out_path: Path | str, data_label: str) -> Path:
+    """Held-out token perplexity and bits/byte per variant: bars = mean over seeds, 95% CI, seed dots.
+
+    ``ppl`` is ``outputs/compare/perplexity.csv`` (variant, seed, token_ppl, bits_per_byte, ...).
+    Bars start at zero so relative differences are not exaggerated.
+    """
+    return save(_figure_perplexity(ppl, data_label), out_path)
+
+
+def plot_perplexity_table(csv_path: str | Path, out_png: str | Path, data_label: str) -> Path:
+    """:func:`plot_perplexity` from ``perplexity.csv``, the table rule's output."""
+    return plot_perplexity(pd.read_csv(csv_path), out_png, data_label)

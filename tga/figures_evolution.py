@@ -1,0 +1,371 @@
+"""Figures of one model across training: geometry against the step, heatmaps before and
+after, the per-prompt change of a metric, and the loss on the same step axis.
+
+Inputs are an evolution step's files (``summary.csv`` / ``metrics.csv`` with stages
+``init`` and ``step{N}``, ``similarity.npz``) and ``train_log.csv``; the styling comes
+from :mod:`tga.figure_style`. Seaborn draws the heatmaps (via
+:func:`tga.figure_style.heatmap_panel`) and the before/after bands of
+:func:`plot_similarity_change`, straight from the long per-prompt table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from tga.figure_style import (
+    BAND_ALPHA,
+    CHANGE_CMAP,
+    COSINE_CMAP,
+    STAGE_STYLE,
+    esc,
+    figure_title,
+    fmt_range,
+    heatmap_panel,
+    load_similarity,
+    maybe_log_y,
+    metric_label,
+    metric_short,
+    new_figure,
+    no_data,
+    save,
+    setup_layer_axis,
+    token_ticks,
+)
+from tga.tables import layer_names, stage_order
+
+__all__ = [
+    "EVOLUTION_METRICS",
+    "plot_heatmaps_before_after",
+    "plot_loss_by_step",
+    "plot_metrics_by_step",
+    "plot_similarity_change",
+]
+
+#: Metrics drawn against the training step (every metric the geometry step writes).
+EVOLUTION_METRICS: tuple[str, ...] = (
+    "mean_cosine", "cross_prompt_cosine", "adjusted_cosine", "common_direction_share", "token_norm",
+    "update_norm", "effective_rank", "rank1_residual", "twonn", "twonn_mle", "knn_overlap",
+    "mean_logit_freq_corr",
+)
+STEP_AXIS_LABEL = "training step (optimizer updates; 0 = initialization)"
+_ANALYSED_STYLE = {"color": "0.55", "lw": 0.8, "linestyle": ":"}
+
+
+def _stage_steps(df: pd.DataFrame) -> dict[str, int]:
+    """stage -> step, ordered along training (init first)."""
+    pairs = df[["stage", "step"]].drop_duplicates("stage")
+    ordered = sorted(zip(pairs["stage"].astype(str), pairs["step"].astype(int)),
+                     key=lambda p: (p[1], stage_order(p[0])))
+    return {stage: step for stage, step in ordered}
+
+
+def _step_limits(*step_sets: Iterable[float]) -> tuple[float, float]:
+    """One x range from every step drawn, so figures of the same run share their step axis."""
+    values = [float(s) for steps in step_sets for s in steps if pd.notna(s) and np.isfinite(float(s))]
+    lo, hi = (min(0.0, min(values)), max(values)) if values else (0.0, 1.0)
+    pad = 0.03 * max(hi - lo, 1.0)
+    return lo - pad, hi + pad
+
+
+def _depth_colormap(layers: Sequence[int]) -> tuple[matplotlib.colors.Colormap, matplotlib.colors.Normalize]:
+    """Discrete viridis over the layer indices: dark = shallow, yellow = deep."""
+    from matplotlib.colors import BoundaryNorm
+
+    layers = sorted(layers) or [0]
+    cmap = matplotlib.colormaps["viridis"].resampled(max(2, len(layers)))
+    bounds = np.arange(len(layers) + 1, dtype=float) - 0.5
+    return cmap, BoundaryNorm(bounds, cmap.N)
+
+
+def _loss_panel(ax: Axes, log: pd.DataFrame, analysed_steps: Sequence[int]) -> None:
+    log = log.sort_values("step")
+    tr = log[["step", "train_loss"]].dropna()
+    va = log[["step", "val_loss"]].dropna()
+    for step in analysed_steps:
+        ax.axvline(step, **_ANALYSED_STYLE)
+    handles: list[object] = []
+    labels: list[str] = []
+    if not tr.empty:
+        (h,) = ax.plot(tr["step"], tr["train_loss"], color="0.15", lw=1.2, marker=".", ms=4)
+        handles.append(h)
+        labels.append("train loss (mean since the previous log row)")
+    if not va.empty:
+        (h,) = ax.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3)
+        handles.append(h)
+        labels.append("validation loss")
+    if not handles:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes, color="tab:red")
+    if len(analysed_steps):
+        handles.append(Line2D([], [], **_ANALYSED_STYLE))
+        labels.append("checkpoint whose geometry is measured")
+    ax.legend(handles, labels, fontsize=7, loc="upper right", framealpha=0.85)
+    ax.set_ylabel("loss (nats/token)", fontsize=8)
+    ax.set_title("cross-entropy loss", fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def _undefined_layers(sub: pd.DataFrame, names: dict[int, str]) -> list[str]:
+    finite = sub.groupby("layer")["mean"].apply(lambda v: bool(np.isfinite(v.to_numpy(float)).any()))
+    return [names.get(int(layer), str(layer)) for layer, ok in finite.items() if not ok]
+
+
+def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, train_log: pd.DataFrame | None,
+                            metrics: Sequence[str]) -> Figure:
+    metrics = list(metrics)
+    stage_steps = _stage_steps(summary)
+    names = layer_names(summary)
+    layers = sorted(names)
+    cmap, norm = _depth_colormap(layers)
+    color_of = {layer: cmap(norm(i)) for i, layer in enumerate(layers)}
+    n_panels = len(metrics) + (train_log is not None)
+    ncols = 3 if n_panels > 4 else n_panels
+    nrows = math.ceil(n_panels / ncols)
+    fig = new_figure(4.3 * ncols + 1.2, 3.0 * nrows + 1.4)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
+    flat = list(axes.flat)
+    limits = _step_limits(stage_steps.values(), [] if train_log is None else train_log["step"])
+    panel = 0
+    if train_log is not None:
+        _loss_panel(flat[0], train_log, sorted(stage_steps.values()))
+        panel = 1
+    counts = summary["n_prompts"] if "n_prompts" in summary.columns else pd.Series(dtype=float)
+    n_prompts = fmt_range(counts[counts > 0])  # 0 where a metric is undefined (layer 0)
+    for metric in metrics:
+        ax = flat[panel]
+        panel += 1
+        ax.set_title(metric_short(metric), fontsize=10)
+        sub = summary[summary["metric"] == metric]
+        if sub.empty:  # not no_data(): clearing the x ticks would clear every shared axis
+            ax.text(0.5, 0.5, esc(f"no data for {metric}"), ha="center", va="center", transform=ax.transAxes,
+                    fontsize=10, color="tab:red")
+            ax.set_yticks([])
+            continue
+        for layer in layers:
+            g = sub[sub["layer"] == layer].copy()
+            g["order"] = [stage_steps.get(str(s), 0) for s in g["stage"]]
+            g = g.sort_values("order")
+            y = g["mean"].to_numpy(float)
+            ok = np.isfinite(y)
+            if ok.any():
+                ax.plot(g["step"].to_numpy(float)[ok], y[ok], marker="o", ms=3, lw=1.3, color=color_of[layer])
+        undefined = _undefined_layers(sub, names)
+        if undefined:
+            ax.text(0.98, 0.02, "not defined at " + ", ".join(map(esc, undefined)), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="0.35")
+        values = sub["mean"].to_numpy(float)
+        label = metric_label(metric)
+        ax.set_ylabel(maybe_log_y(ax, values, label) if "norm" in metric else label, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in flat[panel:]:
+        ax.remove()
+    used = flat[:panel]
+    for col in range(ncols):
+        column = [ax for i, ax in enumerate(used) if i % ncols == col]
+        if column:
+            column[-1].xaxis.set_tick_params(labelbottom=True)
+            column[-1].set_xlabel(STEP_AXIS_LABEL, fontsize=8)
+    flat[0].set_xlim(*limits)
+    metric_axes = used[1:] if train_log is not None else used
+    if layers and metric_axes:
+        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+        bar = fig.colorbar(sm, ax=metric_axes, ticks=list(range(len(layers))), shrink=0.9, aspect=30)
+        bar.ax.set_yticklabels([esc(names[layer]) for layer in layers], fontsize=8)
+        bar.set_label("layer (line colour = depth)", fontsize=9)
+    steps_txt = ", ".join(str(s) for s in stage_steps.values())
+    fig.legend([Line2D([], [], color="0.4", marker="o", ms=3)],
+               [f"one line per layer: mean over {n_prompts} prompts at each analysed step ({steps_txt}); "
+                "all panels share the step axis"],
+               loc="outside lower center", fontsize=8)
+    figure_title(fig, f"{title}: geometry across training", data_label)
+    return fig
+
+
+def plot_metrics_by_step(summary: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                         train_log: pd.DataFrame | None = None,
+                         metrics: Sequence[str] = EVOLUTION_METRICS) -> Path:
+    """Each geometry metric against the training step, one line per layer (colour = depth).
+
+    Shows *when* during training the geometry forms and whether it tracks the loss: with
+    ``train_log`` (``train_log.csv``) the top-left panel is the loss on the same step axis,
+    dotted lines marking the analysed checkpoints. ``summary`` is an evolution ``summary.csv``
+    (stages ``init``, ``step{N}``; x = its ``step`` column). Lines are prompt means; the
+    prompt spread is left out here to keep eight layers readable.
+    """
+    return save(_figure_metrics_by_step(summary, title, data_label, train_log, metrics), out_path)
+
+
+def _stage_step_text(stage: str) -> str:
+    if stage == "init":
+        return "init, step 0"
+    m = re.fullmatch(r"step(\d+)", stage)
+    return f"step {m[1]}" if m else stage
+
+
+def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: str, before: str,
+                                  after: str | None, prompt: int, max_tick_labels: int) -> Figure:
+    mats, tokens, names = load_similarity(npz_path, prompt)
+    if not mats:
+        raise ValueError(f"{npz_path}: no similarity matrices for prompt {prompt}")
+    stages = sorted({k[0] for k in mats}, key=stage_order)
+    after = after or stages[-1]
+    for stage in (before, after):
+        if stage not in stages:
+            raise ValueError(f"{npz_path}: stage {stage!r} not stored; stored stages: {stages}")
+    layers = sorted({k[1] for k in mats if k[0] in (before, after)})
+    n_tokens = next(iter(mats.values())).shape[0]
+    ticks = token_ticks(n_tokens, tokens, max_tick_labels)
+
+    diffs = {layer: mats[(after, layer)] - mats[(before, layer)] for layer in layers
+             if (before, layer) in mats and (after, layer) in mats}
+    biggest = max((float(np.nanmax(np.abs(d))) for d in diffs.values()), default=0.0)
+    dlim = max(0.1, math.ceil(biggest * 10) / 10)
+    rows = [(f"before ({_stage_step_text(before)})", before), (f"after ({_stage_step_text(after)})", after),
+            ("change: after − before", None)]
+    fig = new_figure(2.6 * len(layers) + 1.6, 2.6 * len(rows) + 1.2)
+    axes = fig.subplots(len(rows), len(layers), squeeze=False)
+    mesh = mesh_diff = None
+    for r, (row_title, stage) in enumerate(rows):
+        for c, layer in enumerate(layers):
+            ax = axes[r][c]
+            ax.set_title(f"{row_title}\n{esc(names.get(layer, f'layer {layer}'))}", fontsize=8)
+            mat = diffs.get(layer) if stage is None else mats.get((stage, layer))
+            if mat is None:
+                no_data(ax, "not stored")
+                continue
+            edges = {"bottom": r == len(rows) - 1, "left": c == 0}
+            if stage is None:
+                mesh_diff = heatmap_panel(ax, mat, CHANGE_CMAP, dlim, ticks, **edges)
+            else:
+                mesh = heatmap_panel(ax, mat, COSINE_CMAP, 1.0, ticks, **edges)
+    if mesh is not None:
+        fig.colorbar(mesh, ax=axes[:2, :], shrink=0.8, label="cosine similarity (unitless), range [−1, 1]")
+    if mesh_diff is not None:
+        fig.colorbar(mesh_diff, ax=axes[2:, :], shrink=0.8, label=f"Δ cosine (after − before), range ±{dlim:.1f}")
+    fig.suptitle(f"{esc(title)}\n{esc(data_label)}\n"
+                 f"pairwise token cosine similarity before and after training, prompt {prompt} ({n_tokens} tokens)",
+                 fontsize=10)
+    return fig
+
+
+def plot_heatmaps_before_after(npz_path: Path | str, out_path: Path | str, title: str, data_label: str,
+                               before: str = "init", after: str | None = None, prompt: int = 0,
+                               max_tick_labels: int = 40) -> Path:
+    """Token×token cosine matrices at the stored layers: before, after, and their difference.
+
+    ``after`` defaults to the last stage in the npz (by training step). Before/after share
+    the fixed [−1, 1] colour range; the difference row has its own symmetric range (stated
+    on its colour bar) so small changes stay visible.
+    """
+    fig = _figure_heatmaps_before_after(npz_path, title, data_label, before, after, prompt, max_tick_labels)
+    return save(fig, out_path)
+
+
+def _figure_similarity_change(metrics_df: pd.DataFrame, title: str, data_label: str, before: str,
+                              after: str | None, metric: str) -> Figure:
+    df = metrics_df[metrics_df["metric"] == metric]
+    if df.empty:
+        raise ValueError(f"no {metric} values in the metrics table")
+    stage_steps = _stage_steps(df)
+    after = after or list(stage_steps)[-1]
+    for stage in (before, after):
+        if stage not in stage_steps:
+            raise ValueError(f"stage {stage!r} not in the metrics table; stages: {list(stage_steps)}")
+    names = layer_names(df)
+    b = df[df["stage"] == before].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
+    a = df[df["stage"] == after].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
+    delta = (a - b).dropna(how="all")
+    n_prompts = int(delta.shape[0])
+
+    fig = new_figure(11.0, 4.4)
+    ax_abs, ax_diff = fig.subplots(1, 2)
+    handles: list[object] = []
+    labels: list[str] = []
+    for stage, side, style_key in ((before, "before", "init"), (after, "after", "trained")):
+        style = STAGE_STYLE[style_key]
+        # straight from the long per-prompt table: line = mean over prompts, band = ±1 s.d. (ddof 1)
+        sns.lineplot(data=df[df["stage"] == stage], x="layer", y="value", errorbar="sd", ax=ax_abs, marker="o",
+                     markersize=3, markeredgewidth=0, err_kws={"alpha": BAND_ALPHA, "linewidth": 0}, legend=False,
+                     **style)
+        handles.append(Line2D([], [], marker="o", ms=3, **style))
+        labels.append(f"{side}: {_stage_step_text(stage)}")
+    if n_prompts >= 2:
+        handles.append(Patch(color="0.6", alpha=0.5))
+        labels.append(f"shaded: ±1 s.d. across {n_prompts} prompts")
+    else:
+        handles.append(Patch(color="none"))
+        labels.append("1 prompt: no spread to show")
+    ax_abs.legend(handles, labels, fontsize=8)
+    ax_abs.set_ylabel(metric_label(metric), fontsize=9)
+    ax_abs.set_title(f"{metric_short(metric)} before and after", fontsize=10)
+    setup_layer_axis(ax_abs, names)
+    ax_abs.grid(alpha=0.3)
+
+    x = delta.columns.to_numpy(float)
+    m = delta.mean(axis=0).to_numpy(float)
+    sd = delta.std(axis=0, ddof=1).to_numpy(float)
+    ax_diff.axhline(0.0, color="black", lw=0.8)
+    offsets = np.linspace(-0.15, 0.15, n_prompts) if n_prompts > 1 else np.zeros(max(n_prompts, 1))
+    for i, (_, row) in enumerate(delta.iterrows()):
+        ax_diff.plot(x + offsets[i], row.to_numpy(float), linestyle="none", marker="o", ms=2.5, color="0.6",
+                     zorder=1)
+    has_sd = bool(np.isfinite(sd).any())
+    ax_diff.errorbar(x, m, yerr=np.where(np.isfinite(sd), sd, 0.0) if has_sd else None, color="tab:purple",
+                     marker="o", ms=4, capsize=4, lw=1.5, zorder=2)
+    handles = [Line2D([], [], color="tab:purple", marker="o", ms=4),
+               Line2D([], [], linestyle="none", marker="o", ms=2.5, color="0.6"),
+               Line2D([], [], color="black", lw=0.8)]
+    labels = [f"mean change over {n_prompts} prompts ± 1 s.d. across prompts (error bar)" if has_sd
+              else f"change ({n_prompts} prompt{'s' if n_prompts != 1 else ''}: no spread)",
+              "one prompt (after − before, paired by prompt)", "zero (no change)"]
+    ax_diff.legend(handles, labels, fontsize=8, loc="best", framealpha=0.85)
+    ax_diff.set_ylabel(f"Δ {metric_label(metric)}", fontsize=9)
+    ax_diff.set_title(f"change: after ({_stage_step_text(after)}) − before ({_stage_step_text(before)})",
+                      fontsize=10)
+    setup_layer_axis(ax_diff, names)
+    ax_diff.grid(alpha=0.3)
+    figure_title(fig, f"{title}: change of {metric_short(metric)} with training", data_label)
+    return fig
+
+
+def plot_similarity_change(metrics_df: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                           before: str = "init", after: str | None = None,
+                           metric: str = "mean_cosine") -> Path:
+    """Per layer, how training changed the mean pairwise cosine (after − before, paired by prompt).
+
+    ``metrics_df`` is a per-prompt geometry ``metrics.csv``; ``after`` defaults to the last
+    stage by training step. Left: both stages with ±1 s.d. bands; right: the per-prompt
+    differences (dots), their mean and ±1 s.d. across prompts.
+    """
+    return save(_figure_similarity_change(metrics_df, title, data_label, before, after, metric), out_path)
+
+
+def _figure_loss_by_step(log: pd.DataFrame, title: str, data_label: str, analysed_steps: Sequence[int]) -> Figure:
+    fig = new_figure(10.0, 4.4)
+    ax = fig.subplots()
+    _loss_panel(ax, log, sorted(int(s) for s in analysed_steps))
+    ax.set_xlim(*_step_limits(analysed_steps, log["step"]))
+    ax.set_xlabel(STEP_AXIS_LABEL, fontsize=9)
+    figure_title(fig, f"{title}\ntraining loss on the step axis of the geometry-evolution figures", data_label)
+    return fig
+
+
+def plot_loss_by_step(log: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
+                      analysed_steps: Sequence[int] = ()) -> Path:
+    """Training and validation loss against the step, with the analysed checkpoints marked.
+
+    Uses the same x range as :func:`plot_metrics_by_step` (union of logged and analysed steps),
+    so a change in geometry can be read against the loss at the same step.
+    """
+    return save(_figure_loss_by_step(log, title, data_label, list(analysed_steps)), out_path)
