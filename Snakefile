@@ -21,14 +21,9 @@ include: "workflow/rules/geometry.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/evolution.smk"
-include: "workflow/rules/pretrained.smk"
 
 
 rule all:
     input:
-        all_outputs(),
+        all_outputs,
     default_target: True
-
-
-onerror:
-    compare_despite_divergence()

@@ -1,4 +1,4 @@
-"""Resuming a killed training run, and the records a diverged run leaves behind.
+"""Resuming a killed training run, and the files a diverged run ends with.
 
 The reference for every resumed run is an uninterrupted run with the same seed: the
 resumed one must end with bitwise-equal weights and an equal loss history.
@@ -24,16 +24,9 @@ import tga.train
 from tga.data import tokenize_to_file
 from tga.model import ModelConfig, load_checkpoint
 from tga.tokenizers import CharTokenizer
-from tga.train import (
-    FAILURE_RECORD,
-    RESUME_STATE,
-    TrainConfig,
-    TrainingDiverged,
-    failure_matches_settings,
-    read_failure_record,
-    run_side_dirs,
-    train_model,
-)
+from tga.resume import RESUME_STATE, resume_dir_for
+from tga.status import read_status
+from tga.train import TrainConfig, TrainingDiverged, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the cat sat on the mat. the dog sat on the log. a bird flew over the old barn. " * 30
@@ -64,9 +57,9 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**{**TRAIN, **overrides})
 
 
-def run(tokens, out: Path, resume: Path | None = None, failed: Path | None = None, **overrides) -> dict:
+def run(tokens, out: Path, resume: Path | None = None, **overrides) -> dict:
     return train_model(MODEL, config(**overrides), *tokens, out, run_name="v/seed7", show_progress=False,
-                       resume_dir=resume, failure_dir=failed)
+                       resume_dir=resume)
 
 
 def interrupt_after(monkeypatch, n_batches: int) -> None:
@@ -289,37 +282,37 @@ def test_run_killed_after_its_last_state_only_writes_final(tokens, tmp_path, ref
     assert_same_run(tmp_path / "run", reference)
 
 
-def test_divergence_leaves_log_and_failure_record_outside_the_outputs(tokens, tmp_path):
-    out, resume, failed = tmp_path / "models" / "v" / "seed7", tmp_path / "resume", tmp_path / "failed"
+def test_divergence_ends_the_run_with_its_status_and_no_resume_state(tokens, tmp_path, monkeypatch):
+    out, resume = tmp_path / "models" / "v" / "seed7", tmp_path / "resume"
+    interrupt_after(monkeypatch, 12)  # a state at step 10 exists when the diverging run starts
+    with pytest.raises(Interrupted):
+        run(tokens, out, resume)
+    monkeypatch.undo()
+    shutil.rmtree(out)  # what Snakemake does to a failed job's declared outputs
     with pytest.raises(TrainingDiverged, match=r"v/seed7 diverged: .* at step \d+ \(seed 7\)") as info:
-        run(tokens, out, resume, failed, learning_rate=1e6, grad_clip=0.0)
-    shutil.rmtree(out)  # Snakemake deletes the failed job's outputs; the record stays
+        run(tokens, out, resume, learning_rate=1e6, grad_clip=0.0)
 
-    record = read_failure_record(failed)
-    assert record is not None
-    assert {k: record[k] for k in ("variant", "seed", "run", "reason", "step")} == {
-        "variant": "v", "seed": 7, "run": "v/seed7", "reason": "diverged", "step": info.value.step}
-    assert record["message"] == str(info.value)
-    rows = read_log(failed / "train_log.csv")
-    assert rows[0]["step"] == "0" and int(rows[-1]["step"]) == record["last_logged_step"] < record["step"]
+    status = read_status(out / "status.json")
+    assert {k: status[k] for k in ("status", "run", "seed", "step")} == {
+        "status": "diverged", "run": "v/seed7", "seed": 7, "step": info.value.step}
+    assert status["message"] == str(info.value)
+    rows = read_log(out / "train_log.csv")
+    assert rows[0]["step"] == "0" and int(rows[-1]["step"]) == status["last_logged_step"] < status["step"]
+    # every file a workflow declares exists; final.pt says where and how the run stopped
+    assert load_checkpoint(out / "final.pt")[1] == {**{k: status[k] for k in ("step", "seed", "run", "last_logged_step",
+                                                                               "message")}, "status": "diverged"}
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert all(int(name[4:10]) < status["step"] for name in kept)  # never a checkpoint past the divergence
+    assert not resume.exists()  # an ended run is never resumed, whatever its outcome
 
-    settings = {"model": {k: v for k, v in MODEL.__dict__.items() if k != "vocab_size"},
-                "training": {k: v for k, v in TRAIN.items() if k not in ("seed", "threads")}}
-    diverging = {**settings, "training": {**settings["training"], "learning_rate": 1e6, "grad_clip": 0.0}}
-    assert failure_matches_settings(record, diverging, seed=7)
-    assert not failure_matches_settings(record, settings, seed=7)  # settings changed: worth a retry
-    assert not failure_matches_settings(record, diverging, seed=8)
-
-    run(tokens, out, resume, failed)  # a later successful attempt drops the stale record
-    assert read_failure_record(failed) is None and not (failed / FAILURE_RECORD).exists()
-    assert (out / "final.pt").is_file()
+    run(tokens, out, resume)  # settings that train: the status becomes ok
+    assert read_status(out / "status.json") == {"status": "ok", **load_checkpoint(out / "final.pt")[1]}
 
 
-def test_side_dirs_lie_outside_the_declared_model_outputs():
-    assert run_side_dirs(Path("outputs/models/llama-preln/seed3"), "llama-preln", 3) == (
-        Path("outputs/.resume/llama-preln/seed3"), Path("outputs/failed/llama-preln/seed3"))
-    assert run_side_dirs(Path("/w/out/models/a.b/seed0"), "a.b", 0) == (
-        Path("/w/out/.resume/a.b/seed0"), Path("/w/out/failed/a.b/seed0"))
-    # Another layout still gets folders that are not inside the model directory.
-    resume, failed = run_side_dirs(Path("runs/x"), "v", 0)
-    assert Path("runs/x") not in (resume, *resume.parents) and Path("runs/x") not in (failed, *failed.parents)
+def test_resume_dir_lies_outside_the_declared_model_outputs():
+    assert resume_dir_for(Path("outputs/models/llama-preln/seed3"), "llama-preln", 3) == Path(
+        "outputs/.resume/llama-preln/seed3")
+    assert resume_dir_for(Path("/w/out/models/a.b/seed0"), "a.b", 0) == Path("/w/out/.resume/a.b/seed0")
+    # Another layout still gets a folder that is not inside the model directory.
+    resume = resume_dir_for(Path("runs/x"), "v", 0)
+    assert Path("runs/x") not in (resume, *resume.parents)

@@ -10,7 +10,6 @@ from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages, evolution_steps
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
-from tga.train import failure_matches_settings, read_failure_record
 
 
 # --config values arrive as strings ('seeds=[0,1,2]' gives '0', '1', '2'): the schema decides their types.
@@ -71,35 +70,62 @@ def model_title(wildcards):
     )
 
 
-def diverged_models():
-    """Runs whose training diverged with their current settings (a failure record left
-    by an earlier invocation): they are not retried, and the comparisons mark them."""
-    found = []
-    for v in VARIANTS:
-        for s in SEEDS:
-            record = read_failure_record(f"outputs/failed/{v}/seed{s}")
-            if record and failure_matches_settings(record, resolve_variant(config, v), s):
-                found.append({"variant": v, "seed": s, "step": record.get("step"), "message": record.get("message", "")})
-    return found
+RUNS = [{"variant": v, "seed": s} for v in VARIANTS for s in SEEDS]
 
 
-DIVERGED = diverged_models()
-MODELS = [
-    {"variant": v, "seed": s}
-    for v in VARIANTS
-    for s in SEEDS
-    if not any(d["variant"] == v and d["seed"] == s for d in DIVERGED)
-]
+def training_outcome(run):
+    """``(status path, record)`` of one run's training, read through the ``train``
+    checkpoint. The record is None while the run is still to be trained: the path is
+    then the checkpoint's target, which makes Snakemake train first and ask again."""
+    from snakemake.exceptions import IncompleteCheckpointException
+
+    from tga.status import read_status
+
+    try:
+        status = checkpoints.train.get(**run).output.status
+    except IncompleteCheckpointException as pending:
+        return pending.targetfile, None
+    return status, read_status(status)
 
 
 def per_model(pattern):
-    """``pattern`` for every configured variant and seed whose training has not diverged."""
-    return [pattern.format(**m) for m in MODELS]
+    """Input function: ``pattern`` for every run whose training ended ok. A run still
+    to be trained counts as ok until its status says otherwise (so a dry run shows its
+    jobs), and its status is listed too, so the list is made again once it exists."""
+
+    def files(wildcards):
+        found = []
+        for run in RUNS:
+            status, record = training_outcome(run)
+            if record is None:
+                found.append(status)
+            if record is None or record["status"] == "ok":
+                found.append(pattern.format(**run))
+        return found
+
+    return files
 
 
-def model_labels():
-    """(variant, seed) pairs in the order of ``per_model``."""
-    return list(MODELS)
+def training_statuses(wildcards):
+    """Every run's status file, for rules whose params read the outcomes
+    (``diverged_runs``) without taking per-model files: depending on them is what
+    makes Snakemake ask again once training has ended."""
+    return [training_outcome(run)[0] for run in RUNS]
+
+
+def trained_runs(wildcards):
+    """``{variant, seed}`` of the runs ``per_model`` lists, in its order."""
+    return [run for run in RUNS if (training_outcome(run)[1] or {"status": "ok"})["status"] == "ok"]
+
+
+def diverged_runs(wildcards):
+    """``{variant, seed, step, message}`` of every run whose status says diverged."""
+    diverged = []
+    for run in RUNS:
+        record = training_outcome(run)[1]
+        if record is not None and record["status"] == "diverged":
+            diverged.append({**run, "step": record["step"], "message": record["message"]})
+    return diverged
 
 
 EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png"]
@@ -116,128 +142,22 @@ def evolution_analysed_steps(wildcards):
     return evolution_steps(resolve_variant(config, wildcards.variant)["training"])
 
 
-def evolution_outputs():
-    """Every evolution figure of every variant and seed."""
-    return [f"outputs/evolution/{m['variant']}/seed{m['seed']}/{name}" for m in MODELS for name in EVOLUTION_FIGURES]
+def evolution_outputs(wildcards):
+    """Every evolution figure of every variant and seed whose training ended ok."""
+    patterns = [f"outputs/evolution/{{variant}}/seed{{seed}}/{name}" for name in EVOLUTION_FIGURES]
+    return [path for pattern in patterns for path in per_model(pattern)(wildcards)]
 
 
-def all_outputs():
+def all_outputs(wildcards):
     return [
-        *per_model("outputs/figures/{variant}/seed{seed}/geometry_layers.png"),
-        *per_model("outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png"),
-        *per_model("outputs/figures/{variant}/seed{seed}/training_curves.png"),
+        *per_model("outputs/figures/{variant}/seed{seed}/geometry_layers.png")(wildcards),
+        *per_model("outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png")(wildcards),
+        *per_model("outputs/figures/{variant}/seed{seed}/training_curves.png")(wildcards),
         "outputs/compare/perplexity.csv",
         "outputs/compare/perplexity.png",
         "outputs/compare/similarity_by_layer.png",
         "outputs/compare/difference.png",
         "outputs/compare/difference.csv",
-        *evolution_outputs(),
-        *pretrained_outputs(),
+        *evolution_outputs(wildcards),
     ]
 
-
-def compare_despite_divergence():
-    """When a --keep-going run ends with diverged trainings, build the comparison tables
-    and figures from the models that finished, marking the diverged runs, so the run
-    that found the divergence already shows what it means for the comparison."""
-    from pathlib import Path
-
-    from tga.compare import write_differences, write_perplexity_table
-    from tga.figures_compare import plot_differences_table, plot_perplexity_table, plot_similarity_by_layer_files
-
-    diverged = diverged_models()
-    if not diverged:
-        return
-    lost = {(d["variant"], d["seed"]) for d in diverged}
-    finished = [
-        {"variant": v, "seed": s}
-        for v in VARIANTS
-        for s in SEEDS
-        if (v, s) not in lost
-        and Path(f"outputs/eval/{v}/seed{s}/perplexity.json").is_file()
-        and Path(f"outputs/geometry/{v}/seed{s}/summary.csv").is_file()
-    ]
-    if not finished:
-        return
-    label = config["data"]["label"]
-    evals = [f"outputs/eval/{m['variant']}/seed{m['seed']}/perplexity.json" for m in finished]
-    summaries = [f"outputs/geometry/{m['variant']}/seed{m['seed']}/summary.csv" for m in finished]
-    write_perplexity_table(evals, "outputs/compare/perplexity.csv", diverged)
-    plot_perplexity_table("outputs/compare/perplexity.csv", "outputs/compare/perplexity.png", label)
-    plot_similarity_by_layer_files(summaries, finished, "outputs/compare/similarity_by_layer.png", label, diverged)
-    write_differences(summaries, finished, config["comparisons"], "outputs/compare/difference.csv")
-    plot_differences_table("outputs/compare/difference.csv", "outputs/compare/difference.png", label, diverged)
-    print(f"tga: comparisons written without the diverged run(s): {sorted(lost)}")
-
-
-# ---------------------------------------------------------------- pretrained models
-# The `pretrained:` section (tga/pretrained.py, rules in pretrained.smk): checked before
-# any job runs; entries join all_outputs() and the comparisons as one model each (seed 0).
-from tga.pretrained import PretrainedError, check_pretrained, entry_revisions, evolution_revisions, final_revision, weights_mb
-
-try:
-    check_pretrained(config)
-except PretrainedError as error:
-    raise WorkflowError(f"Invalid config: {error}") from None
-
-PRETRAINED = list(config["pretrained"])
-
-
-def pretrained_entry(wildcards):
-    """Only this entry's settings, so editing one entry never reruns another."""
-    return dict(config["pretrained"][wildcards.entry])
-
-
-def pretrained_final_stage(wildcards):
-    """The entry's model as published (its latest revision) as the geometry's ``trained`` stage."""
-    return {"trained": final_revision(config["pretrained"][wildcards.entry])}
-
-
-def pretrained_evolution_stages(wildcards):
-    """{step{N}: revision} of an entry's revisions, by training step."""
-    return evolution_revisions(config["pretrained"][wildcards.entry])
-
-
-def pretrained_first_stage(wildcards):
-    """The earliest revision: the 'before' of the evolution figures."""
-    return next(iter(evolution_revisions(config["pretrained"][wildcards.entry])))
-
-
-def pretrained_title(wildcards):
-    """Figure title naming the entry, its model and revision(s)."""
-    entry = config["pretrained"][wildcards.entry]
-    revisions = [r for r in entry_revisions(entry) if r]
-    return f"{wildcards.entry} (pretrained): {entry['model']}" + (f" @ {', '.join(revisions)}" if revisions else "")
-
-
-def pretrained_mem_mb(wildcards):
-    """Host memory of a job: the weights on disk twice (loading, then the dtype copy) and
-    1 GB for the activations and metrics; 8 GB before the weights are downloaded."""
-    size = weights_mb(config["pretrained"][wildcards.entry])
-    return 8000 if size is None else 2 * size + 1000
-
-
-def pretrained_files(pattern):
-    """``pattern`` (with ``{entry}``) for every pretrained entry, in config order."""
-    return [pattern.format(entry=name) for name in PRETRAINED]
-
-
-def pretrained_labels():
-    """Labels of the comparisons for ``pretrained_files``: the entry name, seed 0."""
-    return [{"variant": name, "seed": 0} for name in PRETRAINED]
-
-
-def pretrained_outputs():
-    """Every figure and table of every pretrained entry."""
-    files = [
-        *pretrained_files("outputs/figures/{entry}/pretrained/geometry_layers.png"),
-        *pretrained_files("outputs/figures/{entry}/pretrained/similarity_heatmaps.png"),
-        *pretrained_files("outputs/eval/{entry}/pretrained/perplexity.json"),
-    ]
-    for name in PRETRAINED:
-        if config["pretrained"][name].get("revisions"):
-            files += [f"outputs/evolution/{name}/pretrained/{figure}" for figure in PRETRAINED_EVOLUTION_FIGURES]
-    return files
-
-
-PRETRAINED_EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png"]

@@ -6,7 +6,6 @@ from tga.fingerprint import code_fingerprint
 rule perplexity_table:
     input:
         per_model("outputs/eval/{variant}/seed{seed}/perplexity.json"),
-        pretrained_files("outputs/eval/{entry}/pretrained/perplexity.json"),
     output:
         report(
             "outputs/compare/perplexity.csv",
@@ -17,7 +16,7 @@ rule perplexity_table:
         ),
     params:
         code=code_fingerprint("tga.compare"),
-        diverged=DIVERGED,
+        diverged=diverged_runs,
     log:
         "outputs/logs/compare/perplexity_table.log",
     benchmark:
@@ -61,7 +60,6 @@ rule plot_perplexity:
 rule plot_similarity_by_layer:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
-        pretrained_files("outputs/geometry/{entry}/pretrained/summary.csv"),
     output:
         report(
             "outputs/compare/similarity_by_layer.png",
@@ -72,9 +70,9 @@ rule plot_similarity_by_layer:
         ),
     params:
         code=code_fingerprint("tga.figures_compare"),
-        labels=model_labels() + pretrained_labels(),
+        labels=trained_runs,
         data_label=config["data"]["label"],
-        diverged=DIVERGED,
+        diverged=diverged_runs,
     log:
         "outputs/logs/compare/plot_similarity_by_layer.log",
     benchmark:
@@ -91,7 +89,6 @@ rule plot_similarity_by_layer:
 rule difference_table:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
-        pretrained_files("outputs/geometry/{entry}/pretrained/summary.csv"),
     output:
         report(
             "outputs/compare/difference.csv",
@@ -102,7 +99,7 @@ rule difference_table:
         ),
     params:
         code=code_fingerprint("tga.compare"),
-        labels=model_labels() + pretrained_labels(),
+        labels=trained_runs,
         comparisons=config["comparisons"],
     log:
         "outputs/logs/compare/difference_table.log",
@@ -120,6 +117,7 @@ rule difference_table:
 rule plot_differences:
     input:
         table=rules.difference_table.output[0],
+        statuses=training_statuses,
     output:
         report(
             "outputs/compare/difference.png",
@@ -131,7 +129,7 @@ rule plot_differences:
     params:
         code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
-        diverged=DIVERGED,
+        diverged=diverged_runs,
     log:
         "outputs/logs/compare/plot_differences.log",
     benchmark:

@@ -5,7 +5,7 @@ from tga.fingerprint import code_fingerprint
 
 rule evolution:
     input:
-        evolution_outputs(),
+        evolution_outputs,
 
 
 rule evolution_geometry:

@@ -1,15 +1,19 @@
-# One training job per variant and seed.
+# One training job per variant and seed. A checkpoint: the run ends ok or diverged
+# (status.json), and the rules that gather models ask it which ones to analyse.
 from tga.fingerprint import code_fingerprint
 
 
-rule train:
+checkpoint train:
     input:
         train="outputs/data/tokens/train.bin",
         train_meta="outputs/data/tokens/train.json",
         validation="outputs/data/tokens/validation.bin",
         validation_meta="outputs/data/tokens/validation.json",
     output:
+        # first: the target a pending run's input functions wait for (training_outcome)
+        status="outputs/models/{variant}/seed{seed}/status.json",
         init="outputs/models/{variant}/seed{seed}/init.pt",
+        # a diverged run's final.pt is the model as it stopped; no rule reads it
         final="outputs/models/{variant}/seed{seed}/final.pt",
         log="outputs/models/{variant}/seed{seed}/train_log.csv",
         checkpoints=directory("outputs/models/{variant}/seed{seed}/checkpoints"),

@@ -1,28 +1,38 @@
-"""Train one variant with one seed, resumably.
+"""Train one variant with one seed, resumably; a divergence is a result, not a failure.
 
-The resume state and any divergence record live in ``outputs/.resume/...`` and
-``outputs/failed/...``, outside this job's declared outputs, because Snakemake
-deletes those when the job fails or is killed.
+The resume state lives in ``outputs/.resume/...``, outside this job's declared
+outputs, because Snakemake deletes those when the job fails or is killed. A diverged
+run ends this job successfully with ``status.json`` saying where, and says so on the
+console; the comparisons mark it, and Snakemake's own triggers (settings, code)
+decide when it is trained again.
 """
+import sys
 from pathlib import Path
 
 from tga.joblog import logged_job
-from tga.train import run_side_dirs, train_from_settings
+from tga.resume import resume_dir_for
+from tga.train import TrainingDiverged, train_from_settings
 
 variant = snakemake.wildcards.variant
 seed = int(snakemake.wildcards.seed)
 out_dir = Path(snakemake.output.final).parent
-resume_dir, failure_dir = run_side_dirs(out_dir, variant, seed)
 
+diverged = None
 with logged_job(snakemake.log[0]):
-    train_from_settings(
-        snakemake.params.settings,
-        seed=seed,
-        threads=snakemake.threads,
-        train_tokens=snakemake.input.train,
-        val_tokens=snakemake.input.validation,
-        out_dir=out_dir,
-        run_name=f"{variant}/seed{seed}",
-        resume_dir=resume_dir,
-        failure_dir=failure_dir,
-    )
+    try:
+        train_from_settings(
+            snakemake.params.settings,
+            seed=seed,
+            threads=snakemake.threads,
+            train_tokens=snakemake.input.train,
+            val_tokens=snakemake.input.validation,
+            out_dir=out_dir,
+            run_name=f"{variant}/seed{seed}",
+            resume_dir=resume_dir_for(out_dir, variant, seed),
+        )
+    except TrainingDiverged as exc:
+        print(f"tga train: {exc}", file=sys.stderr)
+        diverged = exc
+if diverged is not None:
+    print(f"tga: warning: {diverged} (recorded in {snakemake.output.status}; the comparisons mark it)",
+          file=sys.stderr, flush=True)
