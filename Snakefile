@@ -21,6 +21,7 @@ include: "workflow/rules/geometry.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/evolution.smk"
+include: "workflow/rules/pretrained.smk"
 
 
 rule all:

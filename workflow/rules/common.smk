@@ -159,5 +159,78 @@ def all_outputs(wildcards):
         "outputs/compare/difference.png",
         "outputs/compare/difference.csv",
         *evolution_outputs(wildcards),
+        *pretrained_outputs(),
     ]
 
+
+# ---------------------------------------------------------------- pretrained models
+# The `pretrained:` section (tga/pretrained.py, rules in pretrained.smk): checked before
+# any job runs; entries join all_outputs() and the comparisons as one model each (seed 0).
+from tga.pretrained import PretrainedError, check_pretrained, entry_revisions, evolution_revisions, final_revision, weights_mb
+
+try:
+    check_pretrained(config)
+except PretrainedError as error:
+    raise WorkflowError(f"Invalid config: {error}") from None
+
+PRETRAINED = list(config["pretrained"])
+
+
+def pretrained_entry(wildcards):
+    """Only this entry's settings, so editing one entry never reruns another."""
+    return dict(config["pretrained"][wildcards.entry])
+
+
+def pretrained_final_stage(wildcards):
+    """The entry's model as published (its latest revision) as the geometry's ``trained`` stage."""
+    return {"trained": final_revision(config["pretrained"][wildcards.entry])}
+
+
+def pretrained_evolution_stages(wildcards):
+    """{step{N}: revision} of an entry's revisions, by training step."""
+    return evolution_revisions(config["pretrained"][wildcards.entry])
+
+
+def pretrained_first_stage(wildcards):
+    """The earliest revision: the 'before' of the evolution figures."""
+    return next(iter(evolution_revisions(config["pretrained"][wildcards.entry])))
+
+
+def pretrained_title(wildcards):
+    """Figure title naming the entry, its model and revision(s)."""
+    entry = config["pretrained"][wildcards.entry]
+    revisions = [r for r in entry_revisions(entry) if r]
+    return f"{wildcards.entry} (pretrained): {entry['model']}" + (f" @ {', '.join(revisions)}" if revisions else "")
+
+
+def pretrained_mem_mb(wildcards):
+    """Host memory of a job: the weights on disk twice (loading, then the dtype copy) and
+    1 GB for the activations and metrics; 8 GB before the weights are downloaded."""
+    size = weights_mb(config["pretrained"][wildcards.entry])
+    return 8000 if size is None else 2 * size + 1000
+
+
+def pretrained_files(pattern):
+    """``pattern`` (with ``{entry}``) for every pretrained entry, in config order."""
+    return [pattern.format(entry=name) for name in PRETRAINED]
+
+
+def pretrained_labels():
+    """Labels of the comparisons for ``pretrained_files``: the entry name, seed 0."""
+    return [{"variant": name, "seed": 0} for name in PRETRAINED]
+
+
+def pretrained_outputs():
+    """Every figure and table of every pretrained entry."""
+    files = [
+        *pretrained_files("outputs/figures/{entry}/pretrained/geometry_layers.png"),
+        *pretrained_files("outputs/figures/{entry}/pretrained/similarity_heatmaps.png"),
+        *pretrained_files("outputs/eval/{entry}/pretrained/perplexity.json"),
+    ]
+    for name in PRETRAINED:
+        if config["pretrained"][name].get("revisions"):
+            files += [f"outputs/evolution/{name}/pretrained/{figure}" for figure in PRETRAINED_EVOLUTION_FIGURES]
+    return files
+
+
+PRETRAINED_EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png"]

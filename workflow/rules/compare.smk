@@ -6,6 +6,7 @@ from tga.fingerprint import code_fingerprint
 rule perplexity_table:
     input:
         per_model("outputs/eval/{variant}/seed{seed}/perplexity.json"),
+        pretrained_files("outputs/eval/{entry}/pretrained/perplexity.json"),
     output:
         report(
             "outputs/compare/perplexity.csv",
@@ -60,6 +61,7 @@ rule plot_perplexity:
 rule plot_similarity_by_layer:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
+        pretrained_files("outputs/geometry/{entry}/pretrained/summary.csv"),
     output:
         report(
             "outputs/compare/similarity_by_layer.png",
@@ -70,7 +72,7 @@ rule plot_similarity_by_layer:
         ),
     params:
         code=code_fingerprint("tga.figures_compare"),
-        labels=trained_runs,
+        labels=lambda wildcards: trained_runs(wildcards) + pretrained_labels(),
         data_label=config["data"]["label"],
         diverged=diverged_runs,
     log:
@@ -89,6 +91,7 @@ rule plot_similarity_by_layer:
 rule difference_table:
     input:
         per_model("outputs/geometry/{variant}/seed{seed}/summary.csv"),
+        pretrained_files("outputs/geometry/{entry}/pretrained/summary.csv"),
     output:
         report(
             "outputs/compare/difference.csv",
@@ -99,7 +102,7 @@ rule difference_table:
         ),
     params:
         code=code_fingerprint("tga.compare"),
-        labels=trained_runs,
+        labels=lambda wildcards: trained_runs(wildcards) + pretrained_labels(),
         comparisons=config["comparisons"],
     log:
         "outputs/logs/compare/difference_table.log",
