@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import subprocess
 import sys
 from dataclasses import asdict
@@ -88,10 +87,20 @@ def _child(spec: dict) -> None:
     """Run in the fresh process: imports, then training; print peak and base RSS (bytes)."""
     from tga.train import train_model
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # getrusage's ru_maxrss can carry the forking parent's peak (a large pytest process)
+    # into this process, so reset the high-water mark and read it from /proc instead.
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _proc_status_bytes("VmRSS")
     train_model(ModelConfig(**spec["model"]), TrainConfig(**spec["training"]), Path(spec["train"]),
                 Path(spec["validation"]), Path(spec["out"]), show_progress=False)
-    print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, base]))
+    print(json.dumps([_proc_status_bytes("VmHWM"), base]))
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 @pytest.mark.parametrize("case", list(CASES))
