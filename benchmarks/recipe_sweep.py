@@ -63,8 +63,10 @@ def main() -> None:
                 record = {"variant": variant, **overrides}
                 start = time.perf_counter()
                 try:
+                    # with --out-dir a killed run continues from its last checkpoint step
+                    resume = out.parent / f".{out.name}.resume" if args.out_dir else None
                     summary = train_from_settings(settings, args.seed, 0, args.tokens_dir / "train.bin",
-                                                  args.tokens_dir / "validation.bin", out, variant)
+                                                  args.tokens_dir / "validation.bin", out, variant, resume_dir=resume)
                     record["train_s"] = round(time.perf_counter() - start, 2)
                     record["val_ppl"] = round(summary["final_val_ppl"], 2)
                     test = evaluate_checkpoint(out / "final.pt", args.tokens_dir / "test.bin", out / "test.json",

@@ -223,8 +223,8 @@ def test_workflow_measures_pretrained_models_beside_a_variant(zoo, tmp_path):
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run(
         # the pretrained entries' outputs and the comparisons (not the variant's own figures: time)
-        [sys.executable, "-m", "snakemake", "--cores", "2", "--replace-workflow-config", "--configfile", "run.yaml",
-         *TARGETS],
+        [sys.executable, "-m", "snakemake", *TARGETS, "--cores", "2", "--replace-workflow-config",
+         "--configfile", "run.yaml"],  # targets first: --configfile takes every word after it
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -85,7 +85,7 @@ def _planned_rules(workdir: Path, *targets: str) -> list[str]:
     """Rule of every job a local dry run would execute, local rules included."""
     proc = _snakemake(workdir, "--dry-run", "--workflow-profile", "none", "--cores", "1", *targets)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return re.findall(r"^(?:local)?rule (\w+):", proc.stdout, flags=re.M)
+    return re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", proc.stdout, flags=re.M)
 
 
 def _parse_profile(path: Path, **environ: str) -> dict:
