@@ -22,7 +22,7 @@ import torch
 
 from tga.data import read_token_metadata, sample_batch
 from tga.device import autocast_context, resolve_device
-from tga.geometry import mean_pairwise_cosine
+from tga.metrics import mean_pairwise_cosine
 from tga.model import ModelConfig, Transformer
 from tga.train import TrainConfig, learning_rate_at, load_tokens_to_device, make_optimizer, train_step
 

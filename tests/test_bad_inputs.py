@@ -17,7 +17,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from tga.data import DataError, copy_text_splits, download_wikitext2, load_token_file, tokenize_to_file
-from tga.geometry import GeometryError, load_prompts, resolve_layer_indices
+from tga.geometry import load_prompts, resolve_layer_indices
+from tga.metrics import GeometryError
 from tga.model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tga.settings import ConfigError, check_config, schema_error_message
 from tga.tokenizers import CharTokenizer, TokenizerError, create_tokenizer

@@ -16,14 +16,8 @@ from PIL import Image
 
 from test_workflow import TINY, make_workdir
 from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
-from tga.geometry import (
-    CROSS_PROMPT,
-    CROSS_PROMPT_METRICS,
-    METRIC_NAMES,
-    PROMPT_METRICS,
-    GeometryError,
-    summarize_metrics,
-)
+from tga.geometry import CROSS_PROMPT, summarize_metrics
+from tga.metrics import CROSS_PROMPT_METRICS, METRIC_NAMES, PROMPT_METRICS, GeometryError
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.plots import (
     plot_heatmaps_before_after,

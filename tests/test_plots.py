@@ -103,7 +103,7 @@ def heatmap_of(ax) -> QuadMesh | None:
 
 
 def test_metric_labels_have_units_for_all_metrics():
-    from tga.geometry import METRIC_NAMES
+    from tga.metrics import METRIC_NAMES
 
     for m in METRIC_NAMES:
         assert m in METRIC_LABELS

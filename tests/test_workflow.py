@@ -235,7 +235,9 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
     """A copy of tga/ on PYTHONPATH stands in for an edited checkout: editing one figure
     module reruns only the rules drawing its figures (no table), the shared figure style
     reruns every figure and still no table, the table code reruns the tables and the
-    figures drawn from them, and editing the model reruns training onwards."""
+    figures drawn from them, the metric functions (reached only through tga.geometry's
+    imports) rerun the geometry but not training, and editing the model reruns training
+    onwards."""
     package = tmp_path / "site" / "tga"
     shutil.copytree(ROOT / "tga", package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**__import__("os").environ, "PYTHONPATH": str(package.parent)}
@@ -262,6 +264,8 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
     assert planned_after_editing("figure_style") == set().union(*FIGURE_RULES.values())
     assert planned_after_editing("compare") == {"perplexity_table", "plot_perplexity", "difference_table",
                                                 "plot_differences"}
+    after_metrics = planned_after_editing("metrics")
+    assert {"geometry", "evolution_geometry"} <= after_metrics and not {"train", "evaluate"} & after_metrics
     assert {"train", "evaluate", "geometry"} <= planned_after_editing("model")
 
 

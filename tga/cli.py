@@ -31,13 +31,13 @@ from tga.data import SPLITS, DataError, load_token_file, prepare_corpus, read_to
 from tga.device import DeviceError, resolve_device
 from tga.evaluate import evaluate_checkpoint
 from tga.geometry import (
-    GeometryError,
     analyze_checkpoints,
     analyze_model,
     encode_prompts,
     load_prompts,
     resolve_layer_indices,
 )
+from tga.metrics import GeometryError
 from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
 from tga.settings import ConfigError, check_file

@@ -63,14 +63,15 @@ def analyze_evolution(
     """Geometry of every stage (see :func:`evolution_stages`) into ``out_dir``; returns the summary.
 
     ``train_tokens`` (the training split's token file) adds the logit-frequency
-    correlation (tga/geometry.py). Checks that each checkpoint's own ``extra["step"]``
+    correlation (tga/metrics.py). Checks that each checkpoint's own ``extra["step"]``
     (written by the training loop and used as the ``step`` column) agrees with its stage
     name, so a checkpoint saved by a different run can never be plotted at the wrong place
     on the step axis.
     """
     import pandas as pd
 
-    from tga.geometry import GeometryError, analyze_run
+    from tga.geometry import analyze_run
+    from tga.metrics import GeometryError
 
     missing = [f"{stage}: {path}" for stage, path in stages.items() if not Path(path).is_file()]
     if missing:

@@ -1,0 +1,330 @@
+"""Tests for tga.metrics: hand-computed and closed-form values of every metric function
+on tiny tensors (docs/metrics.md), the batched and single-layer forms agreeing, and
+their input errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tga import metrics as met
+from tga.metrics import GeometryError
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ cosine / norms
+
+
+def test_cosine_orthogonal_identical_and_60_degrees():
+    assert met.mean_pairwise_cosine(t([[1, 0], [0, 1]])).item() == pytest.approx(0.0, abs=1e-12)
+    assert met.mean_pairwise_cosine(t([[2, 1], [2, 1], [4, 2]])).item() == pytest.approx(1.0)
+    sixty = t([[1, 0], [0.5, math.sqrt(3) / 2]])
+    assert met.mean_pairwise_cosine(sixty).item() == pytest.approx(0.5)
+    # off-diagonal mean only: three vectors with pairwise cosines 1, 0, 0 -> 1/3
+    assert met.mean_pairwise_cosine(t([[1, 0], [3, 0], [0, 2]])).item() == pytest.approx(1 / 3)
+
+
+def test_cosine_matrix_values_and_zero_vector_guard():
+    m = met.cosine_similarity_matrix(t([[1, 0], [1, 1], [0, 0]]))
+    s = 1 / math.sqrt(2)
+    expected = t([[1, s, 0], [s, 1, 0], [0, 0, 0]])
+    assert m.shape == (3, 3)
+    assert torch.allclose(m, expected)
+    assert torch.isfinite(met.mean_pairwise_cosine(t([[0, 0], [1, 0]])))
+
+
+def test_layer_batched_metrics_match_per_layer_calls():
+    h = torch.randn(4, 7, 5, generator=torch.Generator().manual_seed(1))
+    for fn in (met.mean_pairwise_cosine, met.mean_token_norm, met.effective_rank, met.rank1_residual,
+               met.twonn_intrinsic_dimension, met.twonn_mle):
+        batched = fn(h)
+        assert batched.shape == (4,)
+        assert torch.allclose(batched, torch.stack([fn(h[i]) for i in range(4)])), fn.__name__
+    assert met.cosine_similarity_matrix(h).shape == (4, 7, 7)
+
+
+def test_token_norm_and_update_norm():
+    assert met.mean_token_norm(t([[3, 4], [0, 1]])).item() == pytest.approx(3.0)
+    h = t([[[0, 0], [1, 1]], [[3, 4], [1, 1]], [[3, 4], [1, 2]]])  # (L=3, T=2, d=2)
+    u = met.mean_update_norm(h)
+    assert math.isnan(u[0].item())
+    assert u[1].item() == pytest.approx(2.5)  # (5 + 0) / 2
+    assert u[2].item() == pytest.approx(0.5)  # (0 + 1) / 2
+    with pytest.raises(GeometryError, match="stacked layers"):
+        met.mean_update_norm(t([[1, 2], [3, 4]]))
+
+
+# ------------------------------------------------------------------ rank metrics
+
+
+def test_effective_rank():
+    assert met.effective_rank(torch.eye(4, dtype=torch.float64)).item() == pytest.approx(4.0)
+    # 3 orthonormal rows in 5-D, equally scaled: three equal singular values
+    q, _ = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert met.effective_rank(7.0 * q.T).item() == pytest.approx(3.0)
+    rank1 = torch.outer(t([1, 2, 3, 4]), t([0.5, -1, 2]))
+    assert met.effective_rank(rank1).item() == pytest.approx(1.0, abs=1e-9)
+    # diag(3, 1): p = (3/4, 1/4)
+    p = np.array([0.75, 0.25])
+    assert met.effective_rank(t([[3, 0], [0, 1]])).item() == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert math.isnan(met.effective_rank(torch.zeros(3, 2)).item())
+    # identical vectors span one direction
+    assert met.effective_rank(t([[1, 2], [1, 2], [1, 2]])).item() == pytest.approx(1.0)
+
+
+def test_rank1_residual():
+    rank1 = torch.outer(t([1, -2, 3]), t([4, 0, 1, 2]))
+    assert met.rank1_residual(rank1).item() == pytest.approx(0.0, abs=1e-9)
+    # diag(3, 4): best rank-1 keeps the 4, residual ||3|| / ||(3,4)|| = 3/5
+    assert met.rank1_residual(t([[3, 0], [0, 4]])).item() == pytest.approx(0.6)
+    assert met.rank1_residual(torch.eye(4, dtype=torch.float64)).item() == pytest.approx(math.sqrt(3 / 4))
+
+
+# ------------------------------------------------------------------ TwoNN
+
+
+def _plane_in_10d(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(n, 2, dtype=torch.float64, generator=g)
+    basis, _ = torch.linalg.qr(torch.randn(10, 2, dtype=torch.float64, generator=g))
+    return pts @ basis.T + torch.randn(10, dtype=torch.float64, generator=g)
+
+
+def _gaussian(n: int, d: int, seed: int, ambient: int = 0) -> torch.Tensor:
+    """n isotropic Gaussian points in d dims, rotated into ``ambient`` dims if given."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, dtype=torch.float64, generator=g)
+    if ambient:
+        basis, _ = torch.linalg.qr(torch.randn(ambient, d, dtype=torch.float64, generator=g))
+        x = x @ basis.T
+    return x
+
+
+@pytest.mark.parametrize("d, n, tol", [(5, 1000, 0.6), (10, 2000, 1.0)])
+def test_twonn_isotropic_gaussian_is_its_dimension(d, n, tol):
+    # Measured over 10 seeds: d=5, N=1000 gives 5.09 +- 0.16 (fit) and 5.06 +- 0.16 (MLE);
+    # d=10, N=2000 gives 9.73 +- 0.26 (the Gaussian's curved density biases it down a
+    # little). tol is ~4 s.d. (plus that bias): the ambient dimension 64 or d +- 2 fail it.
+    for seed in range(3):
+        x = _gaussian(n, d, seed, ambient=64)
+        assert abs(met.twonn_intrinsic_dimension(x).item() - d) < tol, (d, seed)
+        assert abs(met.twonn_mle(x).item() - d) < tol, (d, seed)
+
+
+def test_twonn_points_on_a_circle_is_one():
+    # 500 points on a circle in a 2-D plane of 16-D space; measured 0.97-1.04 over 3 seeds
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        theta = torch.rand(500, dtype=torch.float64, generator=g) * 2 * math.pi
+        basis, _ = torch.linalg.qr(torch.randn(16, 2, dtype=torch.float64, generator=g))
+        circle = torch.stack([torch.cos(theta), torch.sin(theta)], dim=1) @ basis.T
+        assert abs(met.twonn_intrinsic_dimension(circle).item() - 1.0) < 0.15, seed
+        assert abs(met.twonn_mle(circle).item() - 1.0) < 0.15, seed
+
+
+def test_twonn_uniform_plane_in_10d_is_about_two():
+    # relative s.d. ~ 1/sqrt(N) = 0.03 at N = 1000; 0.25 is ~4 s.d. of slack
+    for seed in range(3):
+        pts = _plane_in_10d(1000, seed)
+        assert abs(met.twonn_intrinsic_dimension(pts).item() - 2.0) < 0.25, seed
+        assert abs(met.twonn_mle(pts).item() - 2.0) < 0.25, seed
+
+
+def test_twonn_hand_values_fit_and_mle():
+    # points 0, 1, 3 on a line: (r1, r2) = (1, 3), (1, 2), (2, 3) -> mu = 3, 2, 1.5
+    pts3 = t([[0.0], [1.0], [3.0]])
+    assert met.twonn_mle(pts3).item() == pytest.approx(2 / (math.log(3) + math.log(2) + math.log(1.5)))
+    # Facco: keep int(0.9 * 3) = 2 smallest mu (1.5, 2) with F = 1/3, 2/3, so
+    # y = -log(1 - F) = log 1.5, log 3; slope through the origin = sum(xy) / sum(x^2)
+    x = [math.log(1.5), math.log(2)]
+    y = [math.log(1.5), math.log(3)]
+    fit = (x[0] * y[0] + x[1] * y[1]) / (x[0] ** 2 + x[1] ** 2)
+    assert met.twonn_intrinsic_dimension(pts3).item() == pytest.approx(fit)
+    assert abs(fit - met.twonn_mle(pts3).item()) > 0.1  # the two estimators really differ
+    with pytest.raises(GeometryError, match="at least 3 tokens"):
+        met.twonn_intrinsic_dimension(t([[0, 1], [1, 0]]))
+    # a lattice: every mu == 1 -> the CDF is a step at log(mu) = 0, slope infinite
+    square = t([[0, 0], [1, 0], [0, 1], [1, 1]])
+    assert met.twonn_intrinsic_dimension(square).item() == math.inf and met.twonn_mle(square).item() == math.inf
+
+
+def test_twonn_keeps_one_copy_of_coinciding_points():
+    pts = _plane_in_10d(200, 9)
+    with_dups = torch.cat([pts, pts[:50], pts[10:20]])
+    for fn in (met.twonn_intrinsic_dimension, met.twonn_mle):
+        assert fn(with_dups).item() == pytest.approx(fn(pts).item()), fn.__name__
+    # identical vectors: a single distinct point, no neighbours -> undefined
+    assert math.isnan(met.twonn_intrinsic_dimension(t([[1, 2], [1, 2], [1, 2]])).item())
+
+
+# ------------------------------------------------------------------ neighbourhood overlap
+
+
+def test_neighbourhood_overlap_identical_layers_is_one():
+    h = torch.randn(1, 10, 4, generator=torch.Generator().manual_seed(3)).repeat(3, 1, 1)
+    ov = met.neighbourhood_overlap(h, k=3)
+    assert math.isnan(ov[0].item())
+    assert ov[1:].tolist() == [1.0, 1.0]
+
+
+def test_neighbourhood_overlap_hand_case():
+    # 1-D positions, k=1. Layer A: 0,1,3,10 -> NN = [1,0,1,2]; layer B: 0,5,6,20 -> NN = [1,2,1,2]
+    h = t([[[0], [1], [3], [10]], [[0], [5], [6], [20]]])
+    ov = met.neighbourhood_overlap(h, k=1)
+    assert ov[1].item() == pytest.approx(0.75)
+    # k is clipped to T-1 = 3: every other token is a neighbour, so the overlap is 1
+    rnd = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    assert met.neighbourhood_overlap(rnd, k=10)[1].item() == 1.0
+    with pytest.raises(GeometryError, match="knn_k"):
+        met.neighbourhood_overlap(rnd, k=0)
+
+
+def test_neighbourhood_overlap_breaks_exact_ties_by_index():
+    # Layer A: four identical vectors, every distance ties at 0 -> each token's k=2
+    # neighbours are the two lowest other indices: 0:{1,2} 1:{0,2} 2:{0,1} 3:{0,1}.
+    # Layer B: 1-D positions 0,1,2,3; token 2 ties between 1 and 3 (both at 1), token 3
+    # has 2 then 1: 0:{1,2} 1:{0,2} 2:{1,3} 3:{1,2}. Overlaps 1, 1, 1/2, 1/2 -> 0.75.
+    a = torch.zeros(4, 1, dtype=torch.float64)
+    b = t([[0], [1], [2], [3]])
+    assert met.neighbourhood_overlap(torch.stack([a, b]), k=2)[1].item() == 0.75
+    member = met._knn_membership(met._pairwise_distances(torch.stack([a, b])), 2)
+    assert member[0].nonzero().tolist() == [[0, 1], [0, 2], [1, 0], [1, 2], [2, 0], [2, 1], [3, 0], [3, 1]]
+    # the same rule at both layers: identical tied layers overlap fully
+    assert met.neighbourhood_overlap(torch.stack([a, a, a]), k=2)[1:].tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------ common direction
+
+
+def test_common_direction_share_constructed_case():
+    # h_i = a e1 + b_i with b_i orthogonal to e1, |b_i| = c and sum b_i = 0: the mean is
+    # a e1 and every token has cos^2 = a^2 / (a^2 + c^2) with it
+    a, c = 3.0, 4.0
+    h = t([[a, c, 0], [a, -c, 0], [a, 0, c], [a, 0, -c]])
+    direction = met.mean_direction([h.unsqueeze(0)])[0]
+    assert torch.allclose(direction, t([a, 0, 0]))
+    assert met.common_direction_share(h, direction).item() == pytest.approx(a * a / (a * a + c * c))
+    # identical vectors lie entirely along their mean; orthogonal ones share 1/d of it
+    assert met.common_direction_share(t([[1, 2], [1, 2]]), t([1, 2])).item() == pytest.approx(1.0)
+    eye = torch.eye(4, dtype=torch.float64)
+    assert met.common_direction_share(eye, eye.mean(0)).item() == pytest.approx(1 / 4)
+    # stacked layers, one direction per layer
+    stacked = met.common_direction_share(torch.stack([h, eye[:, :3]]), t([[1, 0, 0], [0, 0, 1]]))
+    assert stacked.tolist() == pytest.approx([a * a / (a * a + c * c), 1 / 4])
+    with pytest.raises(GeometryError, match="common direction of shape"):
+        met.common_direction_share(h, t([1, 0]))
+
+
+def test_common_direction_share_isotropic_is_one_over_d():
+    x = _gaussian(20000, 8, seed=1)
+    # E[cos^2] with a fixed unit direction is exactly 1/d for isotropic vectors
+    share = met.common_direction_share(x, t([1, 0, 0, 0, 0, 0, 0, 0])).item()
+    assert share == pytest.approx(1 / 8, abs=0.005)  # s.e. ~ 0.11 / sqrt(20000) = 0.0008
+
+
+# ------------------------------------------------------------------ Ethayarajh's baseline
+
+
+def test_cross_prompt_pairs_are_across_prompts_distinct_and_seeded():
+    sizes = [3, 1, 4]
+    first, second = met.cross_prompt_pairs(sizes, n_pairs=5000, seed=3)
+    owner = np.repeat([0, 1, 2], sizes)
+    assert len(first) == len(second) == 5000
+    assert (owner[first] != owner[second]).all()
+    assert set(first) == set(range(8)) and set(second) == set(range(8))  # every token is reachable
+    again = met.cross_prompt_pairs(sizes, n_pairs=5000, seed=3)
+    assert (again[0] == first).all() and (again[1] == second).all()
+    # with ids, a pair never holds one id twice: prompt 0 = ids (5, 6), prompt 1 = (5,)
+    f, s2 = met.cross_prompt_pairs([2, 1], token_ids=[5, 6, 5], n_pairs=200)
+    assert {(int(i), int(j)) for i, j in zip(f, s2)} == {(1, 2), (2, 1)}
+    for no_pair in ([4], [4, 0], ):
+        assert met.cross_prompt_pairs(no_pair)[0].size == 0
+    assert met.cross_prompt_pairs([1, 1], token_ids=[7, 7])[0].size == 0
+
+
+def test_cross_prompt_cosine_constructed_cases():
+    e1, e2 = t([1, 0, 0]), t([0, 1, 0])
+    a = torch.stack([e1, 2 * e1, 5 * e1]).unsqueeze(0)  # (L=1, 3, 3), all along e1
+    b = torch.stack([e2, 3 * e2]).unsqueeze(0)
+    diag = torch.stack([e1 + e2, 2 * (e1 + e2)]).unsqueeze(0)
+    assert met.cross_prompt_cosine([a, b]).item() == pytest.approx(0.0, abs=1e-15)
+    assert met.cross_prompt_cosine([a, a]).item() == pytest.approx(1.0)
+    assert met.cross_prompt_cosine([a, diag]).item() == pytest.approx(1 / math.sqrt(2))
+    assert math.isnan(met.cross_prompt_cosine([a]).item())  # one prompt: no pair
+
+
+def test_cross_prompt_cosine_estimates_the_mean_over_cross_pairs():
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(2, n, 6, dtype=torch.float64, generator=g) + 1.0 for n in (5, 9, 7)]
+    got = met.cross_prompt_cosine(prompts)
+    # exact expectation: first token uniform over all, second uniform over other prompts
+    u = [met._unit(p) for p in prompts]
+    owner = [i for i, p in enumerate(prompts) for _ in range(p.shape[1])]
+    pooled = torch.cat(u, dim=1)
+    cos = pooled @ pooled.transpose(-2, -1)
+    other = torch.tensor([[owner[i] != owner[j] for j in range(len(owner))] for i in range(len(owner))])
+    expected = ((cos * other).sum(-1) / other.sum(-1)).mean(-1)
+    assert torch.allclose(got, expected, atol=0.01)  # s.e. of 10000 pairs ~ 0.3 / 100
+    assert got.shape == (2,)
+
+
+# ------------------------------------------------------------------ Gao et al.'s frequency direction
+
+
+def test_mean_logit_frequency_correlation_constructed_embedding():
+    counts = np.array([100.0, 10.0, 1.0, 0.0, 1000.0])
+    log_c = np.log(np.where(counts > 0, counts, 1.0))
+    # embedding rows whose logits with the mean vector m are 2 log(count) - 7 (and garbage
+    # for the unseen token 3, which is left out): exactly a unigram model, r = 1
+    m = t([1.0, 0.5])
+    emb = torch.stack([t([(2 * lc - 7) , 0.0]) for lc in log_c])
+    emb[3] = t([50.0, 0.0])
+    assert met.mean_logit_frequency_correlation(m, emb, None, counts) == pytest.approx(1.0)
+    assert met.mean_logit_frequency_correlation(m, -emb, None, counts) == pytest.approx(-1.0)
+    # the bias counts too: zero embedding logits, bias = log frequency -> r = 1
+    bias = torch.as_tensor(log_c)
+    assert met.mean_logit_frequency_correlation(m, torch.zeros(5, 2), bias, counts) == pytest.approx(1.0)
+    # hand value: logits (1, 0, 0, *, 0) against log counts of the seen tokens
+    x = np.array([1.0, 0, 0, 0])
+    y = np.log([100.0, 10.0, 1.0, 1000.0])
+    emb = torch.zeros(5, 2, dtype=torch.float64)
+    emb[0, 0] = 1.0
+    assert met.mean_logit_frequency_correlation(t([1.0, 0.0]), emb, None, counts) == pytest.approx(
+        np.corrcoef(x, y)[0, 1])
+    assert math.isnan(met.mean_logit_frequency_correlation(m, torch.zeros(5, 2), None, counts))  # constant
+    with pytest.raises(GeometryError, match="frequency correlation needs"):
+        met.mean_logit_frequency_correlation(m, emb, None, counts[:3])
+
+
+# ------------------------------------------------------------------ all metrics of a prompt
+
+
+def test_compute_layer_metrics_matches_the_single_functions():
+    h = torch.randn(5, 12, 8, generator=torch.Generator().manual_seed(2))
+    direction = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    baseline = torch.linspace(0.1, 0.5, 5)
+    m = met.compute_layer_metrics(h, direction, baseline, knn_k=4)
+    assert list(m) == list(met.PROMPT_METRICS)
+    ref = {
+        "mean_cosine": met.mean_pairwise_cosine(h),
+        "adjusted_cosine": met.mean_pairwise_cosine(h) - baseline.double(),
+        "common_direction_share": met.common_direction_share(h, direction),
+        "token_norm": met.mean_token_norm(h),
+        "update_norm": met.mean_update_norm(h),
+        "effective_rank": met.effective_rank(h),
+        "rank1_residual": met.rank1_residual(h),
+        "twonn": met.twonn_intrinsic_dimension(h),
+        "twonn_mle": met.twonn_mle(h),
+        "knn_overlap": met.neighbourhood_overlap(h, k=4),
+    }
+    for name, v in ref.items():
+        assert v.shape == (5,)
+        assert torch.allclose(m[name], v, equal_nan=True), name
+    with pytest.raises(GeometryError, match="only 2 distinct token"):
+        met.compute_layer_metrics(h[:, :2], direction, baseline)
