@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from tga.atomic import atomic_write, atomic_write_many, atomic_write_text, stale_temporaries
+from tga.atomic import atomic_write, atomic_write_many, atomic_write_text, no_empty_folders_left, stale_temporaries
 
 
 def test_atomic_write_replaces_and_sets_readable_mode(tmp_path):
@@ -40,3 +40,22 @@ def test_write_many_renames_nothing_until_every_file_is_written(tmp_path):
     assert stale_temporaries(a) == [] and stale_temporaries(b) == []
     atomic_write_many({a: b"1", b: b"2"})
     assert (a.read_bytes(), b.read_bytes()) == (b"1", b"2")
+
+
+def test_a_failed_step_leaves_no_empty_folders_it_made(tmp_path):
+    run = tmp_path / "a" / "run"
+    with pytest.raises(RuntimeError):
+        with no_empty_folders_left(run):
+            (run / "checkpoints").mkdir(parents=True)
+            raise RuntimeError("failed before writing anything")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError):
+        with no_empty_folders_left(run):
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "log.csv").write_text("kept\n")
+            raise RuntimeError("failed after writing a file")
+    assert (run / "log.csv").is_file() and not (run / "checkpoints").exists()
+    with no_empty_folders_left(tmp_path / "ok"):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()  # success keeps everything
+

@@ -19,6 +19,7 @@ from tga import data
 from tga.data import (
     DataError,
     RareTokenRelabeler,
+    cached_token_files,
     copy_text_splits,
     download_wikitext2,
     load_token_file,
@@ -26,6 +27,7 @@ from tga.data import (
     prepare_corpus,
     read_token_metadata,
     sample_batch,
+    token_file_is_current,
     tokenize_to_file,
     tokens_to_tensor,
 )
@@ -418,6 +420,42 @@ def test_rare_relabeling_probability_and_determinism() -> None:
     none_rare = RareTokenRelabeler(torch.full((40,), 5), 40, max_count=2, probability=1.0)
     same_x, same_y = none_rare(x, y, torch.Generator().manual_seed(0))
     assert same_x is x and same_y is y
+
+
+def test_cached_token_files_reuse_current_files_and_never_mix_tokenizers(tmp_path: Path) -> None:
+    texts = {}
+    for split in ("train", "test"):
+        texts[split] = tmp_path / f"{split}.txt"
+        texts[split].write_text((SAMPLE / f"{split}.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(texts["train"].read_text(encoding="utf-8"))
+    folder = tmp_path / "tokens"
+    lines: list[str] = []
+    files = cached_token_files(tokenizer, texts, folder, report=lines.append)
+    assert files == {"train": folder / "train.bin", "test": folder / "test.bin"}
+    assert [ln.split()[0] for ln in lines] == ["tokenized", "tokenized"]
+    assert tokenizer.matches_file(folder / "tokenizer.json")
+    assert all(token_file_is_current(files[s], texts[s].resolve(), tokenizer) for s in texts)
+
+    lines.clear()
+    cached_token_files(tokenizer, texts, folder, report=lines.append)
+    assert [ln.split()[0] for ln in lines] == ["reusing", "reusing"]
+
+    # A changed text is encoded again; a truncated token file is not trusted.
+    with open(texts["test"], "a", encoding="utf-8") as handle:
+        handle.write("more text\n")
+    files["train"].write_bytes(files["train"].read_bytes()[:-2])
+    assert not token_file_is_current(files["test"], texts["test"].resolve(), tokenizer)
+    lines.clear()
+    cached_token_files(tokenizer, texts, folder, report=lines.append)
+    assert [ln.split()[0] for ln in lines] == ["tokenized", "tokenized"]
+
+    # Another vocabulary (of the same size, so only the saved tokenizer can tell): every
+    # old file goes, even of a split not asked for.
+    other = CharTokenizer([c if c != "a" else "\u03a9" for c in tokenizer.chars])
+    lines.clear()
+    cached_token_files(other, {"test": texts["test"]}, folder, report=lines.append)
+    assert lines[0].startswith("tokenized") and not (folder / "train.bin").exists()
+    assert other.matches_file(folder / "tokenizer.json") and not tokenizer.matches_file(folder / "tokenizer.json")
 
 
 def test_batches_from_a_memmapped_token_file(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from tga.tokenizers import (
     build_tokenizer,
     create_tokenizer,
     load_tokenizer,
+    tokenizer_from,
 )
 
 SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "wikitext-2-sample"
@@ -249,3 +250,22 @@ def test_build_tokenizer_from_spec(gpt2_files: dict[str, Path], tmp_path: Path) 
     assert build_tokenizer("char", train_text_path=src).vocab_size == 4
     with pytest.raises(TokenizerError, match="unknown tokenizer config keys"):
         build_tokenizer({"name": "char", "vocab": 3})
+
+
+def test_tokenizer_from_a_name_or_a_saved_file(gpt2_local: tk.GPT2Tokenizer, tiktoken_cache: Path,
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "t.txt"
+    src.write_text("xyz", encoding="utf-8")
+    char = tokenizer_from("char", train_text_path=src)
+    assert char.vocab_size == 4
+    char.save(tmp_path / "char.json")
+    assert tokenizer_from(tmp_path / "char.json").encode("zy") == [3, 2]
+    with pytest.raises(TokenizerError, match="is a directory"):
+        tokenizer_from(tmp_path)
+    with pytest.raises(TokenizerError, match="not found"):
+        tokenizer_from(tmp_path / "missing.json")
+    # How GPT-2's files were found does not make another tokenizer; another vocabulary does.
+    gpt2_local.save(tmp_path / "gpt2.json")
+    assert tokenizer_from("tiktoken").matches_file(tmp_path / "gpt2.json")
+    assert not char.matches_file(tmp_path / "gpt2.json") and not char.matches_file(tmp_path / "missing.json")
+

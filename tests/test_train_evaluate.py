@@ -9,7 +9,7 @@ import torch
 
 from tga.data import tokenize_to_file
 from tga.evaluate import evaluate_checkpoint, perplexity_metrics, summed_loss_over_windows
-from tga.model import ModelConfig, Transformer, load_checkpoint, save_checkpoint
+from tga.model import CheckpointError, ModelConfig, Transformer, load_checkpoint, save_checkpoint
 from tga.tokenizers import CharTokenizer
 from tga.train import (
     LOG_COLUMNS,
@@ -17,9 +17,11 @@ from tga.train import (
     TrainConfigError,
     TrainingError,
     checkpoint_steps,
+    clear_run,
     learning_rate_at,
     make_optimizer,
     optimizer_param_groups,
+    run_checkpoint,
     train_model,
 )
 
@@ -110,6 +112,23 @@ def test_divergence_stops_with_variant_seed_and_step(token_files, tmp_path):
                     tmp_path / "run", run_name="llama-postln/seed3", show_progress=False)
     with open(tmp_path / "run" / "train_log.csv") as handle:
         assert list(csv.DictReader(handle))[0]["step"] == "0"
+
+
+def test_a_run_folder_is_found_from_its_checkpoints_and_cleared(token_files, tmp_path):
+    train, valid = token_files
+    run = tmp_path / "run"
+    train_model(MODEL, small_config(max_steps=4, warmup_steps=1, checkpoint_interval=2, eval_interval=2), train, valid, run,
+                show_progress=False)
+    assert run_checkpoint(run) == (run / "final.pt", run)
+    step = run / "checkpoints" / "step000002.pt"
+    assert run_checkpoint(step) == (step, run) and run_checkpoint(run / "init.pt") == (run / "init.pt", run)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_checkpoint(tmp_path / "nope")
+    (run / "tokenizer.json").write_text("{}")
+    clear_run(run)
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "tokenizer.json"]  # only the run's files go
+    with pytest.raises(CheckpointError, match="has no final.pt"):
+        run_checkpoint(run)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():

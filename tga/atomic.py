@@ -4,11 +4,15 @@ Snakemake, a resumed run or a reader in another process may look at an output at
 moment; a job killed mid-write must leave either the old file or none. Every writer in
 tga goes through :func:`atomic_write`: the content goes to a per-process temporary
 sibling (same folder, so the rename stays on one file system), then ``os.replace``.
+:func:`no_empty_folders_left` does the same for folders: a failed step removes the
+empty ones it created.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -71,4 +75,21 @@ def atomic_write_many(files: Mapping[Path, bytes]) -> None:
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def no_empty_folders_left(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Around a step that writes into ``folder``: when it fails, the empty folders it
+    created go again (``folder``, any missing parents, and empty folders made inside it,
+    such as ``checkpoints/``); files, and folders that existed before, stay."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        yield folder
+    except BaseException:
+        inside = sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True) if created else []
+        for path in [*inside, *created]:  # deepest first
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
         raise

@@ -1,33 +1,27 @@
-"""``tga``: the seed study's command-line workflow.
+"""The ``tga`` console script: the seed study's commands, a front end over the library.
 
-    tga download  -> <data-dir>/{train,validation,test}.txt
-    tga train     -> <output-dir>/<model-name>/{init.pt,final.pt,train_log.csv,checkpoints/,tokenizer.json}
-    tga evaluate  -> perplexity JSON (token ppl, bits/byte, word ppl)
-    tga analyze   -> geometry metrics.csv/summary.csv/prompts.csv/similarity.npz + figures
-    tga evolve    -> train with frequent checkpoints, then the geometry of every checkpoint
-
-Each subcommand is argument parsing plus calls into the library functions the Snakemake
-pipeline uses, so a CLI run and a pipeline run write the same files. Bad input ends
-with one ``tga: error: ...`` line on stderr and exit code 2, found before anything is
-written (only a run that fails mid-training, e.g. by diverging, keeps what it wrote).
+Its one concern is the command line. Flags become the arguments of the library
+functions the workflow's scripts call (model and training flags, defaults and help come
+from tga/config.schema.yaml); bad input becomes one ``tga: error: ...`` line naming the
+flag, exit code 2, before anything is written; what was made is printed. Only a run
+that fails mid-training (e.g. by diverging) keeps what it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tga.data import SPLITS, DataError, load_token_file, prepare_corpus, read_token_metadata, tokenize_to_file
+from tga.atomic import no_empty_folders_left
+from tga.data import SPLITS, DataError, cached_token_files, prepare_corpus
 from tga.device import DeviceError, resolve_device
 from tga.evaluate import evaluate_checkpoint
 from tga.geometry import (
@@ -40,17 +34,13 @@ from tga.geometry import (
 from tga.metrics import GeometryError
 from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
-from tga.settings import ConfigError, check_file
-from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, create_tokenizer, load_tokenizer
+from tga.settings import ConfigError, check_file, check_gpt2_files
+from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, tokenizer_from
 from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs
-from tga.train import TrainingError, train_model
+from tga.train import TrainingError, clear_run, run_checkpoint, train_from_settings
 
 __all__ = ["CLIError", "build_parser", "main"]
 
-TOKENIZER_CHOICES = ("tiktoken", "bpe", "char")
-# Keys of a GPT-2 tokenizer JSON that say how it was built, not which ids it gives
-# (every route is hash-checked to give the same ids), so they do not block reuse.
-_TOKENIZER_ROUTE_KEYS = ("source", "encoder_json", "vocab_bpe")
 _DESCRIPTION = """\
 Train small LLaMA-style transformer variants (Pre-LN/Post-LN, RMSNorm/LayerNorm,
 SwiGLU/GELU) and measure the geometry of their token representations.
@@ -97,18 +87,8 @@ class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The top-level help keeps the layout of its command table and example."""
 
 
-_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
-    CLIError,
-    DataError,
-    TokenizerError,
-    GeometryError,
-    CheckpointError,
-    SettingError,
-    ConfigError,
-    TrainingError,
-    DeviceError,
-    ResourceError,
-)
+_LIBRARY_ERRORS = (CLIError, DataError, TokenizerError, GeometryError, CheckpointError, SettingError, ConfigError,
+                   TrainingError, DeviceError, ResourceError)
 
 
 # --------------------------------------------------------------------------- parser
@@ -119,16 +99,16 @@ def _add_data_dir(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"folder of train.txt, validation.txt and test.txt; {what}")
 
 
-def _add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+def _add_tokenizer_args(p: argparse.ArgumentParser, **tokenizer: Any) -> None:
+    """--tokenizer (by default a name, one of train's) and the GPT-2 files of bpe."""
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer", choices=TOKENIZER_CHOICES, default="tiktoken",
-                   help="tiktoken: GPT-2 BPE through tiktoken (downloads once, or reads TIKTOKEN_CACHE_DIR); "
-                        "bpe: the same GPT-2 BPE built from local --encoder-json/--vocab-bpe files; "
-                        "char: one id per character of the training split")
-    g.add_argument("--encoder-json", type=Path, default=None,
-                   help="GPT-2's encoder.json, for --tokenizer bpe")
-    g.add_argument("--vocab-bpe", type=Path, default=None,
-                   help="GPT-2's vocab.bpe, for --tokenizer bpe")
+    g.add_argument("--tokenizer", **(tokenizer or {
+        "choices": ("tiktoken", "bpe", "char"), "default": "tiktoken",
+        "help": "tiktoken: GPT-2 BPE through tiktoken (downloads once, or reads TIKTOKEN_CACHE_DIR); "
+                "bpe: the same GPT-2 BPE built from local --encoder-json/--vocab-bpe files; "
+                "char: one id per character of the training split"}))
+    g.add_argument("--encoder-json", type=Path, default=None, help="GPT-2's encoder.json, for --tokenizer bpe")
+    g.add_argument("--vocab-bpe", type=Path, default=None, help="GPT-2's vocab.bpe, for --tokenizer bpe")
 
 
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
@@ -171,15 +151,13 @@ def _add_settings(p: argparse.ArgumentParser, evolve: bool) -> None:
         "default": None, "help": f"linear warmup steps; default: {defaults('training')['warmup_steps']}, "
                                  "or all steps when there are fewer"}}
     if evolve:
-        overrides["max_steps"] = {"help": "optimizer steps", "flag": "--iterations"}
-        overrides["checkpoint_interval"] = {"default": None, "help": "keep a checkpoint every this many steps; "
-                                            "default: a fifth of --iterations"}
-        overrides["eval_interval"] = {"default": None,
-                                      "help": "validate every this many steps; default: the checkpoint interval"}
-    flags = {}
-    for key in key_specs("training"):
-        action = _schema_flag(g, "training", key, **overrides.get(key, {}))
-        flags[key] = action.option_strings[0]
+        overrides.update(
+            max_steps={"help": "optimizer steps", "flag": "--iterations"},
+            checkpoint_interval={"default": None,
+                                 "help": "keep a checkpoint every this many steps; default: a fifth of --iterations"},
+            eval_interval={"default": None, "help": "validate every this many steps; default: the checkpoint interval"})
+    flags = {key: _schema_flag(g, "training", key, **overrides.get(key, {})).option_strings[0]
+             for key in key_specs("training")}
     g.add_argument("--seed", type=int, default=TrainConfig().seed, help="seed of the initialization and the batch order")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a model already in the run folder (otherwise it is an error)")
@@ -255,11 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model folder (its final.pt is used) or a checkpoint file")
     p.add_argument("--init-model", type=Path, default=None,
                    help="checkpoint at initialization; default: init.pt in the trained model's folder, if present")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer JSON, or a name (tiktoken, bpe, gpt2, char); default: tokenizer.json in the "
-                        "model folder")
-    p.add_argument("--encoder-json", type=Path, default=None, help="GPT-2's encoder.json, for --tokenizer bpe")
-    p.add_argument("--vocab-bpe", type=Path, default=None, help="GPT-2's vocab.bpe, for --tokenizer bpe")
+    _add_tokenizer_args(p, default=None, help="tokenizer JSON, or a name (tiktoken, bpe, gpt2, char); "
+                                              "default: tokenizer.json in the model folder")
     _add_data_dir(p, "only read for --tokenizer char (its vocabulary comes from train.txt)")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the geometry files and figures")
     _add_geometry_args(p)
@@ -289,37 +264,45 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
+@contextmanager
+def _flag(flag: str) -> Iterator[None]:
+    """A library error about the value of ``flag`` names the flag."""
+    try:
+        yield
+    except (CheckpointError, DeviceError, GeometryError) as exc:
+        raise CLIError(f"{flag}: {exc}") from None
+
+
 def _require_splits(data_dir: Path, splits: Sequence[str]) -> None:
     """Name the missing split and the command that makes it, before anything runs."""
-    if not data_dir.is_dir():
-        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
-        raise CLIError(f"--data-dir {data_dir} {what}: run `tga download --data-dir {data_dir}` first, "
-                       "or point --data-dir at the folder download wrote")
+    hint = f"run `tga download --data-dir {data_dir}` first, or point --data-dir at the folder download wrote"
+    if data_dir.is_file():
+        raise CLIError(f"--data-dir {data_dir} is a file, not a folder: {hint}")
     for split in splits:
-        if not (data_dir / f"{split}.txt").is_file():
-            raise CLIError(f"{data_dir / f'{split}.txt'} not found: run `tga download --data-dir {data_dir}` "
-                           "first, or point --data-dir at the folder download wrote")
+        check_file(data_dir / f"{split}.txt", "--data-dir", hint)
 
 
-def _check_tokenizer_flags(name: str, encoder_json: Path | None, vocab_bpe: Path | None) -> None:
-    given = [flag for flag, v in (("--encoder-json", encoder_json), ("--vocab-bpe", vocab_bpe)) if v is not None]
-    if name in ("bpe", "gpt2") and given and len(given) < 2:
-        missing = "--vocab-bpe" if given[0] == "--encoder-json" else "--encoder-json"
-        raise CLIError(f"{given[0]} is given but {missing} is not: --tokenizer {name} needs both GPT-2 files")
-    if name == "bpe" and not given:
-        raise CLIError("--tokenizer bpe builds GPT-2 BPE from local files: give --encoder-json and --vocab-bpe "
-                       "(GPT-2's encoder.json and vocab.bpe), or use --tokenizer tiktoken")
-    if name not in ("bpe", "gpt2") and given:
-        raise CLIError(f"{given[0]} is only used by --tokenizer bpe (got --tokenizer {name})")
-    for flag, path in (("--encoder-json", encoder_json), ("--vocab-bpe", vocab_bpe)):
-        if path is not None:
-            check_file(path, flag, "give the GPT-2 BPE file")
-
-
-def _build_tokenizer(name: str, data_dir: Path, encoder_json: Path | None, vocab_bpe: Path | None) -> Tokenizer:
-    _check_tokenizer_flags(name, encoder_json, vocab_bpe)
+def _tokenizer(args: argparse.Namespace, run_dir: Path | None = None) -> Tokenizer:
+    """``--tokenizer``: a name (built from the GPT-2 file flags, or <data-dir>/train.txt for
+    char), a tokenizer JSON, or unset: the run folder's tokenizer.json."""
+    value = args.tokenizer
+    encoder_json, vocab_bpe = getattr(args, "encoder_json", None), getattr(args, "vocab_bpe", None)
+    if value is None:
+        value = str(run_dir / "tokenizer.json")
+        if not Path(value).is_file():
+            raise CLIError(f"no tokenizer.json in {run_dir}: pass --tokenizer with the tokenizer JSON the model "
+                           "was trained with (for a pipeline model: the tokenizer.json under outputs/data/tokens/)")
+    name = value.lower()
+    if name in VALID_TOKENIZERS and not Path(value).is_file():
+        if name == "bpe" and not (encoder_json or vocab_bpe):
+            raise CLIError("--tokenizer bpe builds GPT-2 BPE from local files: give --encoder-json and --vocab-bpe "
+                           "(GPT-2's encoder.json and vocab.bpe), or use --tokenizer tiktoken")
+        check_gpt2_files({"--encoder-json": encoder_json, "--vocab-bpe": vocab_bpe}, name in ("bpe", "gpt2"),
+                         f"--tokenizer bpe (got --tokenizer {name})", "give the GPT-2 BPE file")
+        if name == "char":
+            _require_splits(args.data_dir, ["train"])
     try:
-        return create_tokenizer(name, data_dir / "train.txt", encoder_json, vocab_bpe)
+        return tokenizer_from(value, args.data_dir / "train.txt", encoder_json, vocab_bpe)
     except TokenizerError as exc:
         if name != "tiktoken":
             raise
@@ -328,203 +311,84 @@ def _build_tokenizer(name: str, data_dir: Path, encoder_json: Path | None, vocab
                        "--encoder-json FILE --vocab-bpe FILE.") from None
 
 
-def _tokenizer_identity(description: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in description.items() if k not in _TOKENIZER_ROUTE_KEYS}
-
-
-def _same_tokenizer(stamp: Path, tokenizer: Tokenizer) -> bool:
-    try:
-        saved = json.loads(stamp.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and _tokenizer_identity(saved) == _tokenizer_identity(tokenizer.to_dict())
-
-
-def _token_file_is_current(path: Path, text: Path, tokenizer: Tokenizer) -> bool:
-    """The token file encodes this text, unchanged since, with a tokenizer of this vocabulary."""
-    try:
-        meta = read_token_metadata(path)
-        load_token_file(path)  # size against the sidecar: catches truncated files
-    except DataError:
-        return False
-    stat = text.stat()
-    return (
-        meta["tokenizer"] == tokenizer.name
-        and int(meta["vocab_size"]) == tokenizer.vocab_size
-        and Path(meta["source"]) == text
-        and int(meta["n_bytes"]) == stat.st_size
-        and path.stat().st_mtime >= stat.st_mtime
-    )
-
-
 def _token_files(tokenizer: Tokenizer, data_dir: Path, splits: Sequence[str]) -> dict[str, Path]:
-    """Each split encoded once into ``<data-dir>/tokens/<tokenizer.name>/<split>.bin``.
-
-    The folder's ``tokenizer.json`` names the tokenizer its files were made with. When
-    it is another one (a char vocabulary from other text...), every split file there is
-    removed first, so ids of two tokenizers never mix; the stamp is written only after
-    the splits, so files without a stamp are never trusted. ``bpe`` and ``tiktoken``
-    share the folder ``gpt2``: both give the same (hash-checked) ids.
-    """
-    tok_dir = data_dir / "tokens" / tokenizer.name
-    stamp = tok_dir / "tokenizer.json"
-    if not _same_tokenizer(stamp, tokenizer):
-        stamp.unlink(missing_ok=True)
-        for split in SPLITS:
-            for suffix in (".bin", ".json"):
-                (tok_dir / f"{split}{suffix}").unlink(missing_ok=True)
-    files: dict[str, Path] = {}
-    for split in splits:
-        text = (data_dir / f"{split}.txt").resolve()
-        path = tok_dir / f"{split}.bin"
-        if _token_file_is_current(path, text, tokenizer):
-            print(f"reusing {path} (tokenizer {tokenizer.name}, unchanged text)")
-        else:
-            meta = tokenize_to_file(text, tokenizer, path)
-            print(f"tokenized {text} -> {path} ({meta['n_tokens']:,} tokens, vocab {meta['vocab_size']:,})")
-        files[split] = path
-    if not stamp.is_file():
-        tokenizer.save(stamp)
-    return files
+    """Each split encoded once into <data-dir>/tokens/<tokenizer>/ and reused while current
+    (``bpe`` and ``tiktoken`` share ``gpt2``: both give the same, hash-checked, ids)."""
+    texts = {split: data_dir / f"{split}.txt" for split in splits}
+    return cached_token_files(tokenizer, texts, data_dir / "tokens" / tokenizer.name, report=print)
 
 
-def _settings(args: argparse.Namespace, **derived: Any) -> tuple[ModelConfig, TrainConfig]:
-    """The model and training settings the flags give, checked now, before any data
-    work, by the same dataclasses (and schema) as the workflow's; a bad one names its
-    flag. ``vocab_size`` is set once the tokenizer is known."""
+def _settings(args: argparse.Namespace, **derived: Any) -> dict[str, dict[str, Any]]:
+    """The model and training settings the flags give, shaped as the workflow resolves a
+    variant (``{"model": ..., "training": ...}``) and checked now, before any data work,
+    by the same schema and dataclasses; a bad one names its flag."""
     values = {**vars(args), **derived}
     if values["warmup_steps"] is None:
         values["warmup_steps"] = min(defaults("training")["warmup_steps"], values["max_steps"])
+    settings = {section: {key: values[key] for key in key_specs(section)} for section in ("model", "training")}
     try:
-        model = ModelConfig(vocab_size=1, **{k: values[k] for k in key_specs("model")})
-        training = TrainConfig(seed=args.seed, **{k: values[k] for k in key_specs("training")})
+        ModelConfig(vocab_size=1, **settings["model"])
+        TrainConfig(seed=args.seed, **settings["training"])
     except SettingError as exc:
         flag = {**args.flags, "seed": "--seed"}.get(exc.key, f"--{exc.key.replace('_', '-')}")
         raise CLIError(f"{exc} (set by {flag})") from None
-    _check_device(training.device)
-    return model, training
-
-
-def _check_device(name: str, flag: str = "--device") -> None:
-    """A missing GPU is bad input too: say so before anything is written."""
-    try:
-        resolve_device(name)
-    except DeviceError as exc:
-        raise CLIError(f"{flag}: {exc}") from None
+    with _flag("--device"):
+        resolve_device(settings["training"]["device"])  # a missing GPU is bad input too
+    return settings
 
 
 def _load_prompts(path: Path) -> list[str]:
     check_file(path, "--prompts", "give a text file with one prompt per line", utf8=True)
-    try:
+    with _flag("--prompts"):
         return load_prompts(path)
-    except GeometryError as exc:
-        raise CLIError(f"--prompts: {exc}") from None
 
 
-@contextmanager
-def _no_empty_leftover(folder: Path) -> Iterator[None]:
-    """A failed command must not leave behind the empty folders it created (``folder``,
-    any missing parents, and empty folders made inside it, such as checkpoints/)."""
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        yield
-    except BaseException:
-        inside = sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True) if created else []
-        for path in [*inside, *created]:  # deepest first
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        raise
+def _run_dir(run_dir: Path, overwrite: bool) -> Path:
+    if ((run_dir / "final.pt").exists() or (run_dir / "init.pt").exists()) and not overwrite:
+        raise CLIError(f"{run_dir} already holds a model: pick another --model-name or --output-dir, "
+                       "or pass --overwrite to replace it")
+    return run_dir
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if (run_dir / "final.pt").exists() or (run_dir / "init.pt").exists():
-        if not overwrite:
-            raise CLIError(f"{run_dir} already holds a model: pick another --model-name or --output-dir, "
-                           "or pass --overwrite to replace it")
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """With --overwrite: drop the old run's files, so no stale checkpoint is mixed in."""
-    for name in ("final.pt", "init.pt", "train_log.csv", "tokenizer.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    for old in (run_dir / "checkpoints").glob("step*.pt"):
-        old.unlink()
-
-
-def _train_run(model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Tokenizer, tokens: dict[str, Path],
-               run_dir: Path, overwrite: bool) -> dict[str, Any]:
-    """Train into ``run_dir``; if it fails before the first checkpoint, leave nothing behind."""
-    if overwrite:
-        _clear_run_dir(run_dir)
-    with _no_empty_leftover(run_dir):
+def _train(settings: dict[str, dict[str, Any]], args: argparse.Namespace, tokenizer: Tokenizer,
+           tokens: dict[str, Path], run_dir: Path) -> dict[str, Any]:
+    """Train into ``run_dir`` as the workflow does, with the tokenizer beside the model.
+    --overwrite first clears the old run, so no stale checkpoint is mixed in; a run
+    that fails before writing a model leaves nothing behind."""
+    if args.overwrite:
+        clear_run(run_dir)
+        (run_dir / "tokenizer.json").unlink(missing_ok=True)
+    with no_empty_folders_left(run_dir):
         try:
-            tokenizer.save(run_dir / "tokenizer.json")
-            return train_model(model_cfg, train_cfg, tokens["train"], tokens["validation"], run_dir,
-                               run_name=run_dir.name, show_progress=sys.stderr.isatty())
-        except BaseException:
-            if not (run_dir / "init.pt").exists():
-                (run_dir / "tokenizer.json").unlink(missing_ok=True)
-            raise
+            return train_from_settings(settings, args.seed, 0, tokens["train"], tokens["validation"], run_dir,
+                                       run_name=run_dir.name, show_progress=sys.stderr.isatty())
+        finally:
+            if (run_dir / "init.pt").exists():
+                tokenizer.save(run_dir / "tokenizer.json")
 
 
-def _resolve_checkpoint(path: Path, flag: str) -> tuple[Path, Path]:
-    """(checkpoint file, run folder) for a model folder or a checkpoint file."""
-    if path.is_dir():
-        ckpt = path / "final.pt"
-        if not ckpt.is_file():
-            raise CLIError(f"{flag} {path} has no final.pt: train it first (`tga train`), or give a checkpoint file")
-        return ckpt, path
-    if not path.exists():
-        raise CLIError(f"{flag} {path} does not exist: give a model folder (with final.pt) or a checkpoint file")
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return path, run_dir
-
-
-def _load(path: Path, flag: str, expected: ModelConfig | None = None) -> tuple[Transformer, dict[str, Any]]:
-    try:
-        return load_checkpoint(path, map_location="cpu", expected_config=expected)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{flag}: {exc}") from None
-
-
-def _resolve_tokenizer(value: str | None, run_dir: Path, data_dir: Path, config: ModelConfig, ckpt: Path,
-                       encoder_json: Path | None = None, vocab_bpe: Path | None = None) -> Tokenizer:
-    """``--tokenizer``: a JSON file, a tokenizer name, or (None) the run folder's
-    tokenizer.json; refused when its vocabulary cannot be the model's."""
-    if value is None:
-        saved = run_dir / "tokenizer.json"
-        if not saved.is_file():
-            raise CLIError(f"no tokenizer.json in {run_dir}: pass --tokenizer with the tokenizer JSON the model "
-                           "was trained with (for a pipeline model: the tokenizer.json under outputs/data/tokens/)")
-        tokenizer, source = load_tokenizer(saved), str(saved)
-    elif value.lower() in VALID_TOKENIZERS and not Path(value).is_file():
-        if value.lower() == "char":
-            _require_splits(data_dir, ["train"])
-        tokenizer, source = _build_tokenizer(value.lower(), data_dir, encoder_json, vocab_bpe), f"--tokenizer {value}"
-    elif Path(value).is_dir():
-        raise CLIError(f"--tokenizer {value!r} is a directory: give the tokenizer JSON file or a tokenizer name")
-    elif encoder_json is not None or vocab_bpe is not None:
-        tokenizer, source = load_tokenizer(value, encoder_json, vocab_bpe), f"--tokenizer {value}"
-    else:
-        tokenizer, source = load_tokenizer(value), f"--tokenizer {value}"
+def _model(args: argparse.Namespace, path: Path, flag: str) -> tuple[Path, Path, ModelConfig, dict, Tokenizer]:
+    """(checkpoint, run folder, config, metadata, tokenizer) of a model folder or checkpoint
+    file; a tokenizer whose vocabulary cannot be the model's is refused."""
+    with _flag(flag):
+        ckpt, run_dir = run_checkpoint(path)
+        model, extra = load_checkpoint(ckpt, map_location="cpu")
+    config, tokenizer = model.config, _tokenizer(args, run_dir)
     if tokenizer.vocab_size != config.vocab_size:
+        source = f"--tokenizer {args.tokenizer}" if args.tokenizer else run_dir / "tokenizer.json"
         raise CLIError(f"{source} gives {tokenizer.vocab_size} ids but {ckpt} was trained with "
                        f"{config.vocab_size}: give (--tokenizer) the tokenizer the model was trained with")
-    return tokenizer
+    return ckpt, run_dir, config, extra, tokenizer
 
 
 def _heatmap_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
-    if layers is None:
-        layers = [0, (n_layer + 1) // 2, -1]
-    try:
-        return resolve_layer_indices(layers, n_layer + 2)
-    except GeometryError as exc:
-        raise CLIError(f"--layers: {exc}") from None
+    with _flag("--layers"):
+        return resolve_layer_indices([0, (n_layer + 1) // 2, -1] if layers is None else layers, n_layer + 2)
 
 
-def _model_title(name: str, config: ModelConfig) -> str:
-    return (f"{name}: {config.norm_position}-LN, {config.norm}, {config.activation}, "
-            f"{config.n_layer} layers x {config.n_embd} dims")
+def _model_title(name: str, model: Mapping[str, Any]) -> str:
+    return (f"{name}: {model['norm_position']}-LN, {model['norm']}, {model['activation']}, "
+            f"{model['n_layer']} layers x {model['n_embd']} dims")
 
 
 @contextmanager
@@ -546,25 +410,21 @@ def _truncation_noted(prompts: Path, out_dir: Path) -> Iterator[None]:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    texts = {"--text-train": args.text_train, "--text-validation": args.text_validation,
-             "--text-test": args.text_test}
-    given = {flag: p for flag, p in texts.items() if p is not None}
-    if given:
+    texts = {"--text-train": args.text_train, "--text-validation": args.text_validation, "--text-test": args.text_test}
+    data: dict[str, Any] = {"source": "wikitext2", "archive": args.archive}
+    if any(texts.values()):
         if args.archive is not None:
             raise CLIError("--archive and --text-train/--text-validation/--text-test are alternatives: give one")
-        missing = [flag for flag in texts if flag not in given]
+        missing = [flag for flag, path in texts.items() if path is None]
         if missing:
             raise CLIError(f"{', '.join(missing)} missing: your own corpus needs --text-train, --text-validation "
                            "and --text-test")
-        for flag, p in given.items():
-            check_file(p, flag, "give a UTF-8 text file")
-        data = {"source": "text", "train": args.text_train, "validation": args.text_validation,
-                "test": args.text_test}
-    else:
-        if args.archive is not None:
-            check_file(args.archive, "--archive", "give wikitext-2-raw-v1.zip")
-        data = {"source": "wikitext2", "archive": args.archive}
-    with _no_empty_leftover(args.data_dir):
+        for flag, path in texts.items():
+            check_file(path, flag, "give a UTF-8 text file")
+        data = {"source": "text", **{flag[len("--text-"):]: path for flag, path in texts.items()}}
+    elif args.archive is not None:
+        check_file(args.archive, "--archive", "give wikitext-2-raw-v1.zip")
+    with no_empty_folders_left(args.data_dir):
         prepare_corpus(data, args.data_dir)
     for split in SPLITS:
         path = args.data_dir / f"{split}.txt"
@@ -573,151 +433,117 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    model_cfg, train_cfg = _settings(args)
-    name = args.model_name or (f"{model_cfg.norm_position}ln-{model_cfg.norm}-{model_cfg.activation}"
-                               f"-seed{train_cfg.seed}")
-    run_dir = args.output_dir / name
-    _prepare_run_dir(run_dir, args.overwrite)
+    settings = _settings(args)
+    model = settings["model"]
+    name = args.model_name or f"{model['norm_position']}ln-{model['norm']}-{model['activation']}-seed{args.seed}"
+    run_dir = _run_dir(args.output_dir / name, args.overwrite)
     _require_splits(args.data_dir, SPLITS)
-    tokenizer = _build_tokenizer(args.tokenizer, args.data_dir, args.encoder_json, args.vocab_bpe)
-    tokens = _token_files(tokenizer, args.data_dir, SPLITS)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    summary = _train_run(model_cfg, train_cfg, tokenizer, tokens, run_dir, args.overwrite)
+    tokenizer = _tokenizer(args)
+    summary = _train(settings, args, tokenizer, _token_files(tokenizer, args.data_dir, SPLITS), run_dir)
     print(f"trained {name}: {summary['step']} steps, validation loss {summary['final_val_loss']:.4f} "
           f"(ppl {summary['final_val_ppl']:.2f}) -> {run_dir}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _check_device(args.device)
-    ckpt, run_dir = _resolve_checkpoint(args.model, "--model")
-    model, extra = _load(ckpt, "--model")
-    tokenizer = _resolve_tokenizer(args.tokenizer, run_dir, args.data_dir, model.config, ckpt)
-    del model
+    with _flag("--device"):
+        resolve_device(args.device)
+    ckpt, run_dir, config, extra, tokenizer = _model(args, args.model, "--model")
     _require_splits(args.data_dir, [args.split])
-    tokens = _token_files(tokenizer, args.data_dir, [args.split])[args.split]
     out = args.output or ckpt.with_name(f"{ckpt.stem}_perplexity_{args.split}.json")
     if out.is_dir():
         raise CLIError(f"--output {str(out)!r} is a directory: give the path of the JSON file to write")
+    tokens = _token_files(tokenizer, args.data_dir, [args.split])[args.split]
     labels = {"variant": run_dir.name, "seed": extra.get("seed"), "split": args.split, "checkpoint": str(ckpt)}
-    result = evaluate_checkpoint(ckpt, tokens, out, labels=labels, batch_size=args.batch_size,
-                                 device=args.device)
+    result = evaluate_checkpoint(ckpt, tokens, out, labels=labels, batch_size=args.batch_size, device=args.device)
     print(f"{ckpt} on {args.split}: token ppl {result['token_ppl']:.3f}, {result['bits_per_byte']:.4f} bits/byte, "
           f"word ppl {result['word_ppl']:.2f} ({result['n_tokens_scored']:,} tokens) -> {out}")
     return 0
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    _check_device(args.analysis_device, "--analysis-device")
+    from tga.plots import plot_geometry_layers, plot_similarity_heatmaps
+
+    with _flag("--analysis-device"):
+        device = resolve_device(args.analysis_device)
     prompts = _load_prompts(args.prompts)
-    ckpt, run_dir = _resolve_checkpoint(args.trained_model, "--trained-model")
-    model, _ = _load(ckpt, "--trained-model")
-    config = model.config
-    del model
+    ckpt, run_dir, config, _, tokenizer = _model(args, args.trained_model, "--trained-model")
     stages: dict[str, Path] = {}
     init = args.init_model
     if init is None and (run_dir / "init.pt").is_file():
         init = run_dir / "init.pt"
     if init is not None:
         check_file(init, "--init-model", "give the run's init.pt")
-        _load(init, "--init-model", expected=config)  # another architecture is an error
+        with _flag("--init-model"):  # another architecture is an error
+            load_checkpoint(init, map_location="cpu", expected_config=config)
         stages["init"] = init
     else:
         _note(f"no init.pt in {run_dir} and no --init-model: analysing the trained model only")
     stages["trained"] = ckpt
     layers = _heatmap_layers(args.layers, config.n_layer)
-    tokenizer = _resolve_tokenizer(args.tokenizer, run_dir, args.data_dir, config, ckpt, args.encoder_json,
-                                   args.vocab_bpe)
-    with _truncation_noted(args.prompts, args.output_dir):
-        analyze_checkpoints(stages, args.prompts, tokenizer, args.output_dir, heatmap_layers=layers,
-                            exclude_first_token=args.exclude_first_token, knn_k=args.knn_k,
-                            device=resolve_device(args.analysis_device))
-    _figures(args.output_dir, _model_title(run_dir.name, config),
-             f"{len(prompts)} prompts from {args.prompts}; checkpoint {ckpt}")
-    print(f"geometry of {', '.join(stages)} -> {args.output_dir}")
+    out = args.output_dir
+    with _truncation_noted(args.prompts, out):
+        analyze_checkpoints(stages, args.prompts, tokenizer, out, heatmap_layers=layers,
+                            exclude_first_token=args.exclude_first_token, knn_k=args.knn_k, device=device)
+    title = _model_title(run_dir.name, dataclasses.asdict(config))
+    data_label = f"{len(prompts)} prompts from {args.prompts}; checkpoint {ckpt}"
+    plot_geometry_layers(pd.read_csv(out / "summary.csv"), out / "geometry_layers.png", title, data_label)
+    plot_similarity_heatmaps(out / "similarity.npz", out / "similarity_heatmaps.png", title, data_label)
+    print(f"geometry of {', '.join(stages)} -> {out}")
     return 0
-
-
-def _figures(out_dir: Path, title: str, data_label: str) -> None:
-    from tga.plots import plot_geometry_layers, plot_similarity_heatmaps
-
-    plot_geometry_layers(pd.read_csv(out_dir / "summary.csv"), out_dir / "geometry_layers.png", title, data_label)
-    plot_similarity_heatmaps(out_dir / "similarity.npz", out_dir / "similarity_heatmaps.png", title, data_label)
 
 
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
 
-    _check_device(args.analysis_device, "--analysis-device")
+    with _flag("--analysis-device"):
+        resolve_device(args.analysis_device)
     prompts = _load_prompts(args.prompts)
     interval = max(1, args.max_steps // 5) if args.checkpoint_interval is None else args.checkpoint_interval
-    model_cfg, train_cfg = _settings(args, checkpoint_interval=interval,
-                                     eval_interval=max(1, interval) if args.eval_interval is None else args.eval_interval)
-    layers = _heatmap_layers(args.layers, model_cfg.n_layer)
-    run_dir = args.output_dir / "model"
-    _prepare_run_dir(run_dir, args.overwrite)
+    settings = _settings(args, checkpoint_interval=interval,
+                         eval_interval=max(1, interval) if args.eval_interval is None else args.eval_interval)
+    model, training = settings["model"], settings["training"]
+    layers = _heatmap_layers(args.layers, model["n_layer"])
+    run_dir = _run_dir(args.output_dir / "model", args.overwrite)
     _require_splits(args.data_dir, SPLITS)
-    tokenizer = _build_tokenizer(args.tokenizer, args.data_dir, args.encoder_json, args.vocab_bpe)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    tokenizer = _tokenizer(args)
     # The prompts must survive the analysis (not empty, >= 3 tokens ...) before minutes of training.
-    ids, _ = encode_prompts(prompts, tokenizer, model_cfg.block_size, truncate=True)
-    analyze_model(Transformer(model_cfg), ids, "check", 0, layers, exclude_first_token=args.exclude_first_token,
-                  knn_k=args.knn_k)
-    tokens = _token_files(tokenizer, args.data_dir, SPLITS)
-    _train_run(model_cfg, train_cfg, tokenizer, tokens, run_dir, args.overwrite)
+    ids, _ = encode_prompts(prompts, tokenizer, model["block_size"], truncate=True)
+    analyze_model(Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, **model)), ids, "check", 0, layers,
+                  exclude_first_token=args.exclude_first_token, knn_k=args.knn_k)
+    _train(settings, args, tokenizer, _token_files(tokenizer, args.data_dir, SPLITS), run_dir)
 
-    stages = evolution_stages(dataclasses.asdict(train_cfg), run_dir)
+    stages = evolution_stages(training, run_dir)
     geometry = {"heatmap_layers": layers, "exclude_first_token": args.exclude_first_token, "knn_k": args.knn_k,
                 "device": args.analysis_device}
     with _truncation_noted(args.prompts, args.output_dir):
         analyze_evolution(stages, args.prompts, run_dir / "tokenizer.json", args.output_dir, geometry)
-    title = _model_title(args.output_dir.name, model_cfg)
-    data_label = (f"trained {train_cfg.max_steps} steps (lr {train_cfg.learning_rate:g}) on {args.data_dir / 'train.txt'}; "
-                  f"{len(prompts)} prompts from {args.prompts}")
-    made = _evolution_figures(args.output_dir, run_dir, title, data_label,
-                              evolution_steps(dataclasses.asdict(train_cfg)))
+    title = _model_title(args.output_dir.name, model)
+    data_label = (f"trained {training['max_steps']} steps (lr {training['learning_rate']:g}) on "
+                  f"{args.data_dir / 'train.txt'}; {len(prompts)} prompts from {args.prompts}")
+    made = _evolution_figures(args.output_dir, run_dir, title, data_label, evolution_steps(training))
     print(f"geometry of {len(stages)} stages ({', '.join(stages)}) and {', '.join(made)} -> {args.output_dir}")
     return 0
 
 
-def _evolution_figures(out_dir: Path, run_dir: Path, title: str, data_label: str, steps: list[int]) -> list[str]:
-    """The per-model figures for init vs the last checkpoint, the training curves, and each
-    evolution figure tga.plots offers (looked up by name: they are newer than this CLI)."""
-    import tga.plots as plots
+def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, steps: list[int]) -> list[str]:
+    """The per-model figures for init vs the last checkpoint, the training curves, and
+    the workflow's evolution figures; returns their file names."""
+    from tga import plots
 
-    summary = pd.read_csv(out_dir / "summary.csv")
-    log = pd.read_csv(run_dir / "train_log.csv")
+    summary, log = pd.read_csv(out_dir / "summary.csv"), pd.read_csv(run_dir / "train_log.csv")
     final = f"step{steps[-1]}"
     # plot_geometry_layers draws the stages 'init' and 'trained': show the last checkpoint as
     # 'trained' (its legend still gives the step); only this copy is relabelled.
     last = summary[summary["stage"].isin(["init", final])].replace({"stage": {final: "trained"}})
-    plots.plot_geometry_layers(last, out_dir / "geometry_layers.png", title, data_label)
-    plots.plot_training_curves(log, out_dir / "training_curves.png", title, data_label)
-    made = ["geometry_layers.png", "training_curves.png"]
-    optional: dict[str, tuple[str, Callable[[Callable[..., Any], Path], Any]]] = {
-        "plot_metrics_by_step": ("metrics_by_step.png",
-                                 lambda f, out: f(summary, out, title, data_label, train_log=log)),
-        "plot_heatmaps_before_after": ("heatmaps_before_after.png",
-                                       lambda f, out: f(out_dir / "similarity.npz", out, title, data_label)),
-        "plot_similarity_change": ("similarity_change.png",
-                                   lambda f, out: f(pd.read_csv(out_dir / "metrics.csv"), out, title, data_label)),
-        "plot_loss_by_step": ("training_loss.png",
-                              lambda f, out: f(log, out, title, data_label, analysed_steps=steps)),
-        "plot_evolution": ("evolution.png", lambda f, out: f(summary, out, title, data_label)),
-    }
-    for name, (filename, call) in optional.items():
-        func = getattr(plots, name, None)
-        if func is None:
-            continue
-        if name == "plot_evolution":
-            try:
-                inspect.signature(func).bind(summary, out_dir / filename, title, data_label)
-            except TypeError:
-                _note(f"tga.plots.{name} does not take (summary, out_path, title, data_label); {filename} skipped")
-                continue
-        call(func, out_dir / filename)
-        made.append(filename)
-    return made
+    plots.plot_geometry_layers(last, out_dir / "geometry_layers.png", title, label)
+    plots.plot_training_curves(log, out_dir / "training_curves.png", title, label)
+    plots.plot_metrics_by_step(summary, out_dir / "metrics_by_step.png", title, label, train_log=log)
+    plots.plot_heatmaps_before_after(out_dir / "similarity.npz", out_dir / "heatmaps_before_after.png", title, label)
+    plots.plot_similarity_change(pd.read_csv(out_dir / "metrics.csv"), out_dir / "similarity_change.png", title, label)
+    plots.plot_loss_by_step(log, out_dir / "training_loss.png", title, label, analysed_steps=steps)
+    return ["geometry_layers.png", "training_curves.png", "metrics_by_step.png", "heatmaps_before_after.png",
+            "similarity_change.png", "training_loss.png"]
 
 
 # --------------------------------------------------------------------------- entry point

@@ -4,6 +4,8 @@
   and ``test.txt`` (UTF-8) in a folder, verified and written atomically.
 * ``tokenize_to_file`` encodes one split once into a raw ``uint16``/``uint32`` file
   plus a sidecar JSON (docs/design.md); ``load_token_file`` memory-maps it back.
+  ``cached_token_files`` keeps such files in a folder and reuses them while they are
+  current (the command line's cache; the workflow leaves that to Snakemake).
 * ``sample_batch`` draws random training windows on the tokens'
   device; ``non_overlapping_windows`` tiles a split so every token after the first
   is scored exactly once in evaluation.
@@ -18,7 +20,7 @@ import socket
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "WIKITEXT2_MEMBER_SHA256",
     "WIKITEXT2_URLS",
     "WIKITEXT2_ZIP_SHA256",
+    "cached_token_files",
     "copy_text_splits",
     "download_wikitext2",
     "load_token_file",
@@ -40,6 +43,7 @@ __all__ = [
     "prepare_corpus",
     "read_token_metadata",
     "sample_batch",
+    "token_file_is_current",
     "tokenize_to_file",
     "tokens_to_tensor",
 ]
@@ -401,6 +405,64 @@ def load_token_file(path: str | os.PathLike[str], verify_sha256: bool = False) -
         if got != meta["sha256"]:
             raise DataError(f"token file {path} has sha256 {got}, metadata says {meta['sha256']}; delete it and rerun")
     return np.memmap(path, dtype=dtype, mode="r", shape=(int(meta["n_tokens"]),))
+
+
+def token_file_is_current(path: str | os.PathLike[str], text_path: str | os.PathLike[str], tokenizer: Any) -> bool:
+    """Whether ``path`` is a complete token file of ``text_path`` as the text is now, made
+    by a tokenizer of ``tokenizer``'s name and vocabulary: its sidecar names this text
+    and its size, and the file is not older than the text."""
+    path, text_path = Path(path), Path(text_path)
+    try:
+        meta = read_token_metadata(path)
+        load_token_file(path)  # size against the sidecar: catches truncated files
+    except DataError:
+        return False
+    stat = text_path.stat()
+    return (
+        meta["tokenizer"] == tokenizer.name
+        and int(meta["vocab_size"]) == tokenizer.vocab_size
+        and Path(meta["source"]) == text_path
+        and int(meta["n_bytes"]) == stat.st_size
+        and path.stat().st_mtime >= stat.st_mtime
+    )
+
+
+def cached_token_files(
+    tokenizer: Any,
+    texts: Mapping[str, str | os.PathLike[str]],
+    folder: str | os.PathLike[str],
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """Each text (split name -> text file) encoded once into ``<folder>/<split>.bin``, and
+    reused while :func:`token_file_is_current` says so; ``report`` gets one line per file.
+
+    ``<folder>/tokenizer.json`` names the tokenizer the folder's files were made with.
+    When it is another one (a char vocabulary from other text ...), every token file
+    there is removed first, so ids of two tokenizers never mix; it is written only after
+    the files, so files without it are never trusted. ``tokenizer`` needs ``name``,
+    ``vocab_size``, ``encode``, ``save`` and ``matches_file`` (tga.tokenizers.Tokenizer).
+    """
+    folder = Path(folder)
+    stamp = folder / "tokenizer.json"
+    if not tokenizer.matches_file(stamp):
+        stamp.unlink(missing_ok=True)
+        for old in folder.glob("*.bin"):
+            old.unlink()
+            _sidecar(old).unlink(missing_ok=True)
+    files: dict[str, Path] = {}
+    for split, text in texts.items():
+        text, path = Path(text).resolve(), folder / f"{split}.bin"
+        if token_file_is_current(path, text, tokenizer):
+            line = f"reusing {path} (tokenizer {tokenizer.name}, unchanged text)"
+        else:
+            meta = tokenize_to_file(text, tokenizer, path)
+            line = f"tokenized {text} -> {path} ({meta['n_tokens']:,} tokens, vocab {meta['vocab_size']:,})"
+        if report is not None:
+            report(line)
+        files[split] = path
+    if not stamp.is_file():
+        tokenizer.save(stamp)
+    return files
 
 
 # --------------------------------------------------------------------------- batches

@@ -63,6 +63,21 @@ def check_file(path: str | Path | None, key: str, hint: str, utf8: bool = False)
             ) from None
 
 
+def check_gpt2_files(files: dict[str, str | Path | None], allowed: bool, used_by: str, hint: str) -> None:
+    """GPT-2's local BPE files, ``{config key or flag: path}`` (encoder.json's first): none,
+    or, where ``allowed`` (``used_by`` names the tokenizer that takes them), both, each a
+    file (:func:`check_file` with ``hint``). One ConfigError naming the key or flag at fault;
+    the workflow's config and the command line check them here."""
+    given = [key for key, path in files.items() if path]
+    if given and not allowed:
+        raise ConfigError(f"{given[0]} is only used by {used_by}")
+    if len(given) == 1:
+        missing = next(key for key in files if key not in given)
+        raise ConfigError(f"{given[0]} is set but {missing} is not: give both GPT-2 files")
+    for key in given:
+        check_file(files[key], key, hint)
+
+
 def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callable[[str], None] | None = None) -> None:
     """Cross-key checks that the schema cannot make; raises one ConfigError naming
     the key at fault. Then every job's estimated memory (tga/resources.py): with
@@ -102,14 +117,9 @@ def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callab
         check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
 
     tokenizer = config["tokenizer"]
-    given = [k for k in ("encoder_json", "vocab_bpe") if tokenizer[k]]
-    if given and tokenizer["name"] != "gpt2":
-        raise ConfigError(f"tokenizer.{given[0]} is only used by tokenizer.name: gpt2 (got {tokenizer['name']!r})")
-    if len(given) == 1:
-        missing = "vocab_bpe" if given[0] == "encoder_json" else "encoder_json"
-        raise ConfigError(f"tokenizer.{given[0]} is set but tokenizer.{missing} is not: give both GPT-2 files")
-    for key in given:
-        check_file(tokenizer[key], f"tokenizer.{key}", "give the GPT-2 BPE file, or remove the key to use tiktoken")
+    check_gpt2_files({f"tokenizer.{k}": tokenizer[k] for k in ("encoder_json", "vocab_bpe")},
+                     tokenizer["name"] == "gpt2", f"tokenizer.name: gpt2 (got {tokenizer['name']!r})",
+                     "give the GPT-2 BPE file, or remove the key to use tiktoken")
 
     depths = [resolved["model"]["n_layer"] for resolved in resolved_variants.values()]
     n_layer_max, n_layer_min = max(depths), min(depths)

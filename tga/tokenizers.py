@@ -42,6 +42,7 @@ __all__ = [
     "build_tokenizer",
     "create_tokenizer",
     "load_tokenizer",
+    "tokenizer_from",
 ]
 
 VALID_TOKENIZERS = ("char", "gpt2", "bpe", "tiktoken")
@@ -71,6 +72,9 @@ FORMAT_VERSION = 1
 UNK_TOKEN = "<unk>"
 # What an <unk> id decodes to: one character, so decoded token strings stay aligned.
 UNK_DECODED = "\ufffd"
+# Keys of a GPT-2 tokenizer JSON that say how it was built, not which ids it gives
+# (every route is hash-checked to give the same ids).
+_ROUTE_KEYS = ("source", "encoder_json", "vocab_bpe")
 
 # Encoding huge strings in one call is fine for speed but builds one giant Python
 # list; chunks keep peak memory near the size of the int array we keep.
@@ -110,8 +114,21 @@ class Tokenizer:
         """Write the JSON description atomically (temp file + rename)."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=True) + "\n")
 
+    def matches_file(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` holds the JSON of a tokenizer that gives this one's ids (a
+        missing or unreadable file does not); how GPT-2's files were found does not count."""
+        try:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and _identity(saved) == _identity(self.to_dict())
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _identity(description: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in description.items() if k not in _ROUTE_KEYS}
 
 
 class CharTokenizer(Tokenizer):
@@ -454,6 +471,8 @@ def load_tokenizer(
     tiktoken cache. All routes are hash-checked to give the same ids.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TokenizerError(f"tokenizer file {path} is a directory: give the tokenizer JSON file")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -480,3 +499,16 @@ def load_tokenizer(
     if "vocab_size" in d and int(d["vocab_size"]) != tok.vocab_size:
         raise TokenizerError(f"tokenizer file {path} says vocab_size {d['vocab_size']} but rebuilt {tok.vocab_size}")
     return tok
+
+
+def tokenizer_from(
+    value: str | os.PathLike[str],
+    train_text_path: str | os.PathLike[str] | None = None,
+    encoder_json: str | os.PathLike[str] | None = None,
+    vocab_bpe: str | os.PathLike[str] | None = None,
+) -> Tokenizer:
+    """A tokenizer named by one string: the JSON file ``save`` wrote (:func:`load_tokenizer`)
+    or, where no such file exists, a tokenizer name (:func:`create_tokenizer`)."""
+    if str(value).strip().lower() in VALID_TOKENIZERS and not Path(value).is_file():
+        return create_tokenizer(str(value), train_text_path, encoder_json, vocab_bpe)
+    return load_tokenizer(value, encoder_json, vocab_bpe)

@@ -4,7 +4,8 @@ The loop keeps every per-step quantity on the device and only synchronises with 
 host at log/eval intervals, so on a GPU the step rate is bound by the arithmetic.
 With a ``resume_dir`` it is resumable (:mod:`tga.resume`). A run ends ``ok`` or
 ``diverged`` (:mod:`tga.status`); both leave a complete set of files, so a workflow
-can treat divergence as a result rather than as a failed job.
+can treat divergence as a result rather than as a failed job. ``run_checkpoint`` finds
+a run's checkpoint from its folder and ``clear_run`` removes what a run wrote.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tga.atomic import atomic_write, stale_temporaries
 from tga.data import RareTokenRelabeler, load_token_file, read_token_metadata, sample_batch, tokens_to_tensor
 from tga.device import Runtime
 from tga.evaluate import mean_loss_over_windows
-from tga.model import ModelConfig, Transformer, save_checkpoint
+from tga.model import CheckpointError, ModelConfig, Transformer, save_checkpoint
 from tga.resources import check_training_fits
 from tga.resume import ResumeStore, TrainState, restore_optimizer, run_settings, say
 # The config is torch-free so that the workflow reads settings without torch.
@@ -32,6 +33,8 @@ from tga.schema import TrainConfig, TrainConfigError, checkpoint_steps
 from tga.status import DIVERGED, OK, STATUS_FILE, write_status
 
 LOG_COLUMNS = ("step", "lr", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "elapsed_s")
+# The files train_model writes into its folder, besides checkpoints/step*.pt.
+RUN_FILES = ("init.pt", "final.pt", "train_log.csv", STATUS_FILE)
 
 
 class TrainingError(RuntimeError):
@@ -347,10 +350,34 @@ def train_from_settings(
     out_dir: Path,
     run_name: str = "model",
     resume_dir: Path | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Train from a resolved variant (``{"model": {...}, "training": {...}}``, as
     :func:`tga.settings.resolve_variant` makes it); see :func:`train_model`."""
     model_config = ModelConfig.from_dict({"vocab_size": 1, **settings["model"]})
     train_config = TrainConfig.from_dict({**settings["training"], "seed": seed, "threads": threads})
     return train_model(model_config, train_config, Path(train_tokens), Path(val_tokens), Path(out_dir), run_name,
-                       resume_dir=resume_dir)
+                       show_progress=show_progress, resume_dir=resume_dir)
+
+
+def run_checkpoint(path: Path) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` for a run folder (its ``final.pt``) or for a
+    checkpoint file (its folder; a kept ``checkpoints/step*.pt``'s run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "final.pt").is_file():
+            raise CheckpointError(f"{path} has no final.pt: train it first, or give a checkpoint file")
+        return path / "final.pt", path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a model folder (with final.pt) or a checkpoint file")
+    return path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def clear_run(out_dir: Path) -> None:
+    """Remove the files :func:`train_model` writes into ``out_dir`` (not the folders), so
+    that a new run there never mixes with an old one's checkpoints."""
+    out_dir = Path(out_dir)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for old in (out_dir / "checkpoints").glob("step*.pt"):
+        old.unlink()
