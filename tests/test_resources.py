@@ -29,6 +29,7 @@ from tga.resources import (
     available_memory,
     check_fits,
     estimate_training,
+    process_memory_bytes,
     scheduler_resources,
     slow_step_warning,
 )
@@ -90,17 +91,10 @@ def _child(spec: dict) -> None:
     # getrusage's ru_maxrss can carry the forking parent's peak (a large pytest process)
     # into this process, so reset the high-water mark and read it from /proc instead.
     Path("/proc/self/clear_refs").write_text("5")
-    base = _proc_status_bytes("VmRSS")
+    base = process_memory_bytes("VmRSS")
     train_model(ModelConfig(**spec["model"]), TrainConfig(**spec["training"]), Path(spec["train"]),
                 Path(spec["validation"]), Path(spec["out"]), show_progress=False)
-    print(json.dumps([_proc_status_bytes("VmHWM"), base]))
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    print(json.dumps([process_memory_bytes("VmHWM"), base]))
 
 
 @pytest.mark.parametrize("case", list(CASES))

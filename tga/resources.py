@@ -38,6 +38,7 @@ __all__ = [
     "estimate_training",
     "estimate_variant_jobs",
     "job_device_type",
+    "process_memory_bytes",
     "scheduler_resources",
     "slow_step_warning",
     "vocab_size_for",
@@ -376,6 +377,15 @@ def _gpu_memory(index: int) -> tuple[int, str]:
             pass
     props = torch.cuda.get_device_properties(index)
     return int(props.total_memory), f"the GPU ({props.name})"
+
+
+def process_memory_bytes(field: str = "VmHWM") -> int:
+    """This process's resident memory from /proc/self/status (Linux): ``VmHWM`` is the
+    peak, ``VmRSS`` the current size. Measurements of jobs against the estimates use it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def available_memory(device_type: str = "cpu", index: int | None = None) -> tuple[int, str]:
