@@ -18,10 +18,9 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from tga.pretrained import (  # noqa: E402
-    HFCausalLM,
+from tga.pretrained import HFCausalLM, analyze_pretrained  # noqa: E402
+from tga.pretrained_entries import (  # noqa: E402
     PretrainedError,
-    analyze_pretrained,
     check_pretrained,
     evolution_revisions,
     final_revision,

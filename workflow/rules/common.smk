@@ -164,9 +164,9 @@ def all_outputs(wildcards):
 
 
 # ---------------------------------------------------------------- pretrained models
-# The `pretrained:` section (tga/pretrained.py, rules in pretrained.smk): checked before
+# The `pretrained:` section (tga/pretrained_entries.py, rules in pretrained.smk): checked before
 # any job runs; entries join all_outputs() and the comparisons as one model each (seed 0).
-from tga.pretrained import PretrainedError, check_pretrained, entry_revisions, evolution_revisions, final_revision, weights_mb
+from tga.pretrained_entries import PretrainedError, check_pretrained, entry_revisions, evolution_revisions, final_revision, weights_mb
 
 try:
     check_pretrained(config)
