@@ -10,6 +10,11 @@ a change here reruns every figure and a change to one of them reruns only its ow
 Output is deterministic (Agg backend, no timestamps or software version in the
 metadata) and written through :func:`tga.atomic.atomic_write`, so Snakemake never sees
 a half-written figure and reruns on the same data are byte-identical.
+
+Seaborn is imported inside the two functions that draw with it (the heatmap panels and
+:func:`tga.figures_evolution.plot_similarity_change`), not at the top: with the
+scipy.stats it pulls in it costs about 1 s of CPU per import, and every figure is its
+own Snakemake job, so the figures that do not use it should not pay for it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -221,6 +225,8 @@ def heatmap_panel(ax: Axes, mat: np.ndarray, cmap: str, limit: float, ticks: Tok
     """One token×token matrix with a symmetric colour range ±``limit`` (seaborn.heatmap: NaN
     cells stay blank, cells are square); token labels only on the outer edge of a grid.
     Returns the mesh for a colour bar shared by the panels of the same range."""
+    import seaborn as sns  # here, not at the top: see the module docstring
+
     sns.heatmap(mat, ax=ax, cmap=cmap, vmin=-limit, vmax=limit, cbar=False, square=True,
                 xticklabels=False, yticklabels=False)
     centres = [p + 0.5 for p in ticks.positions]  # seaborn puts cell i at [i, i + 1]

@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 import matplotlib
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -287,6 +286,8 @@ def _figure_similarity_change(metrics_df: pd.DataFrame, title: str, data_label: 
     a = df[df["stage"] == after].pivot_table(index="prompt", columns="layer", values="value", dropna=False)
     delta = (a - b).dropna(how="all")
     n_prompts = int(delta.shape[0])
+
+    import seaborn as sns  # here, not at the top: see tga.figure_style's docstring
 
     fig = new_figure(11.0, 4.4)
     ax_abs, ax_diff = fig.subplots(1, 2)
