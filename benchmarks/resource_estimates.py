@@ -49,7 +49,7 @@ def _child(spec: dict) -> None:
 
 def main() -> None:
     from tga.model import ModelConfig
-    from tga.resources import MB, estimate_training, scheduler_resources
+    from tga.resources import MB, estimate_training, job_device_type, scheduler_resources
     from tga.settings import resolve_variant
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
+    for path in [*args.config, *(args.tokens_dir / f"{split}.{ext}" for split in ("train", "validation")
+                                 for ext in ("bin", "json"))]:
+        if not path.is_file():
+            sys.exit(f"resource_estimates: {path} is not a file (give the workflow's outputs/data/tokens folder "
+                     "and existing config files)")
     config = merged_config(args.config)
     config.setdefault("variants", {}).setdefault(args.variant, {})
     settings = resolve_variant(config, args.variant)
@@ -67,8 +72,7 @@ def main() -> None:
     training.update(max_steps=STEPS, eval_interval=STEPS, checkpoint_interval=STEPS, warmup_steps=1)
     meta = {split: json.loads((args.tokens_dir / f"{split}.json").read_text()) for split in ("train", "validation")}
     model = ModelConfig.from_dict({**settings["model"], "vocab_size": meta["train"]["vocab_size"]})
-    device = "cpu" if training.get("device", "auto") in ("auto", "cpu") else training["device"]
-    training["device"] = device
+    training["device"] = device = job_device_type(str(training.get("device", "auto")))
     n_tokens = sum(m["n_tokens"] for m in meta.values())
     estimate = estimate_training(model, training, device, n_tokens, args.threads)
     # time of a training step alone, as the log's throughput measures it (no evaluations)
