@@ -174,7 +174,7 @@ def test_evolve_analyses_every_checkpoint(study: dict) -> None:
         assert (out_dir / name).is_file()
     figures = ["geometry_layers.png", "training_curves.png"]
     optional = {"plot_metrics_by_step": "metrics_by_step.png", "plot_heatmaps_before_after": "heatmaps_before_after.png",
-                "plot_similarity_change": "similarity_change.png", "plot_loss_by_step": "training_loss.png"}
+                "plot_similarity_change": "similarity_change.png"}
     figures += [png for func, png in optional.items() if hasattr(tga.plots, func)]
     for png in figures:
         assert is_png(out_dir / png), png

@@ -21,7 +21,6 @@ from tga.metrics import CROSS_PROMPT_METRICS, METRIC_NAMES, PROMPT_METRICS, Geom
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.plots import (
     plot_heatmaps_before_after,
-    plot_loss_by_step,
     plot_metrics_by_step,
     plot_similarity_change,
 )
@@ -164,17 +163,11 @@ def test_plot_similarity_change(tmp_path):
         plot_similarity_change(metrics, tmp_path / "bad.png", TITLE, DATA_LABEL, after="trained")
 
 
-def test_plot_loss_by_step(tmp_path):
-    log = make_log()
-    assert_rerun_identical(lambda p: plot_loss_by_step(log, p, TITLE, DATA_LABEL, [0, 100, 200, 250]),
-                           tmp_path, "loss")
-
-
 # ----------------------------------------------------------------------------- end to end
 
 VARIANT = "llama-preln"
 EVOLUTION = [f"outputs/evolution/{VARIANT}/seed0/{name}" for name in
-             ("metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png")]
+             ("metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png")]
 
 
 def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

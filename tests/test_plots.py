@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.collections import QuadMesh
+from matplotlib.image import AxesImage
 from PIL import Image
 
 from tga import figures_compare, figures_evolution, figures_model
 from tga.compare import compute_differences
-from tga.figure_style import METRIC_LABELS
+from tga.figure_style import METRIC_LABELS, heatmap_panel, new_figure, token_ticks
 from tga.figures_compare import plot_differences, plot_perplexity, plot_similarity_by_layer
 from tga.figures_model import plot_geometry_layers, plot_similarity_heatmaps, plot_training_curves
 
@@ -91,11 +91,11 @@ def figure_texts(fig) -> list[str]:
     return [t.get_text() for t in fig.findobj(match=lambda a: hasattr(a, "get_text"))]
 
 
-def heatmap_of(ax) -> QuadMesh | None:
-    """The seaborn heatmap drawn on ``ax`` (a QuadMesh), if any; colour bars are no heatmaps."""
+def heatmap_of(ax) -> AxesImage | None:
+    """The heatmap image drawn on ``ax``, if any; colour bars are no heatmaps."""
     if ax.get_label() == "<colorbar>":
         return None
-    return next((c for c in ax.collections if isinstance(c, QuadMesh)), None)
+    return next((image for image in ax.images if isinstance(image, AxesImage)), None)
 
 
 
@@ -144,12 +144,25 @@ def test_plot_similarity_heatmaps(tmp_path):
     assert any("cosine similarity" in lbl for lbl in colorbar_labels)
     labels = [t.get_text() for t in heatmap_axes[0].get_yticklabels()]
     assert labels[:3] == ["␣the", r"\$", "↵"]  # whitespace visible, '$' escaped from mathtext
-    assert list(heatmap_axes[0].get_yticks()[:3]) == [0.5, 1.5, 2.5]  # labels on the cell centres
+    assert list(heatmap_axes[0].get_yticks()[:3]) == [0, 1, 2]  # labels on the cell centres (cell i spans i ± 0.5)
     # long prompts: every k-th token labelled, at most max_tick_labels
     fig_long = figures_model._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0, 20,
                                                          None)
     ax0 = [ax for ax in fig_long.axes if heatmap_of(ax) is not None][0]
     assert 1 < len(ax0.get_yticks()) <= 20
+
+
+def test_heatmap_panel_blanks_nan_cells_and_keeps_the_symmetric_range():
+    """An undefined similarity (NaN) must be a blank cell, never a colour that reads as a
+    value; the colour range is ±limit whatever the data's own range."""
+    mat = np.array([[1.0, np.nan, 0.2], [np.nan, 1.0, -0.3], [0.2, -0.3, 1.0]])
+    ax = new_figure(3, 3).subplots()
+    image = heatmap_panel(ax, mat, "RdBu_r", 0.5, token_ticks(3, None, 40), bottom=True, left=True)
+    shown = image.get_array()
+    assert np.ma.is_masked(shown) and shown.mask.tolist() == np.isnan(mat).tolist()
+    assert np.allclose(shown.filled(np.nan), mat, equal_nan=True)
+    assert image.get_clim() == (-0.5, 0.5)
+    assert image.cmap.get_bad()[3] == 0.0  # the masked cells are transparent
 
 
 def test_plot_similarity_heatmaps_rejects_wrong_prompt(tmp_path):

@@ -226,8 +226,7 @@ def test_bad_config_stops_before_any_job_with_one_clear_message(tmp_path, edit, 
 FIGURE_RULES = {
     "figures_model": {"plot_geometry_layers", "plot_similarity_heatmaps", "plot_training_curves"},
     "figures_compare": {"plot_perplexity", "plot_similarity_by_layer", "plot_differences"},
-    "figures_evolution": {"plot_metrics_by_step", "plot_heatmaps_before_after", "plot_similarity_change",
-                          "plot_training_loss"},
+    "figures_evolution": {"plot_metrics_by_step", "plot_heatmaps_before_after", "plot_similarity_change"},
 }
 
 
@@ -301,7 +300,7 @@ def test_a_diverged_variant_is_marked_missing_with_keep_going(tmp_path):
     # nothing downstream of the diverged model ran; everything of the steady one did
     assert not (workdir / "outputs" / "eval" / "wild").exists() and not (workdir / "outputs" / "geometry" / "wild").exists()
     assert not (workdir / "outputs" / "evolution" / "wild").exists()
-    assert (workdir / "outputs" / "evolution" / "steady" / "seed0" / "training_loss.png").is_file()
+    assert (workdir / "outputs" / "evolution" / "steady" / "seed0" / "metrics_by_step.png").is_file()
     table = pd.read_csv(workdir / "outputs" / "compare" / "perplexity.csv")
     wild = table[table["variant"] == "wild"].iloc[0]
     assert wild["status"] == f"diverged at step {status['step']}" and math.isnan(wild["token_ppl"])

@@ -34,7 +34,7 @@ from tga.geometry import (
 from tga.metrics import GeometryError
 from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
-from tga.settings import ConfigError, check_file, check_gpt2_files
+from tga.settings import ConfigError, check_file, check_gpt2_files, coerce_config_types
 from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, tokenizer_from
 from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs
 from tga.train import TrainingError, clear_run, run_checkpoint, train_from_settings
@@ -123,6 +123,9 @@ def _schema_flag(g: Any, section: str, key: str, flag: str | None = None, **over
                               "help": spec.get("description", key.replace("_", " ")).replace("%", "%%")}
     if "enum" in spec:
         kwargs["choices"] = spec["enum"]
+        if "boolean" in types:  # compile: auto, true or false; the word "true" is the boolean
+            kwargs["type"] = lambda text: coerce_config_types(text, spec)
+            kwargs["metavar"] = "{" + ",".join(str(c).lower() for c in spec["enum"]) + "}"
     elif "boolean" in types:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
@@ -541,9 +544,8 @@ def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, ste
     plots.plot_metrics_by_step(summary, out_dir / "metrics_by_step.png", title, label, train_log=log)
     plots.plot_heatmaps_before_after(out_dir / "similarity.npz", out_dir / "heatmaps_before_after.png", title, label)
     plots.plot_similarity_change(pd.read_csv(out_dir / "metrics.csv"), out_dir / "similarity_change.png", title, label)
-    plots.plot_loss_by_step(log, out_dir / "training_loss.png", title, label, analysed_steps=steps)
     return ["geometry_layers.png", "training_curves.png", "metrics_by_step.png", "heatmaps_before_after.png",
-            "similarity_change.png", "training_loss.png"]
+            "similarity_change.png"]
 
 
 # --------------------------------------------------------------------------- entry point

@@ -1,10 +1,10 @@
-"""Figures of one model across training: geometry against the step, heatmaps before and
-after, the per-prompt change of a metric, and the loss on the same step axis.
+"""Figures of one model across training: geometry against the step (with the loss on
+the same step axis), heatmaps before and after, and the per-prompt change of a metric.
 
 Inputs are an evolution step's files (``summary.csv`` / ``metrics.csv`` with stages
 ``init`` and ``step{N}``, ``similarity.npz``) and ``train_log.csv``; the styling comes
-from :mod:`tga.figure_style`. Seaborn draws the heatmaps (via
-:func:`tga.figure_style.heatmap_panel`) and the before/after bands of
+from :mod:`tga.figure_style`. Matplotlib images draw the heatmaps (via
+:func:`tga.figure_style.heatmap_panel`) and seaborn the before/after bands of
 :func:`plot_similarity_change`, straight from the long per-prompt table.
 """
 
@@ -47,7 +47,6 @@ from tga.tables import layer_names, stage_order
 __all__ = [
     "EVOLUTION_METRICS",
     "plot_heatmaps_before_after",
-    "plot_loss_by_step",
     "plot_metrics_by_step",
     "plot_similarity_change",
 ]
@@ -351,22 +350,3 @@ def plot_similarity_change(metrics_df: pd.DataFrame, out_path: Path | str, title
     """
     return save(_figure_similarity_change(metrics_df, title, data_label, before, after, metric), out_path)
 
-
-def _figure_loss_by_step(log: pd.DataFrame, title: str, data_label: str, analysed_steps: Sequence[int]) -> Figure:
-    fig = new_figure(10.0, 4.4)
-    ax = fig.subplots()
-    _loss_panel(ax, log, sorted(int(s) for s in analysed_steps))
-    ax.set_xlim(*_step_limits(analysed_steps, log["step"]))
-    ax.set_xlabel(STEP_AXIS_LABEL, fontsize=9)
-    figure_title(fig, f"{title}\ntraining loss on the step axis of the geometry-evolution figures", data_label)
-    return fig
-
-
-def plot_loss_by_step(log: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
-                      analysed_steps: Sequence[int] = ()) -> Path:
-    """Training and validation loss against the step, with the analysed checkpoints marked.
-
-    Uses the same x range as :func:`plot_metrics_by_step` (union of logged and analysed steps),
-    so a change in geometry can be read against the loss at the same step.
-    """
-    return save(_figure_loss_by_step(log, title, data_label, list(analysed_steps)), out_path)

@@ -14,7 +14,6 @@ from tga.figures_compare import plot_differences, plot_perplexity, plot_similari
 from tga.figures_evolution import (
     EVOLUTION_METRICS,
     plot_heatmaps_before_after,
-    plot_loss_by_step,
     plot_metrics_by_step,
     plot_similarity_change,
 )
@@ -33,5 +32,4 @@ __all__ = [
     "plot_metrics_by_step",
     "plot_heatmaps_before_after",
     "plot_similarity_change",
-    "plot_loss_by_step",
 ]

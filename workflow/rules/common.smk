@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
-from tga.evolution import evolution_stages, evolution_steps
+from tga.evolution import evolution_stages
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
 
@@ -128,18 +128,13 @@ def diverged_runs(wildcards):
     return diverged
 
 
-EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png", "training_loss.png"]
+EVOLUTION_FIGURES = ["metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png"]
 
 
 def evolution_stage_paths(wildcards):
     """init + every checkpoint the variant's training settings keep, as {stage: path}."""
     training = resolve_variant(config, wildcards.variant)["training"]
     return evolution_stages(training, f"outputs/models/{wildcards.variant}/seed{wildcards.seed}")
-
-
-def evolution_analysed_steps(wildcards):
-    """Training steps whose geometry the evolution figures show (0 = init)."""
-    return evolution_steps(resolve_variant(config, wildcards.variant)["training"])
 
 
 def evolution_outputs(wildcards):

@@ -127,31 +127,3 @@ rule plot_similarity_change:
     script:
         "../scripts/plot_similarity_change.py"
 
-
-rule plot_training_loss:
-    input:
-        log="outputs/models/{variant}/seed{seed}/train_log.csv",
-    output:
-        report(
-            "outputs/evolution/{variant}/seed{seed}/training_loss.png",
-            caption="../report/training_loss.rst",
-            category="evolution",
-            subcategory="{variant}",
-            labels={"variant": "{variant}", "seed": "{seed}", "figure": "training loss"},
-        ),
-    params:
-        code=code_fingerprint("tga.figures_evolution"),
-        title=model_title,
-        data_label=config["data"]["label"],
-        steps=evolution_analysed_steps,
-    log:
-        "outputs/logs/plot_training_loss/{variant}/seed{seed}.log",
-    benchmark:
-        "outputs/benchmarks/plot_training_loss/{variant}/seed{seed}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/tga.yaml"
-    script:
-        "../scripts/plot_training_loss.py"
