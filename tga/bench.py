@@ -1,8 +1,16 @@
 """Speed and memory benchmark: ``python -m tga.bench`` prints JSON per device.
 
-Figures: training tokens/s, model FLOPs utilisation (MFU), peak memory, evaluation
-tokens/s, geometry seconds per model and, with ``--e2e``, the wall time of the
-quick config run end to end through Snakemake. Synthetic token ids are used so the
+Figures: training tokens/s, model FLOPs utilisation (MFU) with the peak it divided by,
+peak memory, evaluation tokens/s, geometry seconds per model and, with ``--e2e``, the
+wall time of the quick config run end to end through Snakemake.
+
+What is timed is the pipeline's own training step (:class:`tga.train.TrainingStep`,
+the function the training rule runs: schedule, batch, rare-token relabeling where
+configured, the compiled or eager step, the on-device loss sum and NaN/inf check) on
+the model and training settings of the pipeline's config (``config/config.yaml``,
+with ``config/quick.yaml`` merged on top for ``quick``), resolved for one variant as
+the workflow resolves it. Only the batch size, device, precision and compile setting
+are the benchmark's own. Synthetic token ids stand in for the corpus, so the
 benchmark needs no data files; the arithmetic is the same as on real text.
 """
 
@@ -16,36 +24,112 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import yaml
 
-from tga.data import sample_batch
-from tga.device import autocast_context, resolve_device, resolved_precision
+from tga.device import Runtime, autocast_context, compile_decision, resolve_device, resolved_precision
 from tga.evaluate import summed_loss_over_windows
 from tga.model import ModelConfig, Transformer
-from tga.train import TrainConfig, make_optimizer, train_step
+from tga.resources import vocab_size_for
+from tga.resume import TrainState
+from tga.settings import resolve_variant
+from tga.train import (TrainConfig, TrainingStep, compile_for_training, new_training_parts,
+                       token_counts_and_relabeler)
 
-# Dense bf16 (CUDA) peak FLOP/s by device name fragment; MFU is reported against it.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "V100": 125e12,
+# The config files each benchmarked model comes from, merged left to right as
+# ``snakemake --configfile`` merges them (relative to the repository root).
+CONFIG_FILES = {
+    "default": ("config/config.yaml",),
+    "quick": ("config/config.yaml", "config/quick.yaml"),
+}
+SYNTHETIC_TOKENS = 1_000_000
+
+
+class PeakFlops(NamedTuple):
+    """Dense (no sparsity) peak FLOP/s of one GPU model, from NVIDIA's datasheets.
+
+    ``tf32`` is what fp32 training runs at: tga turns TF32 matmuls on for CUDA
+    (tga.device.Runtime); ``None`` where the GPU has no TF32 (V100), so fp32 runs
+    are divided by ``fp32``. ``bf16`` is ``None`` where the GPU has no bf16.
+    """
+
+    bf16: float | None
+    tf32: float | None
+    fp32: float
+
+
+# Name fragments in the order they are tried: the specific form factors first
+# (torch reports "NVIDIA H100 PCIe" and "NVIDIA H100 NVL", but the SXM part as "NVIDIA
+# H100 80GB HBM3"), so a plain "H100" or "H200" is the SXM part; GH200 contains "H200"
+# and has that peak. A100 SXM and PCIe share one peak.
+PEAK_FLOPS: dict[str, PeakFlops] = {
+    "H200 NVL": PeakFlops(bf16=835.5e12, tf32=417.5e12, fp32=60e12),
+    "H200": PeakFlops(bf16=989.5e12, tf32=494.7e12, fp32=66.9e12),  # SXM
+    "H100 NVL": PeakFlops(bf16=835.5e12, tf32=417.5e12, fp32=60e12),
+    "H100 PCIe": PeakFlops(bf16=756.5e12, tf32=378e12, fp32=51.2e12),
+    "H100": PeakFlops(bf16=989.5e12, tf32=494.7e12, fp32=66.9e12),  # SXM
+    "A100": PeakFlops(bf16=312e12, tf32=156e12, fp32=19.5e12),
+    "L40S": PeakFlops(bf16=362.05e12, tf32=183e12, fp32=91.6e12),
+    "A10G": PeakFlops(bf16=125e12, tf32=62.5e12, fp32=31.2e12),  # the A10's datasheet figures
+    "RTX 4090": PeakFlops(bf16=165.2e12, tf32=82.6e12, fp32=82.6e12),
+    "V100": PeakFlops(bf16=None, tf32=None, fp32=15.7e12),  # SXM2; no bf16, no TF32
 }
 
-MODELS = {
-    "default": ModelConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=6, n_embd=384,
-                           norm_position="post", activation="gelu"),
 
-    "quick": ModelConfig(vocab_size=200, block_size=64, n_layer=4, n_head=4, n_embd=64,
-                         norm_position="post", activation="gelu"),
-}
+class PeakMatch(NamedTuple):
+    device: str  # the PEAK_FLOPS entry the device name matched
+    kind: str  # which of its peaks: bf16, tf32 or fp32
+    flops: float
+
+
+def peak_flops_for(device_name: str, precision: str) -> PeakMatch | None:
+    """The peak a run on ``device_name`` (as torch.cuda.get_device_name says it) in
+    ``precision`` (resolved: fp32 or bf16) is divided by for its MFU; None when no
+    entry matches (and for CPUs, whose names match none)."""
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in device_name:
+            if precision == "bf16":
+                return None if peaks.bf16 is None else PeakMatch(fragment, "bf16", peaks.bf16)
+            if peaks.tf32 is not None:
+                return PeakMatch(fragment, "tf32", peaks.tf32)
+            return PeakMatch(fragment, "fp32", peaks.fp32)
+    return None
+
+
+def merged_config(paths: list[Path]) -> dict[str, Any]:
+    """Config files merged left to right, nested mappings key by key, as Snakemake
+    merges several ``--configfile``."""
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if both_dicts else value
+        return out
+
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    return config
+
+
+def pipeline_settings(repo: Path, model: str, variant: str | None = None) -> tuple[str, ModelConfig, TrainConfig]:
+    """(variant, model config, training config) of ``model``'s config files, as the
+    training rule gets them: :func:`tga.settings.resolve_variant` (schema defaults for
+    every key the config leaves out) and the tokenizer's vocabulary. ``variant``
+    defaults to the config's first."""
+    config = merged_config([repo / name for name in CONFIG_FILES[model]])
+    data = config.get("data") or {}
+    for split in ("train", "validation", "test"):  # the workflow runs in the repository root
+        if data.get(split):
+            data[split] = str(repo / data[split])
+    variant = variant or next(iter(config["variants"]))
+    settings = resolve_variant(config, variant)
+    model_config = ModelConfig.from_dict({**settings["model"], "vocab_size": vocab_size_for(config)})
+    return variant, model_config, TrainConfig.from_dict(settings["training"])
 
 
 def flops_per_token(config: ModelConfig) -> float:
@@ -57,14 +141,10 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * n + 12 * config.n_layer * config.block_size * config.n_embd
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, peak in PEAK_FLOPS.items():
-        if fragment in name:
-            return peak
-    return None
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -72,47 +152,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(config: ModelConfig, batch_size: int, steps: int, warmup: int, device: torch.device,
-                   compile_model: bool, compile_mode: str = "default", precision: str = "auto") -> dict[str, Any]:
+def bench_training(model_config: ModelConfig, train_config: TrainConfig, steps: int, warmup: int) -> dict[str, Any]:
+    """Time ``steps`` pipeline training steps after ``warmup`` untimed ones (which pay
+    for compilation) with ``train_config``'s batch size, device, precision and compile
+    setting. Dynamo is reset first, so each shape is compiled afresh for itself, as in
+    a training job, and not as a dynamic-shape graph left over from the last shape."""
+    torch._dynamo.reset()
+    rt = Runtime.resolve(train_config.device, train_config.precision, train_config.threads)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats(device)
-    model = Transformer(config).to(device)
-    optimizer = make_optimizer(model, TrainConfig(), device)
-    forward_model = torch.compile(model, mode=compile_mode) if compile_model else model
-    amp = autocast_context(device, precision)
-    data = torch.randint(0, config.vocab_size, (1_000_000,), dtype=torch.int32, device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    vocab = model_config.vocab_size
+    data = torch.randint(0, vocab, (SYNTHETIC_TOKENS,), dtype=torch.int32, device=rt.device)
+    counts, relabel = token_counts_and_relabeler(data, vocab, train_config)
+    model, optimizer, generator = new_training_parts(model_config, train_config, rt.device, counts)
+    compiled = compile_decision(train_config.compile, rt.device.type)
+    run_step = TrainingStep(model, compile_for_training(model, train_config, rt.device.type), optimizer, data,
+                            generator, relabel, train_config, model_config.block_size, rt.amp)
+    state = TrainState().on(rt.device)
     start = time.perf_counter()
-    for _ in range(warmup):
-        x, y = sample_batch(data, batch_size, config.block_size, generator)
-        train_step(forward_model, model, optimizer, x, y, amp, 1.0)
-    _sync(device)
+    for step in range(warmup):
+        run_step(state, step)
+    _sync(rt.device)
     warmup_s = time.perf_counter() - start
+    loss_before = state.loss_sum.clone()
     start = time.perf_counter()
-    for _ in range(steps):
-        x, y = sample_batch(data, batch_size, config.block_size, generator)
-        loss = train_step(forward_model, model, optimizer, x, y, amp, 1.0)
-    loss.item()
-    _sync(device)
+    for step in range(warmup, warmup + steps):
+        run_step(state, step)
+    mean_loss = (state.loss_sum - loss_before).item() / steps  # syncs, as the loop's log step does
     elapsed = time.perf_counter() - start
-    tokens_per_s = steps * batch_size * config.block_size / elapsed
-    peak = device_peak_flops(device)
+    tokens_per_s = steps * train_config.batch_size * model_config.block_size / elapsed
+    per_token = flops_per_token(model_config)
+    peak = peak_flops_for(device_label(rt.device), rt.precision) if rt.device.type == "cuda" else None
     result = {
-        "batch_size": batch_size,
-        "block_size": config.block_size,
-        "compile": compile_mode if compile_model else False,
-        "precision": resolved_precision(device, precision),
+        "batch_size": train_config.batch_size,
+        "block_size": model_config.block_size,
+        "compile": train_config.compile_mode if compiled else False,
+        "precision": rt.precision,
+        "relabel_probability": train_config.rare_relabel_probability,
         "steps_timed": steps,
+        "warmup_steps": warmup,
         "warmup_s": round(warmup_s, 3),
         "step_ms": round(1000 * elapsed / steps, 3),
         "train_tokens_per_s": round(tokens_per_s, 1),
-        "flops_per_token": flops_per_token(config),
-        "mfu": None if peak is None else round(tokens_per_s * flops_per_token(config) / peak, 4),
+        "mean_loss": round(mean_loss, 4),
+        "diverged": int(state.first_bad_step.item()) >= 0,
+        "flops_per_token": per_token,
+        "peak_flops": None if peak is None else peak.flops,
+        "peak_flops_device": None if peak is None else peak.device,
+        "peak_flops_kind": None if peak is None else peak.kind,
+        "mfu": None if peak is None else round(tokens_per_s * per_token / peak.flops, 4),
     }
-    if device.type == "cuda":
-        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if rt.device.type == "cuda":
+        result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
     else:
         result["peak_memory_mb"] = _peak_rss_mb()
     return result
@@ -181,30 +273,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "models": {},
-    }
+    report: dict[str, Any] = {"device": device_label(device), "torch": torch.__version__, "models": {}}
     on_gpu = device.type == "cuda"
+    repo = Path(args.repo)
     for name in args.models:
-        config = MODELS[name]
-        entry: dict[str, Any] = {"config": asdict(config), "train": [], "eval": []}
-        batches = args.batch_sizes or ([8, 64] if on_gpu else [8])
-        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        variant, config, configured = pipeline_settings(repo, name, args.variant)
+        entry: dict[str, Any] = {"config_files": list(CONFIG_FILES[name]), "variant": variant,
+                                 "config": asdict(config), "training": asdict(configured), "train": [], "eval": []}
+        batches = args.batch_sizes or ([configured.batch_size, 64] if on_gpu else [configured.batch_size])
+        compiles = {"auto": [configured.compile], "off": [False], "on": [True], "both": [False, True]}[args.compile]
         for precision in args.precision:
             for batch in batches:
-                for compile_model in compiles:
+                for compile_setting in compiles:
                     steps = args.steps or (200 if on_gpu else (3 if name == "default" else 50))
                     warmup = args.warmup if args.warmup is not None else (30 if on_gpu else 1)
-                    entry["train"].append(bench_training(config, batch, steps, warmup, device, compile_model,
-                                                         args.compile_mode, precision))
+                    train_config = replace(configured, batch_size=batch, device=args.device, precision=precision,
+                                           compile=compile_setting, threads=args.threads,
+                                           **({"compile_mode": args.compile_mode} if args.compile_mode else {}))
+                    entry["train"].append(bench_training(config, train_config, steps, warmup))
             eval_tokens = args.eval_tokens or (2_000_000 if on_gpu else (20_000 if name == "default" else 100_000))
             entry["eval"].append(bench_evaluation(config, 64 if on_gpu else 16, eval_tokens, device, precision))
         entry["geometry"] = bench_geometry(config, n_prompts=16, prompt_tokens=128)
         report["models"][name] = entry
     if args.e2e:
-        report["quick_e2e"] = bench_quick_e2e(Path(args.repo), args.e2e_cores)
+        report["quick_e2e"] = bench_quick_e2e(repo, args.e2e_cores)
     return report
 
 
@@ -212,23 +304,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tga.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda[:N]")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["default", "quick"],
-                        help="which model sizes to time (default: both)")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, help="training batch sizes (default: 8 and 64 on GPU, 8 on CPU)")
-    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
-                        help="time training without and/or with torch.compile")
-    parser.add_argument("--compile-mode", default="default",
+    parser.add_argument("--models", nargs="+", choices=sorted(CONFIG_FILES), default=["default", "quick"],
+                        help="which configs' models to time: default = config/config.yaml, quick = that with "
+                             "config/quick.yaml merged on top (default: both)")
+    parser.add_argument("--variant", help="the variant whose settings are timed (default: each config's first)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int,
+                        help="training batch sizes (default: the config's, and 64 on GPU)")
+    parser.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
+                        help="auto: as the config says (its compile: auto compiles on CUDA only); "
+                             "or time training without and/or with torch.compile")
+    parser.add_argument("--compile-mode", default=None,
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode (reduce-overhead adds CUDA graphs)")
+                        help="torch.compile mode (default: the config's; reduce-overhead adds CUDA graphs)")
     parser.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16"], default=["auto"],
-                        help="autocast precision(s) to time (auto: bf16 on CUDA, fp32 elsewhere)")
+                        help="autocast precision(s) to time (auto: bf16 on CUDA GPUs with bf16, fp32 elsewhere)")
     parser.add_argument("--steps", type=int, help="timed training steps (default: 200 on GPU, few on CPU)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps")
     parser.add_argument("--eval-tokens", type=int, help="tokens scored by the evaluation timing")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     parser.add_argument("--e2e", action="store_true", help="also time the quick config end to end via Snakemake")
     parser.add_argument("--e2e-cores", type=int, default=4, help="--cores for the end-to-end run")
-    parser.add_argument("--repo", default=".", help="repository root holding Snakefile and config/ (for --e2e)")
+    parser.add_argument("--repo", default=".", help="repository root holding config/ (and Snakefile, for --e2e)")
     args = parser.parse_args(argv)
     print(json.dumps(run(args), indent=2))
 

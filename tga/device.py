@@ -3,8 +3,10 @@ and analysis."""
 
 from __future__ import annotations
 
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,13 +34,49 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class PrecisionChoice(NamedTuple):
+    precision: str  # "fp32" or "bf16"
+    note: str | None  # one line for the job's log when ``auto`` had to fall back, else None
+
+
+def choose_precision(device_type: str, bf16_supported: bool, requested: str = "auto") -> PrecisionChoice:
+    """The precision a job runs in, from the device type, whether that device does bf16
+    natively, and the ``precision`` setting. A pure function, so the fallback is tested
+    without the hardware it is for.
+
+    ``auto`` is bf16 on CUDA devices with native bf16 (Ampere and later) and fp32
+    everywhere else. On CPUs bf16 pays only for large matmuls on chips with native bf16
+    (1.5-1.6x for the default model on an AVX512-BF16 CPU) and gains little or loses on
+    small models, so it is opt-in there. A GPU without bf16 (V100, T4) falls back to
+    fp32, not fp16: fp16 training needs a GradScaler against underflowing gradients,
+    which this loop does not have. An explicit ``bf16`` on such a GPU is refused rather
+    than emulated at a fraction of fp32's speed.
+    """
+    if requested == "auto":
+        if device_type != "cuda":
+            return PrecisionChoice("fp32", None)
+        if bf16_supported:
+            return PrecisionChoice("bf16", None)
+        return PrecisionChoice("fp32", "precision auto is fp32 here: this GPU has no native bf16 (fp16 would need "
+                                       "a gradient scaler, which tga's training does not use)")
+    if requested == "bf16" and device_type == "cuda" and not bf16_supported:
+        raise DeviceError("precision='bf16' was asked for, but this GPU has no native bf16 (it needs compute "
+                          "capability 8.0, Ampere, or later): set precision: auto or fp32")
+    return PrecisionChoice(requested, None)
+
+
+def device_supports_bf16(device: torch.device) -> bool:
+    """Native bf16 on a CUDA device (emulation does not count: torch's default
+    ``including_emulation=True`` says yes on a V100). CPUs and MPS run bf16 autocast
+    everywhere torch supports them; whether it pays there is the user's call."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True
+
+
 def resolved_precision(device: torch.device, precision: str = "auto") -> str:
-    """``auto`` is bf16 on CUDA and fp32 elsewhere: on CPUs bf16 pays only for large
-    matmuls on chips with native bf16 (1.5x for the default model on an AVX512-BF16
-    CPU) and gains little or loses on small models, so it is opt-in there."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
+    """``precision`` resolved for ``device`` (see :func:`choose_precision`)."""
+    return choose_precision(device.type, device_supports_bf16(device), precision).precision
 
 
 def autocast_context(device: torch.device, precision: str = "auto") -> AbstractContextManager:
@@ -46,6 +84,17 @@ def autocast_context(device: torch.device, precision: str = "auto") -> AbstractC
     if resolved_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def compile_decision(setting: bool | str, device_type: str) -> bool:
+    """Whether training compiles its step. ``auto`` compiles on CUDA only: there the
+    compiled step is several times faster and its minute of compilation is paid back
+    within the first few hundred steps; on a CPU, compiling (Inductor builds C++) costs
+    minutes that 1000 small steps never win back, and MPS support is incomplete.
+    ``true``/``false`` force it either way."""
+    if setting == "auto":
+        return device_type == "cuda"
+    return bool(setting)
 
 
 @dataclass(frozen=True)
@@ -67,7 +116,10 @@ class Runtime:
         if resolved.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(resolved, resolved_precision(resolved, precision), autocast_context(resolved, precision))
+        choice = choose_precision(resolved.type, device_supports_bf16(resolved), precision)
+        if choice.note:
+            print(f"tga: {choice.note}", file=sys.stderr, flush=True)
+        return cls(resolved, choice.precision, autocast_context(resolved, choice.precision))
 
     def rng_states(self) -> dict[str, torch.Tensor]:
         """The global CPU RNG (dropout on the CPU) and the device's (dropout there)."""

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tga.atomic import atomic_write_bytes
+from tga.lm_head import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
 # The config is torch-free so that the workflow reads settings without torch.
 from tga.schema import ModelConfig, ModelConfigError
 
@@ -50,7 +51,7 @@ class BlockSums(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the forward pass was asked for the loss alone
     loss: torch.Tensor | None
     hidden_states: list[torch.Tensor] | None
     prenorm_sums: list[BlockSums] | None = None
@@ -206,9 +207,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """``loss_chunk_tokens``: tokens per chunk of the fused output head and loss that
+    training uses (:mod:`tga.lm_head`); an execution choice, not part of the
+    architecture, so it is not in the config or the checkpoint."""
+
+    def __init__(self, config: ModelConfig, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
         super().__init__()
         self.config = config
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.position_embedding = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_encoding == "learned" else None
@@ -281,14 +287,22 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         return_hidden_states: bool = False,
         return_prenorm_sums: bool = False,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """Logits over the real vocabulary; mean loss over targets != -100; and, when
         asked, the residual stream: embedding, each block, final norm (n_layer + 2),
         and each block's sums before its norms (:class:`BlockSums`, n_layer), which
-        is where Post-LN's stream can be measured before a norm fixes its scale."""
+        is where Post-LN's stream can be measured before a norm fixes its scale.
+
+        ``return_logits=False`` (training) computes the loss through the fused,
+        chunked head (:mod:`tga.lm_head`), which never holds the full logits, and
+        returns no logits. Otherwise (evaluation, analysis) the logits are computed
+        in full and the loss is F.cross_entropy over them, the exact reference."""
         _, seq = idx.shape
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False computes only the loss: give targets")
         x = self.token_embedding(idx)
         if self.position_embedding is not None:
             x = x + self.position_embedding(torch.arange(seq, device=idx.device))
@@ -307,17 +321,20 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if hidden is not None:
             hidden.append(x)
-        logits = F.linear(x, self.token_embedding.weight, self.logit_bias)
         vocab = self.config.vocab_size
-        if self.config.padded_vocab_size > vocab:
-            # Padding rows exist only for matmul speed; they can never be predicted.
-            logits[..., vocab:] = float("-inf")
+        if not return_logits:
+            loss = chunked_cross_entropy(x, self.token_embedding.weight, self.logit_bias, targets, vocab,
+                                         self.loss_chunk_tokens)
+            return ModelOutput(None, loss, hidden, sums)
+        # The padding rows exist only for matmul speed and can never be predicted:
+        # slicing them off is exact, where filling their logits with -inf made
+        # backward clone the logits' gradient.
+        bias = None if self.logit_bias is None else self.logit_bias[:vocab]
+        logits = F.linear(x, self.token_embedding.weight[:vocab], bias)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
-            )
-        return ModelOutput(logits[..., :vocab], loss, hidden, sums)
+            loss = F.cross_entropy(logits.view(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits, loss, hidden, sums)
 
 
 def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None = None) -> None:

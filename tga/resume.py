@@ -24,7 +24,7 @@ import torch
 
 from tga.atomic import atomic_write, stale_temporaries
 from tga.data import sha256_file
-from tga.device import Runtime
+from tga.device import Runtime, compile_decision
 from tga.model import ModelConfig
 from tga.schema import TrainConfig
 
@@ -60,12 +60,14 @@ def run_settings(
 ) -> dict[str, Any]:
     """Everything that determines a run's trajectory, as plain JSON-able values.
 
-    ``device``/``precision`` are stored resolved, so ``auto`` and the device it picks
-    count as the same setting (RNG states are device-specific, so the type matters).
+    ``device``/``precision``/``compile`` are stored resolved, so ``auto`` and what it
+    picks count as the same setting (RNG states are device-specific, so the type
+    matters): a state saved with ``compile: false`` on a CPU resumes under ``auto``.
     """
     training = {k: v for k, v in asdict(train_config).items() if k not in _NOT_FINGERPRINTED}
     training["device"] = runtime.device.type
     training["precision"] = runtime.precision
+    training["compile"] = compile_decision(train_config.compile, runtime.device.type)
     return {
         "format": RESUME_FORMAT,
         "model": asdict(model_config),

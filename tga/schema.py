@@ -230,7 +230,7 @@ class TrainConfig:
     seed: int = 0
     device: str
     precision: str
-    compile: bool
+    compile: bool | str  # auto, true or false; tga.device.compile_decision resolves it
     compile_mode: str
     threads: int = 0
 

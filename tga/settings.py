@@ -206,6 +206,8 @@ def _resolve_schema(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, A
 
 def _coerce_scalar(value: str, types: list[str]) -> Any:
     text = value.strip()
+    if "boolean" in types and text.lower() in _BOOLEAN:  # before "string": compile is auto, true or false
+        return _BOOLEAN[text.lower()]
     if "string" in types:
         return value
     if "integer" in types and _INTEGER.match(text):
@@ -213,8 +215,6 @@ def _coerce_scalar(value: str, types: list[str]) -> Any:
     if "number" in types and _NUMBER.match(text):
         number = float(text)
         return int(number) if _INTEGER.match(text) else number
-    if "boolean" in types and text.lower() in _BOOLEAN:
-        return _BOOLEAN[text.lower()]
     if "null" in types and text.lower() in ("null", "none", "~"):
         return None
     return value

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tga.atomic import atomic_write, stale_temporaries
 from tga.data import RareTokenRelabeler, load_token_file, read_token_metadata, sample_batch, tokens_to_tensor
-from tga.device import Runtime
+from tga.device import Runtime, compile_decision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import CheckpointError, ModelConfig, Transformer, save_checkpoint
 from tga.resources import check_training_fits
@@ -107,6 +107,23 @@ def load_tokens_to_device(path: Path, device: torch.device) -> torch.Tensor:
     return tokens_to_tensor(load_token_file(path), device)
 
 
+def compile_for_training(model: nn.Module, config: TrainConfig, device_type: str,
+                         backend: str = "inductor") -> nn.Module:
+    """The module the training step calls: ``model`` itself, or, where
+    :func:`tga.device.compile_decision` says so, its ``torch.compile`` wrapper.
+
+    ``fullgraph=True``: a graph break (a Python construct dynamo cannot trace) is an
+    error at the first step instead of a silent fall back to slow eager pieces.
+    ``dynamic=False``: every training batch has the same shape, so shapes are
+    specialised (a second shape, as in a benchmark of two batch sizes, recompiles
+    rather than switching to a slower dynamic-shape graph). ``backend`` is for tests,
+    which trace with ``aot_eager`` instead of building Inductor's C++."""
+    if not compile_decision(config.compile, device_type):
+        return model
+    options: dict[str, Any] = {"mode": config.compile_mode} if backend == "inductor" else {}
+    return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, **options)
+
+
 def train_step(
     forward_model: nn.Module,
     model: nn.Module,
@@ -117,17 +134,53 @@ def train_step(
     grad_clip: float,
 ) -> torch.Tensor:
     """One optimizer step; returns the loss without synchronising with the host.
-    ``forward_model`` may be the compiled wrapper of ``model``."""
+    ``forward_model`` may be the compiled wrapper of ``model``. The loss comes from the
+    fused, chunked output head (no logits are materialised, see tga/lm_head.py)."""
     if forward_model is not model:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays may reuse buffers
     with amp:
-        loss = forward_model(x, y).loss
+        loss = forward_model(x, y, return_logits=False).loss
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+@dataclass
+class TrainingStep:
+    """The body of one iteration of the training loop, written once so that the
+    training rule runs it and ``tga.bench`` times exactly it: the learning rate of the
+    schedule, a batch drawn on the device, rare-token relabeling (where configured),
+    the optimizer step, and the on-device bookkeeping (loss sum, first NaN/inf step).
+    Nothing in it waits for the host; the loop syncs only when it logs."""
+
+    model: Transformer
+    forward: nn.Module  # ``model`` or its compiled wrapper (:func:`compile_for_training`)
+    optimizer: torch.optim.Optimizer
+    train_data: torch.Tensor
+    generator: torch.Generator
+    relabel: RareTokenRelabeler
+    config: TrainConfig
+    block_size: int
+    amp: Any
+
+    def __call__(self, state: TrainState, step: int) -> float:
+        """Run optimizer step ``step`` (0-based) and record it in ``state``; returns its
+        learning rate."""
+        lr = learning_rate_at(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = sample_batch(self.train_data, self.config.batch_size, self.block_size, self.generator)
+        x, y = self.relabel(*batch, self.generator)
+        loss = train_step(self.forward, self.model, self.optimizer, x, y, self.amp, self.config.grad_clip)
+        bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
+        state.first_bad_step = torch.where(bad, torch.full_like(state.first_bad_step, step + 1), state.first_bad_step)
+        state.loss_sum += loss
+        state.steps_since_log += 1
+        state.step = step + 1
+        return lr
 
 
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -179,19 +232,28 @@ def _prepare(out_dir: Path) -> Path:
     return out_dir
 
 
-def _device_tokens(
-    train_tokens: Path, val_tokens: Path, model_config: ModelConfig, train_config: TrainConfig, rt: Runtime
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RareTokenRelabeler]:
-    """Both splits on the device, the training split's token counts (the logit bias's
-    prior) and the relabeler of its rare tokens."""
-    train_data, val_data = load_tokens_to_device(train_tokens, rt.device), load_tokens_to_device(val_tokens, rt.device)
-    counts = torch.bincount(train_data.long(), minlength=model_config.vocab_size)
-    relabel = RareTokenRelabeler(counts, model_config.vocab_size, train_config.rare_relabel_max_count,
+def token_counts_and_relabeler(train_data: torch.Tensor, vocab_size: int,
+                               train_config: TrainConfig) -> tuple[torch.Tensor, RareTokenRelabeler]:
+    """The training split's token counts (the logit bias's prior) and the relabeler of
+    its rare tokens."""
+    counts = torch.bincount(train_data.long(), minlength=vocab_size)
+    relabel = RareTokenRelabeler(counts, vocab_size, train_config.rare_relabel_max_count,
                                  train_config.rare_relabel_probability)
-    return train_data, val_data, counts, relabel
+    return counts, relabel
 
 
 Built = tuple[Transformer, torch.optim.AdamW, torch.Generator]
+
+
+def new_training_parts(model_config: ModelConfig, train_config: TrainConfig, device: torch.device,
+                       token_counts: torch.Tensor) -> Built:
+    """A seeded model (logit bias at the token prior), its optimizer and the batch
+    generator. Draws from the global RNG exactly as an uninterrupted run does."""
+    torch.manual_seed(train_config.seed)
+    model = Transformer(model_config).to(device)
+    model.init_logit_bias(token_counts)
+    generator = torch.Generator(device=device).manual_seed(train_config.seed + 1)
+    return model, make_optimizer(model, train_config, device), generator
 
 
 def _start(build: Callable[[], Built], store: ResumeStore | None, runtime: Runtime) -> tuple[Built, TrainState | None]:
@@ -238,17 +300,15 @@ def train_model(
     keep = set(checkpoint_steps(train_config))
     settings = run_settings(model_config, train_config, rt, meta, val_meta)
     store = None if resume_dir is None else ResumeStore(resume_dir, settings, keep)
-    train_data, val_data, counts, relabel = _device_tokens(train_tokens, val_tokens, model_config, train_config, rt)
+    train_data, val_data = load_tokens_to_device(train_tokens, rt.device), load_tokens_to_device(val_tokens, rt.device)
+    counts, relabel = token_counts_and_relabeler(train_data, model_config.vocab_size, train_config)
     seed, bs, block = train_config.seed, train_config.batch_size, model_config.block_size
 
     def build() -> Built:
-        """Seeded init: the global RNG is left exactly where an uninterrupted run's is."""
-        torch.manual_seed(seed)
-        model = Transformer(model_config).to(rt.device)
-        model.init_logit_bias(counts)
-        save_checkpoint(out_dir / "init.pt", model, {"step": 0, "seed": seed, "run": run_name})
-        generator = torch.Generator(device=rt.device).manual_seed(seed + 1)
-        return model, make_optimizer(model, train_config, rt.device), generator
+        """Seeded init, saved as ``init.pt``."""
+        built = new_training_parts(model_config, train_config, rt.device, counts)
+        save_checkpoint(out_dir / "init.pt", built[0], {"step": 0, "seed": seed, "run": run_name})
+        return built
 
     def validate() -> float:
         """Eval mode and no sampling: validation draws from no RNG, so it cannot make a
@@ -259,7 +319,8 @@ def train_model(
         return loss
 
     (model, optimizer, generator), state = _start(build, store, rt)
-    forward = torch.compile(model, mode=train_config.compile_mode) if train_config.compile else model
+    run_step = TrainingStep(model, compile_for_training(model, train_config, rt.device.type), optimizer, train_data,
+                            generator, relabel, train_config, block, rt.amp)
     log_path = out_dir / "train_log.csv"
     if state is None:
         state = TrainState(last_val_loss=validate())
@@ -275,17 +336,9 @@ def train_model(
     progress = tqdm(total=train_config.max_steps, initial=state.step, desc=run_name, disable=not show_progress,
                     mininterval=1.0)
     for step in range(state.step, train_config.max_steps):
-        lr = learning_rate_at(step, train_config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = relabel(*sample_batch(train_data, bs, block, generator), generator)
-        loss = train_step(forward, model, optimizer, x, y, rt.amp, train_config.grad_clip)
-        bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
-        state.first_bad_step = torch.where(bad, torch.full_like(state.first_bad_step, step + 1), state.first_bad_step)
-        state.loss_sum += loss
-        state.steps_since_log += 1
+        lr = run_step(state, step)
+        done = state.step
         timed_steps += 1
-        state.step = done = step + 1
         progress.update(1)
 
         at_eval = done % train_config.eval_interval == 0 or done == train_config.max_steps
