@@ -82,6 +82,25 @@ def test_rotary_scores_depend_only_on_the_offset():
     assert torch.allclose(rq.norm(dim=-1), q.norm().expand(16), atol=1e-5)  # a rotation
 
 
+def test_rotary_is_the_pairwise_rotation_bit_for_bit():
+    """The whole-tensor form must give exactly the textbook rotation of each channel pair
+    (a, b) by position·θ_i (Su et al. 2021), in fp32 and under bf16."""
+    from tga.model import RotaryEmbedding
+
+    head_size, block, base = 8, 12, 10000.0
+    rotary = RotaryEmbedding(head_size, block, base)
+    theta = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(block, dtype=torch.float64), theta)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, block, head_size).to(dtype)
+        a, b = x[..., 0::2], x[..., 1::2]
+        c, s = cos.to(dtype), sin.to(dtype)
+        expected = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+        assert torch.equal(rotary(x), expected)
+        assert torch.equal(rotary(x[..., :5, :]), expected[..., :5, :])  # shorter sequences: the first positions
+
+
 def test_rope_model_has_no_position_table_and_sees_order():
     model = build(position_encoding="rope").eval()
     assert model.position_embedding is None

@@ -85,15 +85,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
         angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)
+        # Each pair's angle for both of its channels, the sine negated on the first: the
+        # rotation of (a, b) is then (a, b)·cos + (b, a)·signed_sin, whole-tensor products
+        # that give bit for bit what (a cos − b sin, a sin + b cos) gives, at half the cost
+        # of slicing the halves and stacking them back (forward and backward).
+        cos = angles.cos().repeat_interleave(2, dim=-1)
+        signed_sin = angles.sin().repeat_interleave(2, dim=-1)
+        signed_sin[:, 0::2] *= -1
         # Not persistent: derived from the config, so checkpoints stay weights only.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("cos", cos.float(), persistent=False)
+        self.register_buffer("signed_sin", signed_sin.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.size(-2)
-        cos, sin = self.cos[:seq].to(x.dtype), self.sin[:seq].to(x.dtype)
-        first, second = x[..., 0::2], x[..., 1::2]
-        return torch.stack((first * cos - second * sin, first * sin + second * cos), dim=-1).flatten(-2)
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (a, b) -> (b, a) in every pair
+        return x * self.cos[:seq].to(x.dtype) + swapped * self.signed_sin[:seq].to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
