@@ -62,7 +62,9 @@ def test_benchmarked_settings_are_the_workflows_for_the_default_config():
     assert training == TrainConfig.from_dict(workflow["training"])
     assert training.compile == "auto" and model.n_embd == config["model"]["n_embd"]
     _, quick, quick_training = pipeline_settings(ROOT, "quick", "standard-postln")
-    assert quick.norm_position == "post" and quick.n_embd == 64 and quick_training.max_steps == 400
+    quick_file = yaml.safe_load((ROOT / "config" / "quick.yaml").read_text())
+    assert quick.norm_position == "post" and quick.n_embd == quick_file["model"]["n_embd"]
+    assert quick_training.max_steps == quick_file["training"]["max_steps"]  # quick.yaml merged over config.yaml
     assert quick.vocab_size < 200  # the character tokenizer of the shipped sample
 
 

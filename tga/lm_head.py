@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from tga.schema import LOSS_CHUNK_TOKENS
+
 IGNORE_INDEX = -100  # targets with this value are not scored, as in F.cross_entropy
-# Tokens per chunk: at GPT-2's vocabulary a chunk's fp32 logits take 4096 x 50,304 x 4
-# bytes = 0.8 GB. Larger chunks gain little matmul efficiency on a GPU (the matmul is
-# already 4096 x 384 x 50,304) and smaller ones add launches; a CPU batch of the
-# default config (8 x 256 tokens) is one chunk.
-DEFAULT_CHUNK_TOKENS = 4096
+# Tokens per chunk: defined with the settings (torch-free), so that tga.resources sizes
+# the chunk the loss uses.
+DEFAULT_CHUNK_TOKENS = LOSS_CHUNK_TOKENS
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:

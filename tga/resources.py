@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from tga.schema import ModelConfig
+from tga.schema import LOSS_CHUNK_TOKENS, ModelConfig
 
 __all__ = [
     "MEMORY_SAFETY_FACTOR",
@@ -239,9 +239,11 @@ def estimate_training(
 
     Peak = process + weights, gradients and AdamW's two moments (16 bytes a weight in
     fp32; bf16 autocast adds a 2-byte copy) + the activations the blocks keep +
-    the logits over the padded vocabulary, which the loss's backward holds four times
-    (log-softmax, its gradient, the logits' gradient and its copy with the padding
-    masked; measured 16 bytes per logit in fp32) + the attention matrices where the
+    the logits of one chunk of the fused LM head (tga.lm_head: at most
+    LOSS_CHUNK_TOKENS tokens over the padded vocabulary, logits, probabilities and
+    their gradient; 16 bytes per logit in fp32), plus the gradients it keeps from its
+    forward for the backward (the weight's, vocabulary x d, and the hidden states', n x d,
+    in fp32) + the attention matrices where the
     kernel materializes them. Checkpoint saves (one serialized copy of the weights)
     happen between steps, when the gradients are freed, so they add nothing."""
     get = training.get if isinstance(training, Mapping) else lambda k, d=None: getattr(training, k, d)
@@ -256,7 +258,8 @@ def estimate_training(
     weights = params * (16 + (2 if precision == "bf16" else 0))
     layers = model.n_layer * _activation_units(model, dropout) + 2 + (1.25 if dropout else 0) + 2
     activations = int(n * d * layers * act_bytes)
-    logits = n * model.padded_vocab_size * (16 if precision == "fp32" else 18)
+    logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (16 if precision == "fp32" else 18)
+              + (model.padded_vocab_size + n) * d * 4)
     attention = _attention_matrix_bytes(model, batch, device_type, dropout)
     tokens = _token_bytes(n_tokens)
     parts = {"weights and optimizer": weights, "activations": activations, "logits": logits,

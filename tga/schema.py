@@ -27,6 +27,11 @@ SCHEMA_PATH = Path(str(resources.files("tga").joinpath("config.schema.yaml")))
 # Config section -> the $defs block that types its keys (variants may set either).
 SECTIONS = {"model": "model_keys", "training": "training_keys"}
 VOCAB_PAD_MULTIPLE = 64
+# Tokens per chunk of the fused LM head and loss (tga.lm_head): at GPT-2's vocabulary a
+# chunk's fp32 logits take 4096 x 50,304 x 4 bytes = 0.8 GB. Larger chunks gain little
+# matmul efficiency on a GPU (the matmul is already 4096 x 384 x 50,304) and smaller ones
+# add launches; a CPU batch of the default config (8 x 256 tokens) is one chunk.
+LOSS_CHUNK_TOKENS = 4096
 
 
 class SettingError(ValueError):
