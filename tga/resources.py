@@ -240,8 +240,9 @@ def estimate_training(
     Peak = process + weights, gradients and AdamW's two moments (16 bytes a weight in
     fp32; bf16 autocast adds a 2-byte copy) + the activations the blocks keep +
     the logits of one chunk of the fused LM head (tga.lm_head: at most
-    LOSS_CHUNK_TOKENS tokens over the padded vocabulary, logits, probabilities and
-    their gradient; 16 bytes per logit in fp32), plus the gradients it keeps from its
+    LOSS_CHUNK_TOKENS tokens over the padded vocabulary: the fp32 logits, turned into
+    their gradient in place, and log-sum-exp's temporary, 8 bytes a logit; under bf16 the
+    bf16 product and its bf16 gradient add 4), plus the gradients it keeps from its
     forward for the backward (the weight's, vocabulary x d, and the hidden states', n x d,
     in fp32) + the attention matrices where the
     kernel materializes them. Checkpoint saves (one serialized copy of the weights)
@@ -258,7 +259,7 @@ def estimate_training(
     weights = params * (16 + (2 if precision == "bf16" else 0))
     layers = model.n_layer * _activation_units(model, dropout) + 2 + (1.25 if dropout else 0) + 2
     activations = int(n * d * layers * act_bytes)
-    logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (16 if precision == "fp32" else 18)
+    logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (8 if precision == "fp32" else 12)
               + (model.padded_vocab_size + n) * d * 4)
     attention = _attention_matrix_bytes(model, batch, device_type, dropout)
     tokens = _token_bytes(n_tokens)
