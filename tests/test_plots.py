@@ -222,6 +222,18 @@ def test_plot_differences_stars_only_corrected_significant_layers():
     assert any("significant after Benjamini–Hochberg (FDR 5%)" in t and "layer × metric tests" in t for t in texts)
 
 
+def test_plot_differences_legend_stays_inside_the_figure():
+    """The legend is what says which correction the stars use: it must be readable whole,
+    not run past the figure's edges (three legend columns did at this width)."""
+    summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2], "C": [0, 1, 2], "D": [0, 1, 2]})
+    diff = compute_differences(summaries, [("A", "B"), ("C", "D"), ("A", "C"), ("B", "D")], METRICS)
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, METRICS)
+    fig.draw_without_rendering()
+    (legend,) = fig.legends
+    box, page = legend.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0
+
+
 def test_plot_perplexity(tmp_path):
     ppl = pd.DataFrame(dict(variant=["a", "a", "a", "b"], seed=[0, 1, 2, 0], token_ppl=[30.0, 32.0, 31.0, 40.0],
                             bits_per_byte=[1.5, 1.6, 1.55, 1.8], word_ppl=[90.0, 95, 93, 120],

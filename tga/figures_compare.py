@@ -220,7 +220,9 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
         labels.append("shaded: 95% CI of A − B across seeds (paired t if same seeds, else Welch)")
         handles.append(Line2D([], [], linestyle="none", marker="*", ms=11, color="0.5", markeredgecolor="black"))
         labels.append(f"star: significant after {CORRECTION_TEXT} over {_family_text(df)}")
-    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    # Two columns: the long CI and star entries share one, so the legend never runs past
+    # the figure's edges (three columns cut the star's text off at the quick config's width).
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     seeds_note = ""
     if "method" in df.columns and (df["method"] == "single-seed").all():
         seeds_note = " (single seed: no uncertainty estimate)"
