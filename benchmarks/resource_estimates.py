@@ -22,17 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 STEPS = 4
-
-
-def merged_config(paths: list[Path]) -> dict:
-    config: dict = {}
-    for path in paths:
-        for key, value in (yaml.safe_load(path.read_text()) or {}).items():
-            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    return config
 
 
 def _child(spec: dict) -> None:
@@ -50,7 +41,7 @@ def _child(spec: dict) -> None:
 def main() -> None:
     from tga.model import ModelConfig
     from tga.resources import MB, estimate_training, job_device_type, scheduler_resources
-    from tga.settings import resolve_variant
+    from tga.settings import merged_config, resolve_variant
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens-dir", required=True, type=Path)

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 
 from tga.device import Runtime, autocast_context, compile_decision, resolve_device, resolved_precision
 from tga.evaluate import summed_loss_over_windows
 from tga.model import ModelConfig, Transformer
 from tga.resources import vocab_size_for
 from tga.resume import TrainState
-from tga.settings import resolve_variant
+from tga.settings import merged_config, resolve_variant
 from tga.train import (TrainConfig, TrainingStep, compile_for_training, new_training_parts,
                        token_counts_and_relabeler)
 
@@ -98,22 +97,6 @@ def peak_flops_for(device_name: str, precision: str) -> PeakMatch | None:
                 return PeakMatch(fragment, "tf32", peaks.tf32)
             return PeakMatch(fragment, "fp32", peaks.fp32)
     return None
-
-
-def merged_config(paths: list[Path]) -> dict[str, Any]:
-    """Config files merged left to right, nested mappings key by key, as Snakemake
-    merges several ``--configfile``."""
-    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in extra.items():
-            both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
-            out[key] = merge(out[key], value) if both_dicts else value
-        return out
-
-    config: dict[str, Any] = {}
-    for path in paths:
-        config = merge(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-    return config
 
 
 def pipeline_settings(repo: Path, model: str, variant: str | None = None) -> tuple[str, ModelConfig, TrainConfig]:

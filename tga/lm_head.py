@@ -27,9 +27,6 @@ import torch
 from tga.schema import LOSS_CHUNK_TOKENS
 
 IGNORE_INDEX = -100  # targets with this value are not scored, as in F.cross_entropy
-# Tokens per chunk: defined with the settings (torch-free), so that tga.resources sizes
-# the chunk the loss uses.
-DEFAULT_CHUNK_TOKENS = LOSS_CHUNK_TOKENS
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -112,7 +109,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           targets: torch.Tensor, vocab_size: int,
-                          chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                          chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight[:vocab_size], bias[:vocab_size]),
     targets, ignore_index=-100)`` without materialising the logits: hidden (..., d),
     targets (...)."""

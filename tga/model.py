@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tga.atomic import atomic_write_bytes
-from tga.lm_head import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_cross_entropy
+from tga.lm_head import IGNORE_INDEX, chunked_cross_entropy
 # The config is torch-free so that the workflow reads settings without torch.
-from tga.schema import ModelConfig, ModelConfigError
+from tga.schema import LOSS_CHUNK_TOKENS, ModelConfig, ModelConfigError
 
 CHECKPOINT_FORMAT = "tga-checkpoint-v1"
 # Model keys added after checkpoints were first written, with the behaviour those older
@@ -217,7 +217,7 @@ class Transformer(nn.Module):
     training uses (:mod:`tga.lm_head`); an execution choice, not part of the
     architecture, so it is not in the config or the checkpoint."""
 
-    def __init__(self, config: ModelConfig, loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(self, config: ModelConfig, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> None:
         super().__init__()
         self.config = config
         self.loss_chunk_tokens = loss_chunk_tokens

@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema
 
 MODEL_KEYS = tuple(key_specs("model"))
@@ -38,6 +40,22 @@ def resolve_variant(config: dict[str, Any], variant: str) -> dict[str, dict[str,
     model.update({k: v for k, v in overrides.items() if k in MODEL_KEYS})
     training.update({k: v for k, v in overrides.items() if k in TRAINING_KEYS})
     return {"model": model, "training": training}
+
+
+def merged_config(paths: list[Path]) -> dict[str, Any]:
+    """Config files merged left to right, nested mappings key by key, as Snakemake
+    merges several ``--configfile``."""
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if both_dicts else value
+        return out
+
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = merge(config, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    return config
 
 
 def check_file(path: str | Path | None, key: str, hint: str, utf8: bool = False) -> None:
