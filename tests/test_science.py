@@ -2,54 +2,46 @@
 under the papers' own assumptions, and shown to fail on broken models.
 
 Each check is a function in ``tga.science`` that measures a model and returns a
-``CheckResult``; the same function serves the test that the intact model agrees with the
-paper and the tests that broken models do not. A mutation (``tga.science``) is applied
-to the built model inside the test (forward hooks or the block's own switches), never to
-the library code:
+``CheckResult``; ``tga.science.CHECK_CASES`` names each check's setting, and
+``tga.science.MUTANTS`` the broken models (one definition, shared with
+benchmarks/science_mutation_table.py, which runs every check on every mutant for
+docs/science.md). A mutant is applied to the built model inside the test (forward hooks
+or the block's own switches), never to the library code. The tests here run the rows that
+carry each check's content:
 
-- ``sublayers_x1000``: every attention and MLP output multiplied by 1000;
-- ``residual_removed``: every block drops its skip connection;
-- ``pre_post_swapped``: every block places its norms the other way round;
-- ``residual_restored``: the inverse, for the pure-attention check (a model that ignores
-  ``residual: false``).
-
-A mutation that leaves a claim true (pure attention collapses whether or not its outputs
-are scaled, and in both norm placements) is asserted to leave its check passing instead.
-Measured values are in docs/science.md (benchmarks/science_figures.py draws them).
+- every check passes on its intact model;
+- ``BROKEN``: mutants that break a check's statement make it fail, and for the reason the
+  statement gives (Dong's skip check: attention x0 and attention that does not mix
+  tokens, at Pre-LN and at Post-LN; Lemma 2 Pre-LN: FFN or attention off by 5%);
+- ``BLIND``: mutants the statement cannot see (Post-LN Lemma 2 and attention, noise of
+  the FFN's variance, pure attention at any scale) leave the check passing, as
+  ``CHECK_CASES`` says they must: a check that failed there would measure something else.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from tga.model import ModelConfig
 from tga.science import (
+    BRANCH_RATIO_RANGE,
+    CHECK_CASE_BY_NAME,
+    CHECK_CASES,
+    DONG_PROBE,
+    MAX_PURE_KEPT,
     MIN_KEPT,
-    Build,
-    CheckResult,
-    Probe,
+    MUTANT_BY_NAME,
+    MUTANTS,
     attention_distance_from_uniform,
-    branch_to_stream_ratio,
     build_lemma2,
-    check_dong_pure_attention_collapse,
     check_dong_skip_keeps_rank,
-    check_xiong_lemma2_postln,
-    check_xiong_lemma2_preln,
     lemma2_config,
-    pre_post_swapped,
+    prefix_mean,
     relative_residual,
-    residual_removed,
-    residual_restored,
-    sublayers_x1000,
+    run_case,
 )
 
-LEMMA_PROBE = Probe()  # 32 seeds: Post-LN's spread is per seed (see MAX_RELATIVE_HALF_WIDTH)
-DONG_PROBE = Probe(seeds=tuple(range(8)))
 # W^Q, W^K multipliers of Xavier's std for the pure-attention check: 0 is uniform attention
 # (Lemma 2's assumption), 4 puts most weight on few keys (distance from uniform ~0.7).
 SHARPNESS = (0.0, 1.0, 2.0, 4.0)
@@ -64,7 +56,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# ----------------------------------------------------------------- the measure itself
+# ----------------------------------------------------------------- the measures themselves
 
 
 def test_relative_residual_closed_forms():
@@ -83,6 +75,12 @@ def test_relative_residual_closed_forms():
     assert (other.flatten(-2).norm(dim=-1) / x.flatten(-2).norm(dim=-1) > res).all()
 
 
+def test_prefix_mean_is_what_uniform_causal_attention_averages():
+    x = torch.arange(12.0).view(1, 4, 3)
+    expected = torch.stack([x[0, : t + 1].mean(0) for t in range(4)])
+    assert torch.allclose(prefix_mean(x)[0], expected)
+
+
 def test_zero_query_key_gives_uniform_attention_and_scaling_sharpens_it():
     config = lemma2_config("pre", residual=False, mlp=False)
     distances = [attention_distance_from_uniform(build_lemma2(config, s), DONG_PROBE) for s in SHARPNESS]
@@ -91,104 +89,125 @@ def test_zero_query_key_gives_uniform_attention_and_scaling_sharpens_it():
     assert distances[-1] > 0.5, f"the sharpest level must be far from uniform: {distances}"
 
 
-# ----------------------------------------------------------------- Xiong et al. 2020, Lemma 2
+def test_no_mixing_mutant_keeps_tokens_apart():
+    """attention_no_mixing is what its name says: changing token 0 changes no later
+    token's output, where intact attention (which averages the prefix) does."""
+    build = build_lemma2(lemma2_config("pre", residual=False, mlp=False), 1.0)
+    tokens = DONG_PROBE.tokens(0)
+    changed = tokens.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % DONG_PROBE.vocab_size
+
+    def later_tokens_move(model_build) -> bool:
+        model = model_build(0)
+        with torch.inference_mode():
+            a, b = (model(t, return_hidden_states=True).hidden_states[1][:, 1:] for t in (tokens, changed))
+        return not torch.allclose(a, b)
+
+    assert later_tokens_move(build)
+    assert not later_tokens_move(MUTANT_BY_NAME["attention_no_mixing"].apply(build))
 
 
-def test_xiong_lemma2_postln_prenorm_sum_is_three_halves_d():
-    result = check_xiong_lemma2_postln(build_lemma2(lemma2_config("post")), LEMMA_PROBE)
+def test_every_blind_entry_names_a_mutant():
+    names = {m.name for m in MUTANTS}
+    for case in CHECK_CASES:
+        assert set(case.blind) <= names, f"{case.name}: {set(case.blind) - names}"
+
+
+# ----------------------------------------------------------------- each check on its intact model
+
+
+@pytest.mark.parametrize("case", CHECK_CASES, ids=lambda c: c.name)
+def test_check_passes_on_intact_model(case):
+    result = run_case(case)
     assert result.passed, result.reason
-
-
-def test_xiong_lemma2_preln_squared_norm_within_bounds():
-    result = check_xiong_lemma2_preln(build_lemma2(lemma2_config("pre")), LEMMA_PROBE)
-    assert result.passed, result.reason
-
-
-# ----------------------------------------------------------------- Dong et al. 2021
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 @pytest.mark.parametrize("sharpness", SHARPNESS)
 def test_dong_pure_attention_loses_rank_geometrically(norm_position: str, sharpness: float):
+    case = CHECK_CASE_BY_NAME["dong_pure"]
     build = build_lemma2(lemma2_config(norm_position, residual=False, mlp=False), sharpness)
-    result = check_dong_pure_attention_collapse(build, DONG_PROBE)
+    result = case.check(build, case.probe)
     assert result.passed, result.reason
 
 
-# Skip connections at two branch scales: Xavier Pre-LN, whose branches are of the order
-# of the stream they join, and GPT-2-init Post-LN, whose branches are ~1/400 of it.
-# (Xavier Post-LN, order-1 branches, keeps only ~10-17% by block 12: reported in
-# docs/science.md, not asserted.)
-SKIP_MODELS = {
-    "preln-xavier-attention": (lemma2_config("pre", mlp=False), (0.1, 10.0)),
-    "preln-xavier-full": (lemma2_config("pre"), (0.1, 10.0)),
-    "postln-gpt2-attention": (lemma2_config("post", mlp=False, init="gpt2"), (0.0, 0.01)),
-    "postln-gpt2-full": (lemma2_config("post", init="gpt2"), (0.0, 0.01)),
-}
+@pytest.mark.parametrize("name", ["dong_skip_preln", "dong_skip_postln"])
+def test_dong_skip_setting_is_where_the_branch_matters(name: str):
+    """The skip check's models have attention branches comparable to the stream, and the
+    same weights without skips collapse: the pass above is not won by default."""
+    values = run_case(CHECK_CASE_BY_NAME[name]).values
+    low, high = BRANCH_RATIO_RANGE
+    assert low < values["branch_ratio"][0] < high
+    assert values["pure_kept"][-1] < MAX_PURE_KEPT / 10 and np.min(values["kept_min"]) > 2 * MIN_KEPT
 
 
-@pytest.mark.parametrize("name", sorted(SKIP_MODELS))
-def test_dong_skip_connections_prevent_collapse(name: str):
-    config, (low, high) = SKIP_MODELS[name]
-    build = build_lemma2(config, 1.0)  # Xavier-scale W^Q, W^K: attention is not uniform
-    ratio = branch_to_stream_ratio(build, DONG_PROBE)
-    assert low < ratio < high, f"branch/stream ratio {ratio:.4g} is not the scale this case tests"
-    result = check_dong_skip_keeps_rank(build, DONG_PROBE)
-    assert result.passed, result.reason
-    pure = build_lemma2(lemma2_config(config.norm_position, residual=False, mlp=config.mlp), 1.0)
-    assert not check_dong_skip_keeps_rank(pure, DONG_PROBE).passed  # the same model without skips collapses
+def test_postln_skips_do_not_stop_collapse_at_xavier_branch_scale():
+    """Post-LN at Xavier scale (branch ~0.8 of the stream): the norm after every sum
+    erodes the skip path, and ~16% of the residual is left by block 12. The check says
+    so, which is why its Post-LN setting halves W^O (docs/science.md)."""
+    result = check_dong_skip_keeps_rank(build_lemma2(lemma2_config("post", mlp=False), 1.0), DONG_PROBE)
+    assert not result.passed and "with skips" in result.reason, result.reason
+    assert "setting" not in result.reason and "without skips" not in result.reason  # only the skip part fails
 
 
-# ----------------------------------------------------------------- every check fails on a broken model
+# ----------------------------------------------------------------- broken models
 
-Check = Callable[[Build, Probe], CheckResult]
+# (case, mutant, what the reason must name): each must make its check fail, for that reason
 BROKEN = [
-    # (check, model, probe, mutation): each row must make its check fail
-    ("xiong-postln", check_xiong_lemma2_postln, lemma2_config("post"), LEMMA_PROBE, sublayers_x1000),
-    ("xiong-postln", check_xiong_lemma2_postln, lemma2_config("post"), LEMMA_PROBE, residual_removed),
-    ("xiong-postln", check_xiong_lemma2_postln, lemma2_config("post"), LEMMA_PROBE, pre_post_swapped),
-    ("xiong-preln", check_xiong_lemma2_preln, lemma2_config("pre"), LEMMA_PROBE, sublayers_x1000),
-    ("xiong-preln", check_xiong_lemma2_preln, lemma2_config("pre"), LEMMA_PROBE, residual_removed),
-    ("xiong-preln", check_xiong_lemma2_preln, lemma2_config("pre"), LEMMA_PROBE, pre_post_swapped),
-    ("dong-pure", check_dong_pure_attention_collapse, lemma2_config("pre", residual=False, mlp=False),
-     DONG_PROBE, residual_restored),
-    ("dong-skip-preln-xavier", check_dong_skip_keeps_rank, lemma2_config("pre"), DONG_PROBE, residual_removed),
-    ("dong-skip-preln-xavier", check_dong_skip_keeps_rank, lemma2_config("pre"), DONG_PROBE, pre_post_swapped),
-    ("dong-skip-postln-gpt2", check_dong_skip_keeps_rank, lemma2_config("post", init="gpt2"), DONG_PROBE,
-     sublayers_x1000),
-    ("dong-skip-postln-gpt2", check_dong_skip_keeps_rank, lemma2_config("post", init="gpt2"), DONG_PROBE,
-     residual_removed),
+    ("xiong_postln", "sublayers_x1000", "block"),
+    ("xiong_postln", "residual_removed", "block"),
+    ("xiong_postln", "pre_post_swapped", "block"),
+    ("xiong_postln", "mlp_x0.95", "x^post,5"),
+    ("xiong_postln", "mlp_x1.05", "x^post,5"),
+    ("xiong_preln", "sublayers_x1000", "term"),
+    ("xiong_preln", "residual_removed", "term"),
+    ("xiong_preln", "pre_post_swapped", "term"),
+    ("xiong_preln", "input_variance_x2", "premise"),
+    ("xiong_preln", "attention_sharpened", "attention term"),
+    ("xiong_preln", "attention_no_mixing", "attention term"),
+    ("xiong_preln", "attention_x0.95", "attention term"),
+    ("xiong_preln", "attention_x1.05", "attention term"),
+    ("xiong_preln", "mlp_x0.95", "ffn term"),
+    ("xiong_preln", "mlp_x1.05", "ffn term"),
+    ("dong_pure", "residual_restored", "rate"),
+    ("dong_pure", "attention_x0", "outputs zero"),
+    ("dong_pure", "attention_no_mixing", "grows"),
+    ("dong_skip_preln", "attention_x0", "without skips a layer outputs zero"),
+    ("dong_skip_preln", "attention_no_mixing", "does not mix tokens"),
+    ("dong_skip_preln", "residual_removed", "with skips"),
+    ("dong_skip_preln", "pre_post_swapped", "with skips"),
+    ("dong_skip_postln", "attention_x0", "without skips a layer outputs zero"),
+    ("dong_skip_postln", "attention_no_mixing", "does not mix tokens"),
+    ("dong_skip_postln", "residual_removed", "with skips"),
+    ("dong_skip_postln", "sublayers_x1000", "setting"),
 ]
 
 
-@lru_cache(maxsize=None)
-def _intact_passes(check: Check, config: ModelConfig, probe: Probe, sharpness: float) -> bool:
-    """The unmutated model's verdict, measured once per check and model."""
-    return check(build_lemma2(config, sharpness), probe).passed
+@pytest.mark.parametrize("case_name, mutant_name, reason", BROKEN, ids=[f"{c}-{m}" for c, m, _ in BROKEN])
+def test_check_fails_on_broken_model(case_name: str, mutant_name: str, reason: str) -> None:
+    case = CHECK_CASE_BY_NAME[case_name]
+    assert mutant_name not in case.blind, "a row here must be a mutant that breaks the statement"
+    broken = run_case(case, MUTANT_BY_NAME[mutant_name])  # the intact model passes: test above
+    assert not broken.passed, f"{case_name} still passes with {mutant_name}: {broken.reason}"
+    assert reason in broken.reason, broken.reason
 
 
-@pytest.mark.parametrize("label, check, config, probe, mutation", BROKEN,
-                         ids=[f"{row[0]}-{row[4].__name__}" for row in BROKEN])
-def test_check_fails_on_broken_model(label, check: Check, config, probe: Probe, mutation) -> None:
-    sharpness = 0.0 if label.startswith("xiong") else 1.0  # each check's own setting
-    assert _intact_passes(check, config, probe, sharpness)  # the failure below is the mutation's doing
-    broken = check(mutation(build_lemma2(config, sharpness)), probe)
-    assert not broken.passed, f"{label} still passes with {mutation.__name__}: {broken.reason}"
+# (case, mutant): the statement cannot see these; CHECK_CASES says why
+BLIND = [
+    ("xiong_postln", "attention_x0"),
+    ("xiong_postln", "attention_no_mixing"),
+    ("xiong_postln", "mlp_noise"),
+    ("xiong_preln", "mlp_noise"),
+    ("dong_pure", "sublayers_x1000"),
+    ("dong_pure", "pre_post_swapped"),
+    ("dong_skip_preln", "attention_x0.5"),
+    ("dong_skip_postln", "pre_post_swapped"),
+]
 
 
-@pytest.mark.parametrize("mutation", [sublayers_x1000, pre_post_swapped], ids=lambda m: m.__name__)
-def test_pure_attention_collapse_does_not_depend_on_scale_or_norm_placement(mutation) -> None:
-    """Dong's claim holds for any output scale (res is scale-invariant and the next layer
-    normalizes) and for both placements, so these mutations must leave the check passing:
-    a check that failed here would be measuring something other than rank."""
-    build = build_lemma2(lemma2_config("pre", residual=False, mlp=False), 1.0)
-    result = check_dong_pure_attention_collapse(mutation(build), DONG_PROBE)
-    assert result.passed, result.reason
-
-
-def test_skip_check_threshold_separates_skip_from_pure_attention():
-    """MIN_KEPT sits between pure attention (< 1% of the residual left at block 12) and
-    the skip models above (>= 45%), far from both."""
-    pure = check_dong_skip_keeps_rank(build_lemma2(lemma2_config("pre", residual=False, mlp=False), 1.0), DONG_PROBE)
-    skip = check_dong_skip_keeps_rank(build_lemma2(lemma2_config("pre"), 1.0), DONG_PROBE)
-    assert pure.values["kept"][-1] < MIN_KEPT / 10 and np.min(skip.values["kept_min"]) > 2 * MIN_KEPT
+@pytest.mark.parametrize("case_name, mutant_name", BLIND, ids=[f"{c}-{m}" for c, m in BLIND])
+def test_check_is_blind_where_the_statement_is(case_name: str, mutant_name: str) -> None:
+    case = CHECK_CASE_BY_NAME[case_name]
+    assert mutant_name in case.blind
+    result = run_case(case, MUTANT_BY_NAME[mutant_name])
+    assert result.passed, f"{case_name} fails on {mutant_name} ({case.blind[mutant_name]}): {result.reason}"
