@@ -606,9 +606,8 @@ DONG_SKIP_BLIND = {
     "norms_removed": "expected blind: Dong's statement concerns attention and skips; their model has no norms",
     "input_variance_x2": "expected blind: the first norm removes the input's scale",
     "attention_sharpened": "expected blind: the statement holds for any attention pattern that mixes",
-    "attention_x0.5": "expected blind: the branch stays comparable to the stream (ratio inside the setting)",
-    "attention_x0.95": "expected blind: the branch stays comparable to the stream",
-    "attention_x1.05": "expected blind: the branch stays comparable to the stream",
+    **{f"attention_x{c:g}": "expected blind: the branch stays comparable to the stream (inside the setting)"
+       for c in (0.5, 0.95, 1.05)},
     **{m.name: NO_MLP for m in MUTANTS if m.name.startswith("mlp_")},
 }
 
