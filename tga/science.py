@@ -14,8 +14,9 @@ function that measures a model and returns a :class:`CheckResult`.
   a contrast on one model: its attention layers, with the skips taken away, collapse; with
   them, at a branch scale comparable to the stream, they keep the rank.
 
-Every quantity is read from the model's own forward pass (``return_prenorm_sums``), never
-after a norm, so no check holds by construction. The checks take a ``build(seed) ->
+Every tested quantity is read from the model's own forward pass (``return_prenorm_sums``)
+before any norm, so no check holds by construction (the Pre-LN attention's normalized
+input is read too, as the reference for the attention term). The checks take a ``build(seed) ->
 Transformer`` callable, so that a test can break the model it returns: :data:`MUTANTS`
 are the broken models (attention x0, attention that does not mix tokens, MLP x0.95, ...),
 and :data:`CHECK_CASES` names each check's setting and the mutants its statement cannot
