@@ -8,7 +8,9 @@ localrules:
 
 rule prepare_corpus:
     output:
-        expand("outputs/data/corpus/{split}.txt", split=SPLITS),
+        texts=expand("outputs/data/corpus/{split}.txt", split=SPLITS),
+        # where each split came from (file, byte range, any validation holdout)
+        splits="outputs/data/corpus/splits.json",
     params:
         code=code_fingerprint("tga.data"),
         data=config["data"],
@@ -49,6 +51,7 @@ rule build_tokenizer:
 rule tokenize_split:
     input:
         text="outputs/data/corpus/{split}.txt",
+        splits="outputs/data/corpus/splits.json",
         tokenizer="outputs/data/tokens/tokenizer.json",
     output:
         tokens="outputs/data/tokens/{split}.bin",
