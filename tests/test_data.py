@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -35,7 +36,7 @@ from tga.data import (
     tokens_to_tensor,
 )
 from tga.corpus import holdout_split
-from tga.seen_prompts import read_prompts, training_text_warnings
+from tga.seen_prompts import read_prompts, training_text_warnings, write_seen_prompts_table
 from tga.settings import merged_config
 from tga.tokenizers import CharTokenizer, create_tokenizer
 
@@ -434,6 +435,20 @@ def test_prompt_files_are_cut_from_the_files_they_name(shared_data_dir: Path) ->
     assert training_text_warnings(data_config, ROOT / proxy["geometry"]["prompts"], None) == []
     # proxy trained on 14 of config/prompts.txt's 16 (two lie in the held-out articles)
     assert len(training_text_warnings(data_config, ROOT / "config" / "prompts.txt", None)) == 14
+
+
+def test_seen_prompts_table_flags_each_prompt(tmp_path: Path) -> None:
+    """The workflow's record of which prompts the model read (check_prompts rule)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('# two prompts\nA prompt , "quoted" .\n\nNot in the text .\n')
+    train = tmp_path / "train.txt"
+    train.write_text(' = T = \n Before . A prompt , "quoted" . After .\n')
+    lines = write_seen_prompts_table(prompts, train, tmp_path / "seen.csv", "data.train")
+    table = list(csv.DictReader((tmp_path / "seen.csv").open()))
+    assert [(r["prompt"], r["line"], r["in_training_text"], r["text"]) for r in table] == [
+        ("0", "2", "True", 'A prompt , "quoted" .'), ("1", "4", "False", "Not in the text .")]
+    assert lines == [f'geometry.prompts: prompt 0 (line 2 of {prompts}: "A prompt , "quoted" .") appears verbatim '
+                     "in the training text (data.train); the model has read it"]
 
 
 # ----------------------------------------------------------------------------- token files

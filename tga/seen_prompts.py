@@ -4,22 +4,33 @@ The geometry of text a model was trained on is that of memorized text, not of la
 it meets for the first time, so a prompt found in the training text is named in one
 warning line. The workflow checks when the config is read (tga.settings) whenever the
 training text can be read then: the user's ``data.train``, or a corpus prepared by an
-earlier run; the corpus job checks a first download (workflow/scripts/prepare_corpus.py).
-Torch-free, and outside tga.data's imports, so editing a warning never re-prepares
-the corpus (tga/fingerprint.py).
+earlier run; and its ``check_prompts`` rule writes which prompts the prepared training
+split holds (``outputs/data/prompts_in_training_text.csv``), warning on the console for
+a download the config check could not read yet. Torch-free (the config check runs before
+the DAG), and outside tga.data's imports, so editing it never re-prepares the corpus.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tga.corpus import CORPUS_METADATA, DataError, holdout_split
+from tga.atomic import atomic_write_text
+from tga.corpus import CORPUS_METADATA, holdout_split
 
-__all__ = ["prompts_in_text", "read_prompts", "seen_prompt_warnings", "training_text_warnings"]
+__all__ = [
+    "describe_training_text",
+    "prompts_in_text",
+    "read_prompts",
+    "seen_prompt_warnings",
+    "training_text_warnings",
+    "write_seen_prompts_table",
+]
 
 _PREVIEW_CHARS = 40
 
@@ -39,14 +50,10 @@ def prompts_in_text(prompts: Sequence[str], text: str) -> list[int]:
     return [i for i, prompt in enumerate(prompts) if prompt and prompt in text]
 
 
-def seen_prompt_warnings(prompts_path: str | os.PathLike[str], text: bytes | str, where: str) -> list[str]:
-    """One line per prompt of ``prompts_path`` that ``text`` (the training text; ``where``
-    says which, e.g. "data.train") contains verbatim: the model has read that prompt."""
-    prompts = read_prompts(prompts_path)
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
+def _warning_lines(prompts_path: str | os.PathLike[str], prompts: list[tuple[int, str]], seen: list[int],
+                   where: str) -> list[str]:
     messages = []
-    for i in prompts_in_text([p for _, p in prompts], text):
+    for i in seen:
         line, prompt = prompts[i]
         preview = prompt if len(prompt) <= _PREVIEW_CHARS else prompt[:_PREVIEW_CHARS].rstrip() + " ..."
         messages.append(
@@ -54,6 +61,44 @@ def seen_prompt_warnings(prompts_path: str | os.PathLike[str], text: bytes | str
             f"training text ({where}); the model has read it"
         )
     return messages
+
+
+def _decoded(text: bytes | str) -> str:
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+
+
+def seen_prompt_warnings(prompts_path: str | os.PathLike[str], text: bytes | str, where: str) -> list[str]:
+    """One line per prompt of ``prompts_path`` that ``text`` (the training text; ``where``
+    says which, e.g. "data.train") contains verbatim: the model has read that prompt."""
+    prompts = read_prompts(prompts_path)
+    return _warning_lines(prompts_path, prompts, prompts_in_text([p for _, p in prompts], _decoded(text)), where)
+
+
+def describe_training_text(data: Mapping[str, Any], corpus_train: str | os.PathLike[str]) -> str:
+    """What the warnings call the training text: the config key for the user's own text,
+    else the prepared corpus's file; and whether a validation holdout was cut from it."""
+    holdout = ", less its validation holdout" if data.get("validation_holdout") is not None else ""
+    return ("data.train" if data["source"] == "text" else f"{corpus_train}, the WikiText-2 train split") + holdout
+
+
+def write_seen_prompts_table(
+    prompts_path: str | os.PathLike[str],
+    train_text: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    where: str,
+) -> list[str]:
+    """``prompt,line,in_training_text,text`` for every prompt (``prompt`` numbered as in
+    ``prompts.csv``) against the training split ``train_text``, written atomically to
+    ``out_path``, so a geometry result can be read knowing which prompts the model had
+    seen; returns the warning lines of the seen ones (``where`` names the text)."""
+    prompts = read_prompts(prompts_path)
+    seen = prompts_in_text([p for _, p in prompts], _decoded(Path(train_text).read_bytes()))
+    buffer = io.StringIO()
+    table = csv.writer(buffer, lineterminator="\n")
+    table.writerow(["prompt", "line", "in_training_text", "text"])
+    table.writerows([i, line, i in seen, prompt] for i, (line, prompt) in enumerate(prompts))
+    atomic_write_text(out_path, buffer.getvalue())
+    return _warning_lines(prompts_path, prompts, seen, where)
 
 
 def _prepared_train_text(data: Mapping[str, Any], corpus_dir: Path) -> bytes | None:
@@ -76,18 +121,17 @@ def training_text_warnings(
     prepared it from this source (``corpus_dir`` None: not looked for). [] when the
     text cannot be read yet. Raises DataError when the holdout cannot be made."""
     holdout = data.get("validation_holdout")
+    train: str | Path = "data.train"
     if data["source"] == "text":
         text = Path(data["train"]).read_bytes()
-        where = "data.train"
         if holdout is not None:
             text = holdout_split(text, holdout, what=f"data.train ({data['train']})")[0]
-            where += ", less its validation holdout"
     elif corpus_dir is not None:
         train = Path(corpus_dir) / "train.txt"
-        text = _prepared_train_text(data, Path(corpus_dir))
-        if text is None:
+        prepared = _prepared_train_text(data, Path(corpus_dir))
+        if prepared is None:
             return []
-        where = f"{train}, the WikiText-2 train split" + (", less its validation holdout" if holdout is not None else "")
+        text = prepared
     else:
         return []
-    return seen_prompt_warnings(prompts_path, text, where)
+    return seen_prompt_warnings(prompts_path, text, describe_training_text(data, train))

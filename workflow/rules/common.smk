@@ -155,6 +155,7 @@ def all_outputs(wildcards):
         "outputs/compare/similarity_by_layer.png",
         "outputs/compare/difference.png",
         "outputs/compare/difference.csv",
+        "outputs/data/prompts_in_training_text.csv",  # which prompts the models have read
         *evolution_outputs(wildcards),
         *pretrained_outputs(),
     ]
