@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import re
 import sys
 import types
 import urllib.error
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tga import data
 from tga.data import (
@@ -21,6 +24,7 @@ from tga.data import (
     RareTokenRelabeler,
     cached_token_files,
     copy_text_splits,
+    corpus_origin,
     download_wikitext2,
     load_token_file,
     non_overlapping_windows,
@@ -31,9 +35,13 @@ from tga.data import (
     tokenize_to_file,
     tokens_to_tensor,
 )
+from tga.corpus import holdout_split
+from tga.seen_prompts import read_prompts, training_text_warnings, write_seen_prompts_table
+from tga.settings import merged_config
 from tga.tokenizers import CharTokenizer, create_tokenizer
 
-SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "wikitext-2-sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "resources" / "wikitext-2-sample"
 
 # Small stand-ins for the three raw files, in WikiText's layout (blank lines are " \n").
 FAKE_RAW = {
@@ -107,13 +115,40 @@ def test_download_offline_gives_one_clear_error(tmp_path: Path, no_network: None
     assert list(out.iterdir()) == []
 
 
-def test_download_skips_hf_when_offline_env_set(
+def _no_probe(timeout: float) -> None:
+    raise AssertionError("offline, the hub must not be probed: datasets reads its own cache")
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_download_offline_loads_the_datasets_cache(
+    tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Offline, `datasets` is still asked (in its offline mode it answers from its cache),
+    with no probe of the hub; no URL is tried once it has answered."""
+    monkeypatch.setenv(variable, "1")
+    monkeypatch.setattr(data, "_hf_reachable", _no_probe)
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({s: hf_rows(t) for s, t in FAKE_RAW.items()}))
+    download_wikitext2(tmp_path, member_sha256=FAKE_SHA)  # urlopen fails (no_network): the cache it is
+    for split, text in FAKE_RAW.items():
+        assert (tmp_path / f"{split}.txt").read_bytes() == text.encode("utf-8")
+
+
+def test_download_offline_without_the_cache_keeps_the_clear_error(
     tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(AssertionError("must not be called")))
-    with pytest.raises(DataError, match="skipped"):
-        download_wikitext2(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(data, "_hf_reachable", _no_probe)
+    # what datasets 5 raises offline for a dataset it has not cached
+    missing = ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(missing))
+    out = tmp_path / "corpus"
+    with pytest.raises(DataError) as e:
+        download_wikitext2(out)
+    msg = str(e.value)
+    assert "only the datasets cache was tried" in msg and "OfflineModeIsEnabled" in msg
+    assert all(url in msg for url in data.WIKITEXT2_URLS)
+    assert "data.archive" in msg and "data.source: text" in msg
+    assert list(out.iterdir()) == []
 
 
 def test_download_from_hf_rebuilds_raw_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,6 +285,170 @@ def test_prepare_corpus_dispatches_on_source(tmp_path: Path) -> None:
         prepare_corpus({"source": "text", "train": splits["train"], "test": splits["test"]}, tmp_path / "c")
     with pytest.raises(DataError, match="wikitext2"):
         prepare_corpus({"source": "ptb"}, tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------- validation holdout
+
+
+def wikitext_like(n_articles: int, lines_each: int = 3) -> bytes:
+    """Articles laid out as in the raw files: " \\n = Title = \\n \\n" then text and sections."""
+    parts = []
+    for a in range(n_articles):
+        body = "".join(f" Article {a} line {i} , with words . \n \n" for i in range(lines_each + a % 3))
+        parts.append(f" \n = Title {a} = \n \n{body} = = Section {a} = = \n \n More text {a} . \n")
+    return "".join(parts).encode("utf-8")
+
+
+def test_holdout_is_deterministic_disjoint_and_covers_the_text() -> None:
+    text = wikitext_like(20)
+    kept, held, info = holdout_split(text, 0.25)
+    assert kept + held == text  # covers the input, nothing twice
+    assert (kept, held, info) == holdout_split(text, 0.25)  # the same split every time
+    assert held.startswith(b" \n = Title ") and info["unit"] == "article"
+    # whole articles: no title on both sides, and the held-out ones are the last
+    titles = lambda part: set(re.findall(rb" = (Title \d+) = ", part))  # noqa: E731
+    assert not titles(kept) & titles(held)
+    assert titles(held) == {f"Title {a}".encode() for a in range(20 - info["articles_held_out"], 20)}
+    assert info["articles_kept"] + info["articles_held_out"] == 20 and info["cut_byte"] == len(kept)
+    # the article start nearest the target: no other start is closer to 75% of the bytes
+    starts = [m.start() - len(b" \n") for m in re.finditer(rb" = Title \d+ = ", text)]  # at the blank line above
+    target = 0.75 * len(text)
+    assert info["cut_byte"] in starts
+    assert all(abs(info["cut_byte"] - target) <= abs(s - target) for s in starts if s > 0)
+    assert abs(info["held_out_fraction"] - 0.25) < max(b - a for a, b in zip(starts, starts[1:] + [len(text)])) / len(text)
+
+
+def test_holdout_of_text_without_headings_cuts_at_a_line() -> None:
+    text = "".join(f"line {i:02d} of plain text\n" for i in range(40)).encode()
+    kept, held, info = holdout_split(text, 0.1)
+    assert info["unit"] == "line" and kept + held == text
+    assert kept.endswith(b"\n") and held.startswith(b"line ") and held.count(b"\n") == 4
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, "0.1", True, None, float("nan")])
+def test_holdout_bad_fraction_is_one_clear_error(fraction: object) -> None:
+    with pytest.raises(DataError) as e:
+        holdout_split(wikitext_like(5), fraction, what="data.train (my.txt)")
+    assert str(e.value).startswith("data.validation_holdout must be a fraction strictly between 0 and 1")
+    assert "my.txt" in str(e.value) and repr(fraction) in str(e.value)
+
+
+def test_holdout_of_a_one_line_text_names_it() -> None:
+    with pytest.raises(DataError, match=r"data\.train \(tiny.txt\) cannot be split .* no line boundary"):
+        holdout_split(b"just one line\n", 0.5, what="data.train (tiny.txt)")
+
+
+def test_prepare_corpus_holds_validation_out_of_train_and_records_it(tmp_path: Path) -> None:
+    train = tmp_path / "train.raw"
+    train.write_bytes(wikitext_like(10))
+    config = {"source": "text", "train": str(train), "test": str(SAMPLE / "test.txt"), "validation_holdout": 0.2}
+    out = tmp_path / "corpus"
+    meta = prepare_corpus(config, out)
+    kept, held = (out / "train.txt").read_bytes(), (out / "validation.txt").read_bytes()
+    assert kept + held == train.read_bytes() and held.startswith(b" \n = Title ")
+    assert json.loads((out / "splits.json").read_text()) == meta
+    assert meta["validation_holdout"] == 0.2
+    assert meta["splits"]["train"] == {"from": str(train), "bytes": [0, len(kept)], "sha256": sha(kept)}
+    validation = meta["splits"]["validation"]
+    assert validation["from"] == str(train) and validation["bytes"] == [len(kept), len(kept) + len(held)]
+    assert validation["sha256"] == sha(held) and validation["held_out"]["unit"] == "article"
+    assert meta["splits"]["test"]["from"] == str(SAMPLE / "test.txt")
+
+    # the token file's sidecar says what text it holds
+    tokens = tokenize_to_file(out / "validation.txt", CharTokenizer.from_text(kept.decode()), out / "validation.bin",
+                              origin=corpus_origin(out / "splits.json", "validation"))
+    assert read_token_metadata(out / "validation.bin")["origin"] == validation == tokens["origin"]
+
+    with pytest.raises(DataError, match="data.validation and data.validation_holdout are both set"):
+        prepare_corpus({**config, "validation": str(SAMPLE / "validation.txt")}, tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+    with pytest.raises(DataError, match="corpus metadata .*nowhere.json not found"):
+        corpus_origin(tmp_path / "nowhere.json", "train")
+
+
+def test_prepare_corpus_without_holdout_records_the_files(tmp_path: Path) -> None:
+    splits = {s: str(SAMPLE / f"{s}.txt") for s in data.SPLITS}
+    meta = prepare_corpus({"source": "text", **splits}, tmp_path)
+    assert meta["validation_holdout"] is None
+    for split in data.SPLITS:
+        body = (SAMPLE / f"{split}.txt").read_bytes()
+        assert meta["splits"][split] == {"from": splits[split], "bytes": [0, len(body)], "sha256": sha(body)}
+
+
+def test_prepare_corpus_holds_out_of_a_downloaded_train_split(
+    tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = {**FAKE_RAW, "train": wikitext_like(8).decode()}
+    monkeypatch.setattr(data, "WIKITEXT2_MEMBER_SHA256", {s: sha(t.encode()) for s, t in raw.items()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # from the datasets cache
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets({s: hf_rows(t) for s, t in raw.items()}))
+    meta = prepare_corpus({"source": "wikitext2", "archive": None, "validation_holdout": 0.3}, tmp_path)
+    train = (tmp_path / "train.txt").read_bytes()
+    assert train + (tmp_path / "validation.txt").read_bytes() == raw["train"].encode()
+    assert (tmp_path / "test.txt").read_text() == FAKE_RAW["test"]
+    assert meta["splits"]["validation"]["from"].startswith("wiki.train.raw (Hugging Face dataset")
+
+
+def test_proxy_holdout_of_wiki_valid(shared_data_dir: Path) -> None:
+    """The figures config/proxy.yaml's comment quotes, from the real file."""
+    proxy = yaml.safe_load((ROOT / "config" / "proxy.yaml").read_text())
+    text = (shared_data_dir / "wikitext-2-raw" / "wiki.valid.raw").read_bytes()
+    kept, held, info = holdout_split(text, proxy["data"]["validation_holdout"])
+    assert (len(text), info["held_out_bytes"], info["articles_held_out"], info["articles_kept"]) == (1_146_846, 126_939, 6, 54)
+    assert held.startswith(b" \n = Where the Streets Have No Name = \n")
+    assert "last 11%" in proxy["data"]["label"] and round(100 * info["held_out_fraction"]) == 11
+
+
+# ----------------------------------------------------------------------------- prompts the model has read
+
+
+def test_quick_config_prompts_are_not_in_its_training_text() -> None:
+    config = merged_config([ROOT / "config" / "config.yaml", ROOT / "config" / "quick.yaml"])
+    prompts = config["geometry"]["prompts"]
+    assert prompts == "config/prompts-test.txt"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        train = Path(config["data"]["train"]).read_text(encoding="utf-8")
+        assert training_text_warnings(config["data"], prompts, None) == []
+        assert all(p not in train for _, p in read_prompts(prompts))
+        # the char vocabulary built from train.txt covers every prompt: no <unk> in the figures
+        assert set("".join(p for _, p in read_prompts(prompts))) <= set(train)
+        # the check finds what it should: the old prompts, cut from wiki.valid.raw, include 4 the sample trains on
+        old = training_text_warnings(config["data"], "config/prompts.txt", None)
+    assert [line.split(" (line")[0] for line in old] == [f"geometry.prompts: prompt {i}" for i in range(4)]
+    assert old[0] == ('geometry.prompts: prompt 0 (line 10 of config/prompts.txt: "Homarus gammarus , known as the '
+                      'European ...") appears verbatim in the training text (data.train); the model has read it')
+
+
+def test_prompt_files_are_cut_from_the_files_they_name(shared_data_dir: Path) -> None:
+    """prompts-test.txt comes from wiki.test.raw (so neither the quick nor the proxy config
+    trains on it); each prompt sits on the line its comment names."""
+    raw = (shared_data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
+    lines = (ROOT / "config" / "prompts-test.txt").read_text(encoding="utf-8").splitlines()
+    prompts = read_prompts(ROOT / "config" / "prompts-test.txt")
+    assert len(prompts) == 16
+    for number, prompt in prompts:
+        where = int(re.search(r"\(line (\d+);", lines[number - 2]).group(1))
+        assert raw[where - 1].strip().startswith(prompt)
+    proxy = merged_config([ROOT / "config" / "config.yaml", ROOT / "config" / "proxy.yaml"])
+    data_config = {**proxy["data"], "train": str(shared_data_dir / "wikitext-2-raw" / "wiki.valid.raw")}
+    assert training_text_warnings(data_config, ROOT / proxy["geometry"]["prompts"], None) == []
+    # proxy trained on 14 of config/prompts.txt's 16 (two lie in the held-out articles)
+    assert len(training_text_warnings(data_config, ROOT / "config" / "prompts.txt", None)) == 14
+
+
+def test_seen_prompts_table_flags_each_prompt(tmp_path: Path) -> None:
+    """The workflow's record of which prompts the model read (check_prompts rule)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('# two prompts\nA prompt , "quoted" .\n\nNot in the text .\n')
+    train = tmp_path / "train.txt"
+    train.write_text(' = T = \n Before . A prompt , "quoted" . After .\n')
+    lines = write_seen_prompts_table(prompts, train, tmp_path / "seen.csv", "data.train")
+    table = list(csv.DictReader((tmp_path / "seen.csv").open()))
+    assert [(r["prompt"], r["line"], r["in_training_text"], r["text"]) for r in table] == [
+        ("0", "2", "True", 'A prompt , "quoted" .'), ("1", "4", "False", "Not in the text .")]
+    assert lines == [f'geometry.prompts: prompt 0 (line 2 of {prompts}: "A prompt , "quoted" .") appears verbatim '
+                     "in the training text (data.train); the model has read it"]
 
 
 # ----------------------------------------------------------------------------- token files

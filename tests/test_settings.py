@@ -1,5 +1,6 @@
 """Config resolution, the schema's defaults, and the checks the schema cannot make."""
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from tga.schema import SCHEMA_PATH, ModelConfig, SettingError, TrainConfig, key_specs
-from tga.settings import ConfigError, check_config, resolve_variant
+from tga.settings import ConfigError, SeenPromptWarning, check_config, resolve_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
@@ -175,3 +176,77 @@ def test_command_line_strings_take_the_schema_types():
     assert coerced["comparisons"] == [["1", "2"]]
     # ... and a string that is not a number is left for validation to name.
     assert coerce_config_types({"seeds": ["one"]}, SCHEMA) == {"seeds": ["one"]}
+
+
+def _text_source(config: dict, tmp_path: Path, train_text: str) -> dict:
+    """``config`` with ``source: text``: ``train_text`` as data.train, small stand-ins for the rest."""
+    for split, body in (("train", train_text), ("validation", "some validation text\n"), ("test", "some test text\n")):
+        (tmp_path / f"{split}.txt").write_text(body)
+        config["data"][split] = str(tmp_path / f"{split}.txt")
+    config["data"]["source"] = "text"
+    return config
+
+
+def test_check_config_warns_once_per_prompt_the_training_text_holds(tmp_path):
+    config = base_config(tmp_path)
+    prompts = Path(config["geometry"]["prompts"])
+    prompts.write_text("# comment\nthe first prompt\nan unseen prompt\n\nthe third prompt , read\n")
+    _text_source(config, tmp_path, "Some text with the first prompt in it , and the third prompt , read too .\n")
+    lines = []
+    check_config(config, warn=lines.append)
+    assert lines == [
+        f'geometry.prompts: prompt 0 (line 2 of {prompts}: "the first prompt") appears verbatim in the training text '
+        "(data.train); the model has read it",
+        f'geometry.prompts: prompt 2 (line 5 of {prompts}: "the third prompt , read") appears verbatim in the '
+        "training text (data.train); the model has read it",
+    ]
+    with pytest.warns(SeenPromptWarning) as caught:
+        check_config(config)
+    assert [str(w.message) for w in caught if w.category is SeenPromptWarning] == lines
+    Path(config["data"]["train"]).write_text("Nothing of the prompts here .\n")
+    lines.clear()
+    check_config(config, warn=lines.append)
+    assert lines == []
+
+
+def test_check_config_reads_a_prepared_download_only_when_it_matches_the_config(tmp_path):
+    """A wikitext2 source is checked in the corpus an earlier run prepared, and only
+    when that corpus was made with the data settings asked for now."""
+    config = base_config(tmp_path)
+    corpus = tmp_path / "corpus"
+    lines = []
+    check_config(config, warn=lines.append, corpus_dir=corpus)  # not downloaded yet: nothing to read
+    assert lines == []
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(" = T = \n the first prompt , in the downloaded train split .\n")
+    (corpus / "splits.json").write_text(json.dumps({"source": "wikitext2", "validation_holdout": None, "splits": {}}))
+    check_config(config, warn=lines.append, corpus_dir=corpus)
+    assert len(lines) == 1 and f"training text ({corpus / 'train.txt'}, the WikiText-2 train split)" in lines[0]
+    lines.clear()
+    config["data"]["validation_holdout"] = 0.1  # the prepared corpus has no holdout: stale, not read
+    check_config(config, warn=lines.append, corpus_dir=corpus)
+    assert lines == []
+
+
+def test_validation_holdout_in_the_config_check(tmp_path):
+    articles = "".join(f" = A{i} = \n the first prompt {i}\n" for i in range(8)) + " = A8 = \n only in the last article\n"
+    config = _text_source(base_config(tmp_path), tmp_path, articles)
+    Path(config["geometry"]["prompts"]).write_text("the first prompt\nonly in the last article\n")
+    lines = []
+    check_config(config, warn=lines.append)  # trained on every article: both prompts read
+    assert [line.split(" (line")[0] for line in lines] == ["geometry.prompts: prompt 0", "geometry.prompts: prompt 1"]
+    config["data"]["validation_holdout"] = 0.5
+    with pytest.raises(ConfigError, match="data.validation and data.validation_holdout are both set"):
+        check_config(config)
+    config["data"]["validation"] = None  # held out of data.train instead: no file needed
+    lines.clear()
+    check_config(config, warn=lines.append)
+    # the last articles are validation text now: only the first prompt is in the training text
+    assert len(lines) == 1 and lines[0].startswith("geometry.prompts: prompt 0 ")
+    assert "(data.train, less its validation holdout)" in lines[0]
+    Path(config["data"]["train"]).write_text("a single line\n")
+    with pytest.raises(ConfigError, match=r"data\.train \(.*train\.txt\) cannot be split for data\.validation_holdout"):
+        check_config(config)
+    config["data"]["validation_holdout"] = None  # without the holdout a validation file is needed
+    with pytest.raises(ConfigError, match=r"data\.validation is not set: .*data\.validation_holdout"):
+        check_config(config)

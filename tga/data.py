@@ -1,7 +1,10 @@
 """Corpus download, token files and batches.
 
 * ``download_wikitext2`` / ``copy_text_splits`` put ``train.txt``, ``validation.txt``
-  and ``test.txt`` (UTF-8) in a folder, verified and written atomically.
+  and ``test.txt`` (UTF-8) in a folder, verified and written atomically;
+  ``prepare_corpus`` does so from the config's ``data`` block, holds a validation
+  split out of the training text if asked (tga/corpus.py), and writes ``splits.json``
+  saying where each split came from.
 * ``tokenize_to_file`` encodes one split once into a raw ``uint16``/``uint32`` file
   plus a sidecar JSON (docs/design.md); ``load_token_file`` memory-maps it back.
   ``cached_token_files`` keeps such files in a folder and reuses them while they are
@@ -28,8 +31,10 @@ import numpy as np
 import torch
 
 from tga.atomic import atomic_write_many
+from tga.corpus import BOTH_VALIDATIONS, CORPUS_METADATA, DataError, holdout_split
 
 __all__ = [
+    "CORPUS_METADATA",
     "DataError",
     "SPLITS",
     "WIKITEXT2_MEMBER_SHA256",
@@ -37,6 +42,7 @@ __all__ = [
     "WIKITEXT2_ZIP_SHA256",
     "cached_token_files",
     "copy_text_splits",
+    "corpus_origin",
     "download_wikitext2",
     "load_token_file",
     "non_overlapping_windows",
@@ -69,10 +75,6 @@ HF_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 _MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 _TOKEN_META_KEYS = ("dtype", "n_tokens", "vocab_size", "tokenizer", "source", "n_bytes", "n_words", "sha256")
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the culprit file and the fix."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -193,13 +195,17 @@ def _hf_reachable(timeout: float) -> None:
         raise OSError(f"cannot reach {host}:{port} ({e})") from None
 
 
-def _splits_from_hf(member_sha256: Mapping[str, str | None], timeout: float) -> dict[str, bytes]:
+def _splits_from_hf(member_sha256: Mapping[str, str | None], timeout: float, offline: bool = False) -> dict[str, bytes]:
     """WikiText-2 raw from the HF hub, rebuilt to equal the original raw files.
 
     HF rows are the raw file's lines with their trailing newline, except that blank
     lines (always " \\n" in WikiText) are stored as "": restore them and join.
+    ``offline`` (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set): no reachability probe, and
+    ``datasets`` itself, in its offline mode, loads the dataset from its own cache or fails
+    at once.
     """
-    _hf_reachable(timeout)
+    if not offline:
+        _hf_reachable(timeout)
     import datasets
 
     ds = datasets.load_dataset(*HF_DATASET)
@@ -215,6 +221,44 @@ def _describe(e: BaseException) -> str:
     return str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
 
 
+def _wikitext2_splits(
+    scratch: Path,
+    archive: Path | None,
+    urls: Sequence[str],
+    zip_sha256: str | None,
+    member_sha256: Mapping[str, str | None],
+    timeout: float,
+    use_hf: bool,
+) -> tuple[dict[str, bytes], str]:
+    """The three WikiText-2 raw splits (verified) and where they came from; partial
+    downloads go to ``scratch`` and are removed. See :func:`download_wikitext2`."""
+    if archive is not None:
+        return _splits_from_zip(archive, zip_sha256, member_sha256), f"archive {archive}"
+
+    attempts: list[str] = []
+    hf_name = f"Hugging Face dataset {'/'.join(HF_DATASET)}"
+    if use_hf:
+        offline = _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+        try:
+            return _splits_from_hf(member_sha256, timeout, offline=offline), hf_name
+        except Exception as e:  # network, hub, cache or format trouble: fall back to the zip
+            where = " (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so only the datasets cache was tried)"
+            attempts.append(f"{hf_name}{where if offline else ''}: {_describe(e)}")
+
+    for url in urls:
+        tmp_zip = scratch / f".wikitext-2-raw-v1.zip.part{os.getpid()}"
+        try:
+            _download(url, tmp_zip, timeout)
+            return _splits_from_zip(tmp_zip, zip_sha256, member_sha256), url
+        except Exception as e:
+            attempts.append(f"{url}: {_describe(e)}")
+        finally:
+            tmp_zip.unlink(missing_ok=True)
+
+    tried = "\n".join(f"  - {a}" for a in attempts) or "  - (no source enabled)"
+    raise DataError(f"Downloading WikiText-2 failed; tried:\n{tried}\n{_supply_hint()}")
+
+
 def download_wikitext2(
     out_dir: str | os.PathLike[str],
     archive: str | os.PathLike[str] | None = None,
@@ -228,48 +272,32 @@ def download_wikitext2(
     """Write WikiText-2 raw ``train.txt``, ``validation.txt``, ``test.txt`` to ``out_dir``.
 
     With ``archive`` the local zip is used and nothing is downloaded. Otherwise the HF
-    hub is tried (skipped when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set), then the
-    original zip from each of ``urls``. Every route is checked against the original
-    files' sha256, so all give byte-identical splits. The keyword arguments exist so
-    tests can inject mirrors and hashes. Raises one ``DataError`` if all routes fail.
+    hub is tried (with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, only the ``datasets``
+    cache), then the original zip from each of ``urls``. Every route is checked against
+    the original files' sha256, so all give byte-identical splits. The keyword arguments
+    exist so tests can inject mirrors and hashes. Raises one ``DataError`` if all fail.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    targets = {split: out / f"{split}.txt" for split in SPLITS}
+    archive_path = None if archive is None else Path(archive).expanduser()
+    texts, _ = _wikitext2_splits(out, archive_path, urls, zip_sha256, member_sha256, timeout, use_hf)
+    atomic_write_many({out / f"{split}.txt": texts[split] for split in SPLITS})
 
-    def write(texts: Mapping[str, bytes]) -> None:
-        atomic_write_many({targets[s]: texts[s] for s in SPLITS})
 
-    if archive is not None:
-        write(_splits_from_zip(Path(archive).expanduser(), zip_sha256, member_sha256))
-        return
-
-    attempts: list[str] = []
-    hf_name = f"Hugging Face dataset {'/'.join(HF_DATASET)}"
-    if not use_hf:
-        pass
-    elif _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
-        attempts.append(f"{hf_name}: skipped (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)")
-    else:
-        try:
-            write(_splits_from_hf(member_sha256, timeout))
-            return
-        except Exception as e:  # network, hub or format trouble: fall back to the zip
-            attempts.append(f"{hf_name}: {_describe(e)}")
-
-    for url in urls:
-        tmp_zip = out / f".wikitext-2-raw-v1.zip.part{os.getpid()}"
-        try:
-            _download(url, tmp_zip, timeout)
-            write(_splits_from_zip(tmp_zip, zip_sha256, member_sha256))
-            return
-        except Exception as e:
-            attempts.append(f"{url}: {_describe(e)}")
-        finally:
-            tmp_zip.unlink(missing_ok=True)
-
-    tried = "\n".join(f"  - {a}" for a in attempts) or "  - (no source enabled)"
-    raise DataError(f"Downloading WikiText-2 failed; tried:\n{tried}\n{_supply_hint()}")
+def _read_split_file(split: str, src: str | os.PathLike[str]) -> bytes:
+    """A user-supplied split file's bytes, after checking it exists, is UTF-8 and is not empty."""
+    src = Path(src).expanduser()
+    key = f"data.{split}"
+    if not src.exists():
+        raise DataError(f"{split} split file not found: {src} (set `{key}` in the config to an existing text file)")
+    if not src.is_file():
+        raise DataError(f"{split} split path {src} is not a regular file (`{key}` must point to a text file)")
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {split} split file {src}: {e}") from None
+    _check_split_bytes(data, f"{split} split file {src} (`{key}`)")
+    return data
 
 
 def copy_text_splits(
@@ -281,42 +309,74 @@ def copy_text_splits(
     """Copy user-supplied split files (``data.source: text``) byte-for-byte, after
     checking each exists, is UTF-8 and is not empty."""
     out = Path(out_dir)
-    files: dict[Path, bytes] = {}
-    for split, src in zip(SPLITS, (train, validation, test)):
-        src = Path(src).expanduser()
-        key = f"data.{split}"
-        if not src.exists():
-            raise DataError(f"{split} split file not found: {src} (set `{key}` in the config to an existing text file)")
-        if not src.is_file():
-            raise DataError(f"{split} split path {src} is not a regular file (`{key}` must point to a text file)")
-        try:
-            data = src.read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read {split} split file {src}: {e}") from None
-        _check_split_bytes(data, f"{split} split file {src} (`{key}`)")
-        files[out / f"{split}.txt"] = data
+    files = {out / f"{split}.txt": _read_split_file(split, src) for split, src in zip(SPLITS, (train, validation, test))}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_many(files)
 
 
-def prepare_corpus(data_config: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> None:
-    """The config's ``data`` block -> ``{train,validation,test}.txt`` in ``out_dir``.
+def _origin(name: str, text: bytes, start: int = 0) -> dict[str, Any]:
+    return {"from": name, "bytes": [start, start + len(text)], "sha256": _sha256_bytes(text)}
+
+
+def prepare_corpus(data_config: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config's ``data`` block -> ``{train,validation,test}.txt`` in ``out_dir``, and
+    ``splits.json`` saying where each split came from; returns that metadata.
 
     ``source: wikitext2`` downloads (or unpacks ``archive``); ``source: text`` copies
-    the user's ``train``/``validation``/``test`` files. Other keys (``label``) are
-    not about the corpus and are ignored here.
+    the user's ``train``/``validation``/``test`` files. With ``validation_holdout`` the
+    validation split is instead the last articles of the training text
+    (:func:`tga.corpus.holdout_split`), and training keeps the rest. Other keys
+    (``label``) are not about the corpus and are ignored here.
     """
     source = data_config.get("source", "wikitext2")
+    holdout = data_config.get("validation_holdout")
+    out = Path(out_dir)
     if source == "wikitext2":
         archive = data_config.get("archive")
-        download_wikitext2(out_dir, archive=None if archive is None else Path(archive))
+        out.mkdir(parents=True, exist_ok=True)
+        texts, route = _wikitext2_splits(
+            out, None if archive is None else Path(archive).expanduser(), WIKITEXT2_URLS, WIKITEXT2_ZIP_SHA256,
+            WIKITEXT2_MEMBER_SHA256, 20.0, True,
+        )
+        names = {split: f"{WIKITEXT2_MEMBERS[split]} ({route})" for split in SPLITS}
     elif source == "text":
-        missing = [f"data.{s}" for s in SPLITS if not data_config.get(s)]
+        needed = [s for s in SPLITS if not (s == "validation" and holdout is not None)]
+        missing = [f"data.{s}" for s in needed if not data_config.get(s)]
         if missing:
             raise DataError(f"`data.source: text` needs paths for {', '.join(missing)} in the config")
-        copy_text_splits(data_config["train"], data_config["validation"], data_config["test"], out_dir)
+        if holdout is not None and data_config.get("validation"):
+            raise DataError(BOTH_VALIDATIONS)
+        texts = {split: _read_split_file(split, data_config[split]) for split in needed}
+        names = {split: str(data_config[split]) for split in needed}
     else:
         raise DataError(f"unknown data.source {source!r}; valid: wikitext2 (download), text (your own files)")
+
+    origins = {split: _origin(names[split], texts[split]) for split in texts}
+    if holdout is not None:
+        kept, held_out, info = holdout_split(texts["train"], holdout, what=f"training text {names['train']}")
+        texts["train"], texts["validation"] = kept, held_out
+        origins["train"] = _origin(names["train"], kept)
+        origins["validation"] = {**_origin(names["train"], held_out, start=len(kept)), "held_out": info}
+    metadata = {"source": source, "validation_holdout": holdout, "splits": {split: origins[split] for split in SPLITS}}
+
+    files = {out / f"{split}.txt": texts[split] for split in SPLITS}
+    files[out / CORPUS_METADATA] = (json.dumps(metadata, indent=1) + "\n").encode("utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_many(files)
+    return metadata
+
+
+def corpus_origin(metadata_path: str | os.PathLike[str], split: str) -> dict[str, Any]:
+    """One split's entry of a corpus's ``splits.json`` (:func:`prepare_corpus`), for the
+    token file's sidecar: where its text came from, and any holdout."""
+    path = Path(metadata_path)
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["splits"][split])
+    except FileNotFoundError:
+        raise DataError(f"corpus metadata {path} not found; rerun the corpus step to re-create it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"corpus metadata {path} is unreadable or lacks split {split!r} ({_describe(e)}); "
+                        "delete it and rerun the corpus step") from None
 
 
 # --------------------------------------------------------------------------- token files
@@ -326,9 +386,17 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def tokenize_to_file(text_path: str | os.PathLike[str], tokenizer: Any, out_path: str | os.PathLike[str]) -> dict:
+def tokenize_to_file(
+    text_path: str | os.PathLike[str],
+    tokenizer: Any,
+    out_path: str | os.PathLike[str],
+    origin: Mapping[str, Any] | None = None,
+) -> dict:
     """Encode a whole text file once into ``out_path`` (raw little-endian ids) plus the
-    sidecar JSON; returns the metadata. Memory is O(corpus): ids, not windows."""
+    sidecar JSON; returns the metadata. Memory is O(corpus): ids, not windows.
+    ``origin`` (the split's entry of the corpus's ``splits.json``: its source file, byte
+    range and any validation holdout) is kept in the sidecar, so a token file says what
+    text it holds."""
     text_path, out_path = Path(text_path), Path(out_path)
     try:
         raw = text_path.read_bytes()
@@ -360,6 +428,8 @@ def tokenize_to_file(text_path: str | os.PathLike[str], tokenizer: Any, out_path
         "n_words": len(text.split()),
         "sha256": _sha256_bytes(payload),
     }
+    if origin is not None:
+        meta["origin"] = dict(origin)
     atomic_write_many({out_path: payload, _sidecar(out_path): (json.dumps(meta, indent=1) + "\n").encode("utf-8")})
     return meta
 

@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import yaml
 
+from tga.corpus import BOTH_VALIDATIONS, DataError
 from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema
+from tga.seen_prompts import read_prompts, training_text_warnings
 
 MODEL_KEYS = tuple(key_specs("model"))
 TRAINING_KEYS = tuple(key_specs("training"))
@@ -96,12 +98,19 @@ def check_gpt2_files(files: dict[str, str | Path | None], allowed: bool, used_by
         check_file(files[key], key, hint)
 
 
-def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callable[[str], None] | None = None) -> None:
+def check_config(
+    config: dict[str, Any],
+    this_machine: bool = True,
+    warn: Callable[[str], None] | None = None,
+    corpus_dir: str | Path | None = None,
+) -> None:
     """Cross-key checks that the schema cannot make; raises one ConfigError naming
-    the key at fault. Then every job's estimated memory (tga/resources.py): with
-    ``this_machine`` (the jobs run here) a job that cannot fit in this machine's memory
-    is refused now; a step estimated to be slow is passed to ``warn`` (default: a
-    SlowJobWarning)."""
+    the key at fault. A prompt that appears verbatim in the training text is passed to
+    ``warn`` (default: a SeenPromptWarning): ``data.train``, or ``corpus_dir``'s
+    train.txt where an earlier run downloaded it (tga/seen_prompts.py). Then every job's
+    estimated memory (tga/resources.py): with ``this_machine`` (the jobs run here) a job
+    that cannot fit in this machine's memory is refused now; a step estimated to be slow
+    is passed to ``warn`` (default: a SlowJobWarning)."""
     resolved_variants = {variant: resolve_variant(config, variant) for variant in config["variants"]}
     for variant, resolved in resolved_variants.items():
         try:
@@ -123,16 +132,27 @@ def check_config(config: dict[str, Any], this_machine: bool = True, warn: Callab
 
     prompts = config["geometry"]["prompts"]
     check_file(prompts, "geometry.prompts", "give a text file with one prompt per line", utf8=True)
-    lines = [ln.strip() for ln in Path(prompts).read_text(encoding="utf-8").splitlines()]
-    if not any(ln and not ln.startswith("#") for ln in lines):
+    if not read_prompts(prompts):
         raise ConfigError(f"geometry.prompts: {prompts!r} holds no prompt (only blank or # lines): add one prompt per line")
 
     data = config["data"]
+    holdout = data.get("validation_holdout")
+    if holdout is not None and data.get("validation"):
+        raise ConfigError(BOTH_VALIDATIONS)
     if data["source"] == "text":
         for split in ("train", "validation", "test"):
-            check_file(data[split], f"data.{split}", "with data.source: text, give a UTF-8 text file for each split")
+            if not (split == "validation" and holdout is not None):
+                hint = "with data.source: text, give a UTF-8 text file for each split" + (
+                    " (or set data.validation_holdout to hold the validation split out of data.train)"
+                    if split == "validation" else "")
+                check_file(data[split], f"data.{split}", hint)
     elif data["archive"]:
         check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
+    try:
+        for line in training_text_warnings(data, prompts, corpus_dir):
+            _warn(line, SeenPromptWarning, warn, depth=2)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
     tokenizer = config["tokenizer"]
     check_gpt2_files({f"tokenizer.{k}": tokenizer[k] for k in ("encoder_json", "vocab_bpe")},
@@ -156,6 +176,19 @@ class SlowJobWarning(UserWarning):
     """A job estimated to take very long per step; it still runs."""
 
 
+class SeenPromptWarning(UserWarning):
+    """A geometry prompt that the training text holds verbatim; the analysis still runs."""
+
+
+def _warn(message: str, category: type[Warning], warn: Callable[[str], None] | None, depth: int) -> None:
+    """``message`` to ``warn`` if given (the workflow prints it), else as a Python warning
+    pointing ``depth`` frames up: at check_config's caller."""
+    if warn is not None:
+        warn(message)
+    else:
+        warnings.warn(message, category, stacklevel=depth + 1)
+
+
 def _check_resources(
     config: dict[str, Any], resolved_variants: dict[str, dict[str, Any]], this_machine: bool,
     warn: Callable[[str], None] | None,
@@ -174,10 +207,8 @@ def _check_resources(
                 except ResourceError as exc:
                     raise ConfigError(str(exc)) from None
             warning = slow_step_warning(estimate, what=where)
-            if warning and warn is not None:
-                warn(warning)
-            elif warning:
-                warnings.warn(warning, SlowJobWarning, stacklevel=3)
+            if warning:
+                _warn(warning, SlowJobWarning, warn, depth=3)
 
 
 

@@ -23,7 +23,9 @@ except WorkflowError as error:
 try:
     # Memory is checked against this machine only when the jobs run here; on a cluster
     # each job checks on its node, and the scheduler gets the estimates (mem_mb below).
-    check_config(config, this_machine=workflow.local_exec, warn=lambda slow: print(f"tga: warning: {slow}", file=sys.stderr))
+    # Prompts are checked against the training text: data.train, or the corpus a run prepared.
+    check_config(config, this_machine=workflow.local_exec, corpus_dir="outputs/data/corpus",
+                 warn=lambda line: print(f"tga: warning: {line}", file=sys.stderr))
 except ConfigError as error:
     raise WorkflowError(f"Invalid config: {error}") from None
 
@@ -153,6 +155,7 @@ def all_outputs(wildcards):
         "outputs/compare/similarity_by_layer.png",
         "outputs/compare/difference.png",
         "outputs/compare/difference.csv",
+        "outputs/data/prompts_in_training_text.csv",  # which prompts the models have read
         *evolution_outputs(wildcards),
         *pretrained_outputs(),
     ]

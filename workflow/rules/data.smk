@@ -1,14 +1,18 @@
 # WikiText-2 (or user text) -> plain-text splits -> one token file per split.
 from tga.fingerprint import code_fingerprint
+from tga.seen_prompts import describe_training_text
 
 
 localrules:
     prepare_corpus,
+    check_prompts,
 
 
 rule prepare_corpus:
     output:
-        expand("outputs/data/corpus/{split}.txt", split=SPLITS),
+        texts=expand("outputs/data/corpus/{split}.txt", split=SPLITS),
+        # where each split came from (file, byte range, any validation holdout)
+        splits="outputs/data/corpus/splits.json",
     params:
         code=code_fingerprint("tga.data"),
         data=config["data"],
@@ -49,6 +53,7 @@ rule build_tokenizer:
 rule tokenize_split:
     input:
         text="outputs/data/corpus/{split}.txt",
+        splits="outputs/data/corpus/splits.json",
         tokenizer="outputs/data/tokens/tokenizer.json",
     output:
         tokens="outputs/data/tokens/{split}.bin",
@@ -66,3 +71,28 @@ rule tokenize_split:
         "../envs/tga.yaml"
     script:
         "../scripts/tokenize_split.py"
+
+
+rule check_prompts:
+    # Which geometry prompts the model reads in training (tga/seen_prompts.py): a table to
+    # read the geometry by, and a warning per prompt the training split holds verbatim.
+    input:
+        train="outputs/data/corpus/train.txt",
+        prompts=config["geometry"]["prompts"],
+    output:
+        "outputs/data/prompts_in_training_text.csv",
+    params:
+        code=code_fingerprint("tga.seen_prompts"),
+        where=describe_training_text(config["data"], "outputs/data/corpus/train.txt"),
+        downloaded=config["data"]["source"] == "wikitext2",
+    log:
+        "outputs/logs/check_prompts.log",
+    benchmark:
+        "outputs/benchmarks/check_prompts.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/check_prompts.py"
