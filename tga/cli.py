@@ -193,7 +193,7 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", type=Path, required=True,
                    help="text file, one prompt per line ('#' lines are comments); prompts longer than the "
                         "block size are truncated (noted on stderr and in prompts.csv)")
-    _schema_flag(g, "geometry", "heatmap_layers", default=None,
+    _schema_flag(g, "geometry", "heatmap_layers", default=None, metavar="LAYER",
                  help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, -1 = after the "
                       "final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
     _schema_flag(g, "geometry", "exclude_first_token", action="store_true")
