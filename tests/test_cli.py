@@ -4,6 +4,7 @@ nothing written) for each kind of bad input."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -135,7 +136,7 @@ def test_evaluate_writes_sane_perplexities(study: dict) -> None:
 def test_analyze_writes_geometry_and_figures(study: dict) -> None:
     out_dir = study["root"] / "geometry"
     code, out, err = cli("analyze", "--trained-model", study["model"], "--prompts", study["prompts"],
-                         "--output-dir", out_dir, "--layers", 0, -1)
+                         "--output-dir", out_dir, "--heatmap-layers", 0, -1)
     assert code == 0, err
     metrics = pd.read_csv(out_dir / "metrics.csv")
     assert set(metrics["stage"]) == {"init", "trained"}
@@ -158,14 +159,15 @@ def test_analyze_writes_geometry_and_figures(study: dict) -> None:
 
 def test_evolve_analyses_every_checkpoint(study: dict) -> None:
     out_dir = study["root"] / "evolution"
-    code, out, err = cli("evolve", "--iterations", 5, "--learning-rate", "1e-3", "--output-dir", out_dir,
+    code, out, err = cli("evolve", "--max-steps", 5, "--learning-rate", "1e-3", "--output-dir", out_dir,
                          "--prompts", study["prompts"], "--data-dir", study["data"], "--tokenizer", "char",
-                         "--pre-ln", "--use-swiglu", "--norm", "layernorm", "--eval-interval", 5, "--layers", 0, -1, *TINY)
+                         "--pre-ln", "--use-swiglu", "--norm", "layernorm", "--eval-interval", 5,
+                         "--heatmap-layers", 0, -1, *TINY)
     assert code == 0, err
     run = out_dir / "model"
     model, _ = load_checkpoint(run / "final.pt")
     assert (model.config.norm_position, model.config.activation, model.config.norm) == ("pre", "swiglu", "layernorm")
-    # --checkpoint-interval defaults to a fifth of --iterations: a checkpoint every step.
+    # --checkpoint-interval defaults to a fifth of --max-steps: a checkpoint every step.
     assert len(list((run / "checkpoints").glob("step*.pt"))) == 5
     summary = pd.read_csv(out_dir / "summary.csv")
     steps = summary.drop_duplicates("stage").set_index("stage")["step"].to_dict()
@@ -263,12 +265,13 @@ EXPECTED_FLAGS = {
               "--learning-rate", "--weight-decay", "--dropout", "--eval-interval", "--checkpoint-interval",
               "--eval-batches", "--seed", "--device", "--model-name", "--data-dir", "--output-dir"],
     "evaluate": ["--model", "--data-dir", "--split", "--output", "--tokenizer"],
-    "analyze": ["--prompts", "--output-dir", "--layers", "--trained-model", "--init-model", "--tokenizer",
-                "--exclude-first-token"],
-    "evolve": ["--iterations", "--learning-rate", "--output-dir", "--prompts", "--checkpoint-interval",
+    "analyze": ["--prompts", "--output-dir", "--heatmap-layers", "--geometry-device", "--trained-model",
+                "--init-model", "--tokenizer", "--exclude-first-token"],
+    "evolve": ["--max-steps", "--geometry-device", "--learning-rate", "--output-dir", "--prompts",
+               "--checkpoint-interval",
                "--pre-ln", "--post-ln", "--use-swiglu", "--norm", "--tokenizer", "--encoder-json", "--vocab-bpe",
                "--n-layer", "--n-head", "--n-embd", "--block-size", "--batch-size", "--seed", "--device",
-               "--data-dir", "--layers", "--exclude-first-token"],
+               "--data-dir", "--heatmap-layers", "--exclude-first-token"],
 }
 
 
@@ -395,8 +398,8 @@ def test_analyze_bad_models_and_layers(study: dict, tmp_path: Path) -> None:
     def analyze(*extra: object) -> tuple[int, str, str]:
         return cli("analyze", "--prompts", prompts, "--output-dir", out, *extra)
 
-    assert_error(analyze("--trained-model", model, "--layers", 0, 3), "--layers", "index 3", "-3..2")
-    assert_error(analyze("--trained-model", model, "--layers", -4), "--layers", "index -4")
+    assert_error(analyze("--trained-model", model, "--heatmap-layers", 0, 3), "--heatmap-layers", "index 3", "-3..2")
+    assert_error(analyze("--trained-model", model, "--heatmap-layers", -4), "--heatmap-layers", "index -4")
     other = tmp_path / "other_init.pt"
     save_checkpoint(other, Transformer(ModelConfig(vocab_size=load_checkpoint(model / "final.pt")[0].config.vocab_size,
                                                    block_size=32, n_layer=1, n_head=2, n_embd=16,
@@ -439,12 +442,187 @@ def test_evolve_checks_prompts_and_layers_before_training(study: dict, tmp_path:
     out = tmp_path / "evolution"
     short = tmp_path / "short.txt"
     short.write_text("ok prompt\nab\n")
-    base = ["evolve", "--iterations", 5, "--output-dir", out, "--data-dir", study["data"], "--tokenizer", "char",
+    base = ["evolve", "--max-steps", 5, "--output-dir", out, "--data-dir", study["data"], "--tokenizer", "char",
             *TINY]
     assert_error(cli(*base, "--prompts", short), "prompt 1", "at least 3")
-    assert_error(cli(*base, "--prompts", study["prompts"], "--layers", 5), "--layers", "index 5")
+    assert_error(cli(*base, "--prompts", study["prompts"], "--heatmap-layers", 5), "--heatmap-layers", "index 5")
     assert_error(cli(*base, "--prompts", tmp_path / "none.txt"), "--prompts", "none.txt")
     assert_error(cli(*base, "--prompts", study["prompts"], "--checkpoint-interval", 0),
                  "checkpoint_interval=0", "--checkpoint-interval")
-    assert_error(cli(*base[:2], 0, *base[3:], "--prompts", study["prompts"]), "max_steps=0", "--iterations")
+    assert_error(cli(*base[:2], 0, *base[3:], "--prompts", study["prompts"]), "max_steps=0", "--max-steps")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- one name per setting
+
+# The config sections whose keys each subcommand takes as flags.
+SECTIONS = {"train": ("model", "training"), "evolve": ("model", "training", "geometry"),
+            "evaluate": ("evaluation",), "analyze": ("geometry",), "download": ()}
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if a.dest == "command").choices
+
+
+def _setting(dest: str, sections: tuple[str, ...]) -> tuple[str, str] | None:
+    """(section, key) a flag's destination sets: the key itself, or section_key."""
+    from tga.schema import key_specs
+
+    for section in sections:
+        if dest in key_specs(section):
+            return section, dest
+        if dest.startswith(f"{section}_") and dest[len(section) + 1:] in key_specs(section):
+            return section, dest[len(section) + 1:]
+    return None
+
+
+def test_every_setting_flag_is_named_as_its_config_key() -> None:
+    """Each setting has one name, its config key's: n_layer is --n-layer, max_steps
+    --max-steps in train and evolve alike (evolve once called it --iterations), and a key
+    two sections share carries its section (geometry.device: --geometry-device). The
+    seed study's shorthands only set a key to one of its values."""
+    from tga.schema import key_specs
+
+    checked = 0
+    for command, parser in _subcommands().items():
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            setting = _setting(action.dest, SECTIONS[command])
+            if setting is None:
+                continue
+            section, key = setting
+            if type(action) is argparse._StoreConstAction:  # --pre-ln, --post-ln, --use-swiglu
+                assert action.const in key_specs(section)[key]["enum"], action.option_strings
+                continue
+            names = {f"--{key}".replace("_", "-"), f"--{section}-{key}".replace("_", "-")}
+            assert action.option_strings[0] in names, (command, action.option_strings, f"{section}.{key}")
+            checked += 1
+    assert checked > 2 * (len(key_specs("model")) + len(key_specs("training")))
+
+
+@pytest.mark.parametrize("command", ["train", "evolve"])
+def test_every_model_and_training_flag_maps_to_a_schema_key(command: str) -> None:
+    from tga.schema import key_specs
+
+    keys = {*key_specs("model"), *key_specs("training")}
+    parser = _subcommands()[command]
+    groups = [g for g in parser._action_groups if g.title.startswith(("model architecture", "training"))]
+    assert len(groups) == 2
+    for action in (a for g in groups for a in g._group_actions if a.help != argparse.SUPPRESS):
+        # --seed is one of the config's seeds; --overwrite is about the run folder.
+        assert action.dest in keys | {"seed", "overwrite"}, action.option_strings
+
+
+def test_former_flag_names_say_the_new_one(study: dict, tmp_path: Path) -> None:
+    base = ["--prompts", study["prompts"], "--output-dir", tmp_path / "out"]
+    assert_error(cli("evolve", "--iterations", 5, *base), "--iterations is now --max-steps")
+    assert_error(cli("analyze", "--trained-model", study["model"], "--layers", 0, -1, *base),
+                 "--layers is now --heatmap-layers")
+    assert_error(cli("analyze", "--trained-model", study["model"], "--analysis-device", "cpu", *base),
+                 "--analysis-device is now --geometry-device")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_misspelt_flag_gets_a_suggestion() -> None:
+    line = assert_error(cli("train", "--learnig-rate", "1e-3"), "unrecognized arguments: --learnig-rate 1e-3",
+                        "did you mean --learning-rate?")
+    assert "--weight-decay" not in line  # one suggestion, not the list of every flag
+    assert_error(cli("evolve", "--max-stpes=5", "--heatmap-layres", 0, "--prompts", "p.txt", "--output-dir", "o"),
+                 "did you mean --max-steps for --max-stpes, --heatmap-layers for --heatmap-layres?")
+    line = assert_error(cli("train", "--zzz"), "unrecognized arguments: --zzz", "tga train --help")
+    assert "did you mean" not in line
+
+
+def test_version_is_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import tomllib
+
+    code, out, _ = cli("--version")
+    assert code == 0
+    assert out == f"tga {version('tga')}\n"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert version("tga") == pyproject["project"]["version"], "reinstall: pip install -e ."
+
+
+def test_license_file_matches_pyproject() -> None:
+    import tomllib
+
+    license = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"]
+    declared = license["text"] if isinstance(license, dict) else license
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert declared == "MIT"
+    assert text.splitlines()[0] == "MIT License"
+    assert "Permission is hereby granted, free of charge, to any person obtaining a copy" in text
+    assert 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND' in text
+
+
+# --------------------------------------------------------------------------- unknown config keys
+
+
+def _schema_message(edit) -> str:
+    """The workflow's one-line message for an edited copy of config/config.yaml."""
+    import copy
+
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    from tga.schema import SCHEMA_PATH
+    from tga.settings import merged_config, schema_error_message
+
+    config = copy.deepcopy(merged_config([ROOT / "config" / "config.yaml"]))
+    edit(config)
+    with pytest.raises(WorkflowError) as info:
+        validate(config, str(SCHEMA_PATH))
+    message = schema_error_message(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_unknown_config_key_gets_a_suggestion() -> None:
+    message = _schema_message(lambda c: c["model"].update(n_layers=6))
+    assert message == "Invalid config: model: unknown key ('n_layers' was unexpected); did you mean 'n_layer'?"
+    message = _schema_message(lambda c: c["variants"]["llama-preln"].update(learnig_rate=1e-3))
+    assert message.endswith("did you mean 'learning_rate'?")
+    # Nothing close: the valid keys instead.
+    message = _schema_message(lambda c: c.update(colour="red"))
+    assert "did you mean" not in message and "valid: 'comparisons', 'data'," in message
+
+
+def test_a_dotted_key_says_how_nested_keys_are_written() -> None:
+    message = _schema_message(lambda c: c.update({"training.max_steps": 10}))
+    assert message.endswith("nested keys are written as training: {max_steps: 10} in a --configfile, "
+                            "or as --config 'training={max_steps: 10}' on the command line")
+
+
+def test_unknown_settings_of_the_library_get_suggestions() -> None:
+    from tga.schema import TrainConfig, TrainConfigError
+    from tga.settings import ConfigError, merged_config, resolve_variant
+
+    with pytest.raises(TrainConfigError, match=r"\['max_step'\]: did you mean 'max_steps'\?$"):
+        TrainConfig.from_dict({"max_step": 10})
+    config = merged_config([ROOT / "config" / "config.yaml"])
+    config["variants"]["llama-preln"]["lernig_rate"] = 1e-3
+    with pytest.raises(ConfigError, match=r"\['lernig_rate'\].*did you mean 'learning_rate'\?$"):
+        resolve_variant(config, "llama-preln")
+
+
+# --------------------------------------------------------------------------- snakemake --config
+
+
+def test_snakemake_config_sets_nested_keys_in_the_documented_form(tmp_path: Path) -> None:
+    """`--config 'training={max_steps: 10}'` sets one nested key, merged key by key into
+    the config files' section and typed by the schema. The dotted `training.max_steps=10`
+    never reaches the workflow: Snakemake's own --config parser refuses keys with dots
+    (snakemake/cli.py parse_config, Snakemake >= 8.17); when that changes, the README's
+    note on it is out of date."""
+    from test_workflow import TINY, make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path, TINY)
+    assert snakemake(workdir, "--dry-run", "--config", "training={max_steps: 10}").returncode == 0
+    # max_steps 3 with tiny.yaml's warmup_steps 4: the error proves both arrived, as numbers.
+    proc = snakemake(workdir, "--dry-run", "--config", "training={max_steps: 3}", check=False)
+    assert proc.returncode != 0 and "warmup_steps=4 must be in [0, max_steps=3]" in proc.stdout + proc.stderr
+    proc = snakemake(workdir, "--dry-run", "--config", "training.max_steps=10", check=False)
+    assert proc.returncode != 0 and "Config entry must start with a valid identifier" in proc.stdout + proc.stderr

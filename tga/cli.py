@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from tga import __version__
 from tga.atomic import no_empty_folders_left
 from tga.data import SPLITS, DataError, cached_token_files, prepare_corpus
 from tga.device import DeviceError, resolve_device
@@ -36,7 +37,7 @@ from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
 from tga.settings import ConfigError, check_file, check_gpt2_files, coerce_config_types
 from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, tokenizer_from
-from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs
+from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs, unknown_names_hint
 from tga.train import TrainingError, clear_run, run_checkpoint, train_from_settings
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -115,8 +116,10 @@ _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float,
 
 
 def _schema_flag(g: Any, section: str, key: str, flag: str | None = None, **overrides: Any) -> argparse.Action:
-    """One flag for a config key, with the type, choices, default and help the schema
-    (tga/config.schema.yaml) gives it; booleans get --KEY/--no-KEY."""
+    """One flag for a config key, named as the key (``n_layer`` is ``--n-layer``; a key
+    two sections share is prefixed with its section: ``--geometry-device``), with the
+    type, choices, default and help the schema (tga/config.schema.yaml) gives it;
+    booleans get --KEY/--no-KEY."""
     spec = key_specs(section)[key]
     types = [spec["type"]] if isinstance(spec.get("type"), str) else list(spec.get("type", []))
     kwargs: dict[str, Any] = {"dest": key, "default": spec["default"],
@@ -128,16 +131,33 @@ def _schema_flag(g: Any, section: str, key: str, flag: str | None = None, **over
             kwargs["metavar"] = "{" + ",".join(str(c).lower() for c in spec["enum"]) + "}"
     elif "boolean" in types:
         kwargs["action"] = argparse.BooleanOptionalAction
+    elif "array" in types:  # heatmap_layers: --heatmap-layers 0 3 -1
+        kwargs.update(type=_FLAG_TYPES[spec["items"]["type"]], nargs="+")
     else:
         kwargs["type"] = next(_FLAG_TYPES[t] for t in types if t in _FLAG_TYPES)
     kwargs.update(overrides)
     return g.add_argument(flag or f"--{key.replace('_', '-')}", **kwargs)
 
 
+class _Renamed(argparse.Action):
+    """A flag's former name, hidden from the help: using it is one error naming the
+    flag that replaced it (each setting has one name, the config key's)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="*", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        raise _UsageError(f"{parser.prog}: {option_string} is now {self.new}, named as its config key "
+                          f"(see `{parser.prog} --help`)")
+
+
 def _add_settings(p: argparse.ArgumentParser, evolve: bool) -> None:
     """Every model and training key of the workflow as a flag, plus the seed study's
-    shorthands --pre-ln/--post-ln and --use-swiglu. ``evolve`` names the step count
-    --iterations and derives the intervals from it."""
+    shorthands --pre-ln/--post-ln and --use-swiglu (they set --norm-position and
+    --activation). ``evolve`` derives the intervals from --max-steps."""
     g = p.add_argument_group("model architecture (defaults: the workflow's, from tga/config.schema.yaml)")
     pos = g.add_mutually_exclusive_group()
     act = g.add_mutually_exclusive_group()
@@ -155,12 +175,13 @@ def _add_settings(p: argparse.ArgumentParser, evolve: bool) -> None:
                                  "or all steps when there are fewer"}}
     if evolve:
         overrides.update(
-            max_steps={"help": "optimizer steps", "flag": "--iterations"},
             checkpoint_interval={"default": None,
-                                 "help": "keep a checkpoint every this many steps; default: a fifth of --iterations"},
+                                 "help": "keep a checkpoint every this many steps; default: a fifth of --max-steps"},
             eval_interval={"default": None, "help": "validate every this many steps; default: the checkpoint interval"})
     flags = {key: _schema_flag(g, "training", key, **overrides.get(key, {})).option_strings[0]
              for key in key_specs("training")}
+    if evolve:
+        g.add_argument("--iterations", action=_Renamed, new="--max-steps")
     g.add_argument("--seed", type=int, default=TrainConfig().seed, help="seed of the initialization and the batch order")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a model already in the run folder (otherwise it is an error)")
@@ -172,17 +193,21 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompts", type=Path, required=True,
                    help="text file, one prompt per line ('#' lines are comments); prompts longer than the "
                         "block size are truncated (noted on stderr and in prompts.csv)")
-    g.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, "
-                        "-1 = after the final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
+    _schema_flag(g, "geometry", "heatmap_layers", default=None, metavar="LAYER",
+                 help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, -1 = after the "
+                      "final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
     _schema_flag(g, "geometry", "exclude_first_token", action="store_true")
     _schema_flag(g, "geometry", "knn_k")
-    _schema_flag(g, "geometry", "device", "--analysis-device", dest="analysis_device")
+    _schema_flag(g, "geometry", "device", "--geometry-device", dest="geometry_device")
+    g.add_argument("--layers", action=_Renamed, new="--heatmap-layers")
+    g.add_argument("--analysis-device", action=_Renamed, new="--geometry-device")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tga`` parser; exposed so tests can inspect every subcommand's flags."""
     parser = _Parser(prog="tga", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the installed version of tga and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], summary: str, description: str) -> _Parser:
@@ -364,7 +389,7 @@ def _train(settings: dict[str, dict[str, Any]], args: argparse.Namespace, tokeni
     with no_empty_folders_left(run_dir):
         try:
             return train_from_settings(settings, args.seed, 0, tokens["train"], tokens["validation"], run_dir,
-                                       run_name=run_dir.name, show_progress=sys.stderr.isatty())
+                                       run_name=run_dir.name)
         finally:
             if (run_dir / "init.pt").exists():
                 tokenizer.save(run_dir / "tokenizer.json")
@@ -385,7 +410,7 @@ def _model(args: argparse.Namespace, path: Path, flag: str) -> tuple[Path, Path,
 
 
 def _heatmap_layers(layers: Sequence[int] | None, n_layer: int) -> list[int]:
-    with _flag("--layers"):
+    with _flag("--heatmap-layers"):
         return resolve_layer_indices([0, (n_layer + 1) // 2, -1] if layers is None else layers, n_layer + 2)
 
 
@@ -467,8 +492,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from tga.plots import plot_geometry_layers, plot_similarity_heatmaps
 
-    with _flag("--analysis-device"):
-        device = resolve_device(args.analysis_device)
+    with _flag("--geometry-device"):
+        device = resolve_device(args.geometry_device)
     prompts = _load_prompts(args.prompts)
     ckpt, run_dir, config, _, tokenizer = _model(args, args.trained_model, "--trained-model")
     stages: dict[str, Path] = {}
@@ -483,7 +508,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         _note(f"no init.pt in {run_dir} and no --init-model: analysing the trained model only")
     stages["trained"] = ckpt
-    layers = _heatmap_layers(args.layers, config.n_layer)
+    layers = _heatmap_layers(args.heatmap_layers, config.n_layer)
     out = args.output_dir
     with _truncation_noted(args.prompts, out):
         analyze_checkpoints(stages, args.prompts, tokenizer, out, heatmap_layers=layers,
@@ -499,14 +524,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
 
-    with _flag("--analysis-device"):
-        resolve_device(args.analysis_device)
+    with _flag("--geometry-device"):
+        resolve_device(args.geometry_device)
     prompts = _load_prompts(args.prompts)
     interval = max(1, args.max_steps // 5) if args.checkpoint_interval is None else args.checkpoint_interval
     settings = _settings(args, checkpoint_interval=interval,
                          eval_interval=max(1, interval) if args.eval_interval is None else args.eval_interval)
     model, training = settings["model"], settings["training"]
-    layers = _heatmap_layers(args.layers, model["n_layer"])
+    layers = _heatmap_layers(args.heatmap_layers, model["n_layer"])
     run_dir = _run_dir(args.output_dir / "model", args.overwrite)
     _require_splits(args.data_dir, SPLITS)
     tokenizer = _tokenizer(args)
@@ -518,7 +543,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
 
     stages = evolution_stages(training, run_dir)
     geometry = {"heatmap_layers": layers, "exclude_first_token": args.exclude_first_token, "knn_k": args.knn_k,
-                "device": args.analysis_device}
+                "device": args.geometry_device}
     with _truncation_noted(args.prompts, args.output_dir):
         analyze_evolution(stages, args.prompts, run_dir / "tokenizer.json", args.output_dir, geometry)
     title = _model_title(args.output_dir.name, model)
@@ -551,11 +576,25 @@ def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, ste
 # --------------------------------------------------------------------------- entry point
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """argparse's "unrecognized arguments" plus the flag of ``command`` each unknown
+    flag most likely meant (``--learnig-rate``: did you mean --learning-rate?)."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subparsers.choices[command]
+    flags = [f for a in sub._actions if a.help != argparse.SUPPRESS for f in a.option_strings]
+    message = f"{sub.prog}: unrecognized arguments: {' '.join(unknown)}"
+    wrong = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")]
+    hint = unknown_names_hint(wrong, flags, show=str, list_valid=False)
+    return f"{message}; {hint} (see `{sub.prog} --help`)" if hint else f"{message} (see `{sub.prog} --help`)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (0 ok, 2 bad input, 1 system trouble)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise _UsageError(_unrecognized(parser, args.command, unknown))
     except _UsageError as exc:
         print(f"tga: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from tga.atomic import atomic_write_text
 from tga.data import load_token_file, non_overlapping_windows, read_token_metadata, tokens_to_tensor
 from tga.device import autocast_context, resolve_device
 from tga.model import load_checkpoint
+from tga.progress import progress
 from tga.resources import check_evaluation_fits
 
 
@@ -26,8 +27,10 @@ def summed_loss_over_windows(
     batch_size: int,
     amp: AbstractContextManager | None = None,
     max_windows: int | None = None,
+    progress_label: str | None = None,
 ) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) and number of scored tokens.
+    """Total negative log-likelihood (nats) and number of scored tokens; with a
+    ``progress_label``, the windows done are shown under it (:mod:`tga.progress`).
 
     Windows are cut without overlap: window k feeds tokens [kT, kT+T) and scores
     [kT+1, kT+T], so each token is predicted once, with between 0 and T-1 tokens of
@@ -44,7 +47,8 @@ def summed_loss_over_windows(
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    with torch.inference_mode():
+    shown = progress(total=inputs.shape[0], desc=progress_label or "", unit="windows", enabled=bool(progress_label))
+    with torch.inference_mode(), shown:
         for start in range(0, inputs.shape[0], batch_size):
             x = inputs[start : start + batch_size].to(device=device, dtype=torch.long)
             y = targets[start : start + batch_size].to(device=device, dtype=torch.long)
@@ -55,6 +59,7 @@ def summed_loss_over_windows(
                 loss = model(x, y).loss
             total += loss.double() * n
             count += n
+            shown.update(x.shape[0])
     return float(total.item()), count
 
 
@@ -116,7 +121,8 @@ def evaluate_checkpoint(
     check_evaluation_fits(model.config, batch_size, torch_device.type, int(meta["n_tokens"]))
     tokens = tokens_to_tensor(load_token_file(token_file))
     total, count = summed_loss_over_windows(
-        model, tokens, model.config.block_size, batch_size, autocast_context(torch_device, "auto")
+        model, tokens, model.config.block_size, batch_size, autocast_context(torch_device, "auto"),
+        progress_label=f"perplexity of {checkpoint}",
     )
     result: dict[str, Any] = dict(labels or {})
     result.update({

@@ -371,13 +371,15 @@ def analyze_pretrained(
 
     from tga.atomic import atomic_write
     from tga.geometry import analyze_model, encode_prompts, layer_names, load_prompts, summarize_metrics
+    from tga.progress import progress
 
     if threads > 0:
         torch.set_num_threads(threads)
     prompts = load_prompts(prompts_path)
     frames, mats, ids_ref, info_ref, counts, n_layer = [], {}, None, [], None, 0
     tokenizer: HFTokenizer | None = None
-    for stage, revision in stages.items():
+    for stage, revision in progress(stages.items(), desc=f"{name}: revisions", unit="revisions",
+                                    enabled=len(stages) > 1):
         model, tokenizer = load_pretrained(entry, name, revision)
         ids, info = encode_prompts(prompts, tokenizer, model.config.block_size, truncate=True)
         check_tokenizer(tokenizer, ids, prompts, model.config.vocab_size, name)
@@ -446,7 +448,8 @@ def evaluate_pretrained(
     if len(ids) < 2:
         raise PretrainedError(f"pretrained.{name}: {text_path} encodes to {len(ids)} token(s); nothing to predict")
     tokens = tokens_to_tensor(np.asarray(ids, dtype=np.int64))
-    total, count = summed_loss_over_windows(model, tokens, model.config.block_size, batch_size)
+    total, count = summed_loss_over_windows(model, tokens, model.config.block_size, batch_size,
+                                            progress_label=f"{name}: perplexity")
     n_bytes, n_words = len(raw), len(text.split())
     result: dict[str, Any] = {
         "variant": name, "seed": 0, "split": "test", "model": str(entry["model"]), "revision": revision,

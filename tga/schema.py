@@ -13,7 +13,9 @@ that trains imports it, so it stays small (editing it reruns training).
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -143,8 +145,35 @@ def _from_dict(cls: type[_T], values: dict[str, Any], error: type[SettingError],
     known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise error(f"unknown {what} setting(s) {unknown}; valid: {sorted(known)}", unknown[0])
+        raise error(f"unknown {what} setting(s) {unknown}: {unknown_names_hint(unknown, known)}", unknown[0])
     return cls(**values)
+
+
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name a misspelt ``name`` most likely meant (difflib's closest match
+    above its 0.6 similarity cutoff), or None when none is close."""
+    matches = difflib.get_close_matches(name, list(valid), n=1)
+    return matches[0] if matches else None
+
+
+def unknown_names_hint(unknown: Iterable[str], valid: Iterable[str], show: Callable[[str], str] = repr,
+                       list_valid: bool = True) -> str:
+    """What to say after "unknown key(s) ...": ``did you mean 'max_steps'?`` when every
+    unknown name has a close valid one, else (with ``list_valid``) the valid names too:
+    a list of 37 keys helps less than the one that was meant. ``show`` writes a name
+    (a quoted key, a flag as it is)."""
+    unknown, valid = list(unknown), sorted(valid)
+    guesses = {name: closest(name, valid) for name in unknown}
+    found = {name: guess for name, guess in guesses.items() if guess is not None}
+    if len(unknown) == 1 and found:
+        hint = f"did you mean {show(found[unknown[0]])}?"
+    else:
+        hint = ", ".join(f"{show(guess)} for {show(name)}" for name, guess in found.items())
+        hint = f"did you mean {hint}?" if hint else ""
+    if len(found) == len(unknown) or not list_valid:
+        return hint
+    listed = f"valid: {', '.join(show(name) for name in valid)}"
+    return f"{hint} ({listed})" if hint else listed
 
 
 def _positive_int(value: Any, key: str, what: str, error: type[SettingError]) -> None:

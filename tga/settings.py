@@ -13,7 +13,7 @@ from typing import Any, Callable
 import yaml
 
 from tga.corpus import BOTH_VALIDATIONS, DataError
-from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema
+from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema, unknown_names_hint
 from tga.seen_prompts import read_prompts, training_text_warnings
 
 MODEL_KEYS = tuple(key_specs("model"))
@@ -33,10 +33,8 @@ def resolve_variant(config: dict[str, Any], variant: str) -> dict[str, dict[str,
     overrides = config["variants"][variant] or {}
     unknown = sorted(set(overrides) - set(MODEL_KEYS) - set(TRAINING_KEYS))
     if unknown:
-        raise ConfigError(
-            f"variants.{variant}: unknown key(s) {unknown}; a variant may set model keys {list(MODEL_KEYS)} "
-            f"or training keys {list(TRAINING_KEYS)}"
-        )
+        raise ConfigError(f"variants.{variant}: unknown key(s) {unknown}; a variant may set model or training keys: "
+                          f"{unknown_names_hint(unknown, MODEL_KEYS + TRAINING_KEYS)}")
     model = {k: v for k, v in config["model"].items() if k in MODEL_KEYS}
     training = {k: v for k, v in config["training"].items() if k in TRAINING_KEYS}
     model.update({k: v for k, v in overrides.items() if k in MODEL_KEYS})
@@ -227,8 +225,21 @@ def schema_error_message(error: BaseException) -> str:
         for part in inner.schema.get("allOf", []):
             allowed |= set(defs.get(part.get("$ref", "").split("/")[-1], {}).get("properties", {}))
         message = re.sub(r"^(Unevaluated|Additional) properties are not allowed", "unknown key", message)
-        message += f"; valid keys: {sorted(allowed)}"
+        unknown = sorted(set(inner.instance) - allowed) if isinstance(inner.instance, dict) else []
+        message += f"; {_dotted_key_hint(unknown, inner.instance, allowed) or unknown_names_hint(unknown, allowed)}"
     return f"Invalid config: {key}: {message}"
+
+
+def _dotted_key_hint(unknown: list[str], instance: Any, sections: set[str]) -> str | None:
+    """For a top-level key like ``training.max_steps``: how a nested key is written
+    (Snakemake's ``--config`` takes no dots either; it stops before the workflow runs)."""
+    dotted = next((key for key in unknown if "." in key and key.split(".", 1)[0] in sections), None)
+    if dotted is None:
+        return None
+    section, rest = dotted.split(".", 1)
+    value = instance[dotted]
+    return (f"nested keys are written as {section}: {{{rest}: {value}}} in a --configfile, or as "
+            f"--config '{section}={{{rest}: {value}}}' on the command line")
 
 
 _INTEGER = re.compile(r"^[+-]?\d+$")

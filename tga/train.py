@@ -19,13 +19,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tga.atomic import atomic_write, stale_temporaries
 from tga.data import RareTokenRelabeler, load_token_file, read_token_metadata, sample_batch, tokens_to_tensor
 from tga.device import Runtime, compile_decision
 from tga.evaluate import mean_loss_over_windows
 from tga.model import CheckpointError, ModelConfig, Transformer, save_checkpoint
+from tga.progress import progress as progress_display
 from tga.resources import check_training_fits
 from tga.resume import ResumeStore, TrainState, restore_optimizer, run_settings, say
 # The config is torch-free so that the workflow reads settings without torch.
@@ -333,8 +333,8 @@ def train_model(
     start = time.perf_counter() - state.elapsed_s
     last_time, timed_steps, diverged_at = time.perf_counter(), 0, None  # timed: steps since this process last logged
     model.train()
-    progress = tqdm(total=train_config.max_steps, initial=state.step, desc=run_name, disable=not show_progress,
-                    mininterval=1.0)
+    progress = progress_display(total=train_config.max_steps, initial=state.step, desc=run_name, unit="steps",
+                                enabled=show_progress)
     for step in range(state.step, train_config.max_steps):
         lr = run_step(state, step)
         done = state.step
