@@ -152,9 +152,9 @@ def _method_text(g: pd.DataFrame) -> str:
     g = g[~g["method"].isin(["no-data", "missing"])]
     methods = set(g["method"])
     if methods == {"paired"}:
-        return f"paired by seed, n = {fmt_range(g['n_seeds'])} seeds"
+        return f"paired, {fmt_range(g['n_seeds'])} seeds"
     if "welch" in methods:
-        return f"Welch (unpaired), n = {fmt_range(g['n_a'])} vs {fmt_range(g['n_b'])} seeds"
+        return f"Welch, {fmt_range(g['n_a'])} vs {fmt_range(g['n_b'])} seeds"
     return "1 seed: no interval"
 
 
@@ -305,9 +305,8 @@ def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequenc
             ax = axes[r][c]
             if r == 0:
                 ax.set_title(textwrap.fill(f"Δ {metric_label(metric)}", 42), fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"{esc(a)} − {esc(b)}\n({_method_text(cdf)})" if not missing
-                              else f"{esc(a)} − {esc(b)}", fontsize=9)
+            if c == 0:  # the row's one label: the comparison, and how its seeds were matched
+                ax.set_ylabel(f"{esc(a)}\n− {esc(b)}" + ("" if missing else f"\n({_method_text(cdf)})"), fontsize=9)
             if missing:
                 no_data(ax, f"missing: {missing}")
                 continue
