@@ -27,4 +27,5 @@ include: "workflow/rules/pretrained.smk"
 rule all:
     input:
         all_outputs,
+        rules.findings.output[0],
     default_target: True

@@ -192,19 +192,102 @@ def test_plot_similarity_by_layer_seed_bands(tmp_path):
     assert line.get_ydata() == pytest.approx(per_seed.groupby("layer")["mean"].mean().to_numpy())
 
 
+ARCHITECTURES = {"A": {"norm_position": "pre", "norm": "rmsnorm"}, "B": {"norm_position": "post", "norm": "rmsnorm"},
+                 "C": {"norm_position": "pre", "norm": "rmsnorm"}, "D": {"norm_position": "post", "norm": "rmsnorm"}}
+
+
+def noisy_summaries(spec: dict[str, list[int]], identical_init_embedding: bool = False) -> pd.DataFrame:
+    """make_summaries with each variant's own noise (so A − B varies by seed); optionally
+    B's embedding at init a copy of A's, as the same seed gives tga's variants."""
+    summaries = make_summaries(spec)
+    rng = np.random.default_rng(11)
+    summaries["mean"] += rng.normal(0, 0.02, len(summaries)) * np.where(summaries["metric"] == "token_norm", 20, 1)
+    if identical_init_embedding:
+        key = ["seed", "stage", "layer", "metric"]
+        a = summaries[summaries["variant"] == "A"].set_index(key)["mean"]
+        copy = (summaries["variant"] == "B") & (summaries["stage"] == "init") & (summaries["layer"] == 0)
+        summaries.loc[copy, "mean"] = [a[k] for k in summaries.loc[copy, key].itertuples(index=False)]
+    return summaries
+
+
 def test_plot_differences_with_missing_variant(tmp_path):
     summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2]})
     diff = compute_differences(summaries, [("A", "B"), ("A", "failed_variant")], METRICS)
     out = plot_differences(diff, tmp_path / "difference.png", DATA_LABEL)
     assert_png(out)
-    texts = figure_texts(figures_compare._figure_differences(diff, DATA_LABEL, METRICS))
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, METRICS)
+    texts = figure_texts(fig)
     assert sum("missing: failed_variant" in t for t in texts) == len(METRICS)
-    assert any("A − B" == t for t in texts)
-    assert sum("paired by seed, n = 3 seeds" in t for t in texts) == len(METRICS)
+    # One label per row (the comparison and its method), one title per column (the metric).
+    assert sum(t == "A\n− B\n(paired, 3 seeds)" for t in texts) == 1
+    assert sum(t == "A\n− failed_variant" for t in texts) == 1
+    assert not any(ax.texts for ax in fig.axes[:len(METRICS)])  # no per-panel method boxes (row A − B has data)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == len(METRICS) and all(t.startswith("Δ ") for t in titles)
     # also works from the CSV round trip (missing becomes NaN / empty, layer float)
     diff.to_csv(tmp_path / "difference.csv", index=False)
     again = pd.read_csv(tmp_path / "difference.csv")
     assert_png(plot_differences(again, tmp_path / "difference2.png", DATA_LABEL))
+
+
+def test_plot_differences_shares_one_axis_per_metric_and_draws_each_seed():
+    summaries = noisy_summaries({"A": [0, 1, 2], "B": [0, 1, 2], "C": [0, 1, 2]})
+    diff = compute_differences(summaries, [("A", "B"), ("A", "C")], METRICS)
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, METRICS)
+    grid = np.array(fig.axes).reshape(2, len(METRICS))
+    for column in grid.T:
+        assert column[0].get_ylim() == column[1].get_ylim()
+    assert grid[0][0].get_ylim() != grid[0][1].get_ylim()  # metrics keep their own scales
+    # Layer names once per column, under its lowest panel.
+    assert not any(t.get_text() for t in grid[0][0].get_xticklabels())
+    assert [t.get_text() for t in grid[1][0].get_xticklabels()] == LAYER_NAMES
+    # Every seed's A − B is a dot: the dots of one panel are exactly the table's per-seed values.
+    from tga.tables import parse_seed_values
+
+    cell = diff[(diff["comparison"] == "A - B") & (diff["metric"] == "mean_cosine")]
+    expected = sorted(v for c in cell["seed_differences"] for v in parse_seed_values(c).values())
+    dots = sorted(y for line in grid[0][0].get_lines() if line.get_marker() == "o" for y in line.get_ydata())
+    assert dots == pytest.approx(expected)
+    # The interval is a thin bar per layer and stage, not a band.
+    bars = [c for c in grid[0][0].collections if c.__class__.__name__ == "LineCollection"]
+    assert sum(len(b.get_segments()) for b in bars) == int(cell["ci_low"].notna().sum())
+    assert not [c for c in grid[0][0].collections if c.__class__.__name__ == "FillBetweenPolyCollection"]
+
+
+def test_plot_differences_marks_by_construction_rows():
+    summaries = noisy_summaries({"A": [0, 1, 2], "B": [0, 1, 2]}, identical_init_embedding=True)
+    diff = compute_differences(summaries, [("A", "B")], METRICS, ARCHITECTURES)
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, METRICS)
+    cosine, norm = fig.axes[0], fig.axes[1]
+    hollow = [line for line in cosine.get_lines() if line.get_marker() == "o" and line.get_markerfacecolor() == "white"]
+    identical = diff[(diff["metric"] == "mean_cosine") & (diff["construction"] == "identical")]
+    assert len(identical) == 1 and sum(len(line.get_xdata()) for line in hollow) == 1
+    # token_norm: the grey columns stand on the layers a norm sets (B's blocks, both final norms).
+    shaded = sorted(round(float(np.mean(p.get_x() + p.get_width() / 2))) for p in norm.patches)
+    labelled = diff[(diff["metric"] == "token_norm") & (diff["construction"] == "norm")]["layer"]
+    assert shaded == sorted(labelled.unique().tolist()) == [1, 2, 3]
+    assert not cosine.patches  # no norm sets a cosine
+    texts = figure_texts(fig)
+    assert any("a norm sets this value, by construction" in t for t in texts)
+    assert any("A = B at every seed, by construction (not a test)" in t for t in texts)
+    # Without by-construction rows the legend does not list them.
+    plain = figure_texts(figures_compare._figure_differences(compute_differences(
+        noisy_summaries({"A": [0, 1, 2], "B": [0, 1, 2]}), [("A", "B")], METRICS), DATA_LABEL, METRICS))
+    assert not any("by construction" in t for t in plain)
+
+
+def test_plot_differences_clips_a_wide_interval_and_marks_it():
+    summaries = noisy_summaries({"A": [0, 1, 2], "B": [0, 1, 2]})
+    diff = compute_differences(summaries, [("A", "B")], ["mean_cosine"])
+    wide = diff.index[diff["stage"] == "trained"][1]
+    diff.loc[wide, ["ci_low", "ci_high"]] = [-50.0, 50.0]
+    fig = figures_compare._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert high - low < 10  # the points, not the wide bar, set the axis
+    ends = [line for line in ax.get_lines() if line.get_marker() in ("^", "v")]
+    assert sorted(line.get_marker() for line in ends) == ["^", "v"]
+    assert any("the bar continues past the panel" in t for t in figure_texts(fig))
 
 
 def test_plot_differences_stars_only_corrected_significant_layers():
@@ -216,20 +299,25 @@ def test_plot_differences_stars_only_corrected_significant_layers():
     fig = figures_compare._figure_differences(diff, DATA_LABEL, ["mean_cosine"])
     stars = [l for l in fig.axes[0].get_lines() if l.get_marker() == "*"]
     starred = sum(len(l.get_xdata()) for l in stars)
-    assert starred == int(diff["significant"].sum()) == int(diff["significant"].sum())
+    assert starred == int(diff["significant"].sum())
     assert starred < int((diff["p_value"] < 0.05).sum())
     texts = figure_texts(fig)
     assert any("significant after Benjamini–Hochberg (FDR 5%)" in t and "layer × metric tests" in t for t in texts)
 
 
 def test_plot_differences_legend_stays_inside_the_figure():
-    """The legend is what says which correction the stars use: it must be readable whole,
-    not run past the figure's edges (three legend columns did at this width)."""
-    summaries = make_summaries({"A": [0, 1, 2], "B": [0, 1, 2], "C": [0, 1, 2], "D": [0, 1, 2]})
-    diff = compute_differences(summaries, [("A", "B"), ("C", "D"), ("A", "C"), ("B", "D")], METRICS)
+    """The legend is what says which interval, test and correction the figure uses and
+    what the by-construction marks mean: it must be readable whole, not run past the
+    figure's edges (three legend columns did at this width)."""
+    summaries = noisy_summaries({"A": [0, 1, 2], "B": [0, 1, 2], "C": [0, 1, 2], "D": [0, 1, 2]},
+                                identical_init_embedding=True)
+    diff = compute_differences(summaries, [("A", "B"), ("C", "D"), ("A", "C"), ("B", "D")], METRICS, ARCHITECTURES)
+    wide = diff.index[diff["stage"] == "trained"][1]
+    diff.loc[wide, ["ci_low", "ci_high"]] = [-50.0, 50.0]  # the clipped-bar entry too: every entry at once
     fig = figures_compare._figure_differences(diff, DATA_LABEL, METRICS)
     fig.draw_without_rendering()
     (legend,) = fig.legends
+    assert len(legend.get_texts()) == 9
     box, page = legend.get_window_extent(), fig.bbox
     assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0
 

@@ -113,6 +113,7 @@ def test_every_declared_output_exists_and_is_sane(finished_run):
     assert sorted(table["variant"]) == sorted(VARIANTS)
     differences = pd.read_csv(out / "compare" / "difference.csv")
     assert list(differences["comparison"].unique()) == ["llama-preln - llama-postln"]
+    assert "tests were run" in (out / "compare" / "findings.md").read_text(encoding="utf-8")
     for figure in ("difference", "similarity_by_layer", "perplexity"):
         assert Image.open(out / "compare" / f"{figure}.png").size[0] > 300
     for log in (out / "logs").rglob("*.log"):
@@ -157,7 +158,7 @@ def test_editing_one_variant_reruns_only_its_jobs(finished_run, tmp_path):
     assert {"train", "evaluate", "geometry"} <= per_variant
     assert {rule for rule, variant in jobs if not variant} <= {
         "all", "perplexity_table", "plot_perplexity", "plot_similarity_by_layer", "difference_table",
-        "plot_differences"}
+        "plot_differences", "findings"}
     assert not {"prepare_corpus", "tokenize_split", "build_tokenizer"} & {rule for rule, _ in jobs}
 
 
@@ -262,7 +263,7 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
         assert planned_after_editing(module) == rules, module
     assert planned_after_editing("figure_style") == set().union(*FIGURE_RULES.values())
     assert planned_after_editing("compare") == {"perplexity_table", "plot_perplexity", "difference_table",
-                                                "plot_differences"}
+                                                "plot_differences", "findings"}
     after_metrics = planned_after_editing("metrics")
     assert {"geometry", "evolution_geometry"} <= after_metrics and not {"train", "evaluate"} & after_metrics
     assert {"train", "evaluate", "geometry"} <= planned_after_editing("model")

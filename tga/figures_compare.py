@@ -8,6 +8,7 @@ from :mod:`tga.stats`. A run whose training diverged is named in the subtitle
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +35,8 @@ from tga.figure_style import (
     stage_step,
     variant_colors,
 )
-from tga.stats import CORRECTION_TEXT, mean_ci95
-from tga.tables import STAGES, layer_names, load_summaries, per_seed_means
+from tga.stats import CORRECTION_TEXT, INTERVAL_DESCRIPTION, mean_ci95
+from tga.tables import STAGES, layer_names, load_summaries, parse_seed_values, per_seed_means, text_column
 
 __all__ = [
     "diverged_note",
@@ -135,15 +136,26 @@ def plot_similarity_by_layer_files(
 # ----------------------------------------------------------------------------- differences
 
 
+#: Where each stage's points sit beside the layer's tick, so init and trained never overlap.
+STAGE_OFFSET = {"init": -0.17, "trained": 0.17}
+#: How far past the points an interval may push a metric's axis, as a share of the points' span:
+#: with 3 seeds t(2) = 4.3 makes intervals several times the seeds' spread, and an axis
+#: stretched to the widest of them would flatten every point (they are clipped and marked instead).
+INTERVAL_OVERHANG = 0.5
+#: Colour of the layers a norm sets, and of the rows identical by construction.
+CONSTRUCTION_GREY = "0.55"
+NORM_SHADE = "0.9"
+
+
 def _method_text(g: pd.DataFrame) -> str:
-    """Per-panel note on how the CI was formed (layers without data, e.g. update_norm at 0, ignored)."""
-    g = g[g["method"] != "no-data"]
+    """How one comparison's intervals were formed (layers without data, e.g. update_norm at 0, ignored)."""
+    g = g[~g["method"].isin(["no-data", "missing"])]
     methods = set(g["method"])
     if methods == {"paired"}:
-        return f"paired by seed, n = {fmt_range(g['n_seeds'])} seeds"
+        return f"paired, {fmt_range(g['n_seeds'])} seeds"
     if "welch" in methods:
-        return f"Welch (unpaired), n = {fmt_range(g['n_a'])} vs {fmt_range(g['n_b'])} seeds"
-    return "1 seed: no CI"
+        return f"Welch, {fmt_range(g['n_a'])} vs {fmt_range(g['n_b'])} seeds"
+    return "1 seed: no interval"
 
 
 def _family_text(df: pd.DataFrame) -> str:
@@ -156,87 +168,182 @@ def _family_text(df: pd.DataFrame) -> str:
     return f"the {counts} layer × metric tests of each comparison and stage"
 
 
-def _difference_panel(ax: Axes, g: pd.DataFrame, metric: str) -> bool:
-    """A − B of one comparison and metric per layer, init and trained; True if it has an interval."""
-    any_ci = False
-    ax.axhline(0.0, color="black", lw=0.8)
+def _panel_values(g: pd.DataFrame) -> np.ndarray:
+    """Every mean and per-seed difference a panel draws (what its axis must show)."""
+    values = list(g["mean_diff"].astype(float))
+    for cell in text_column(g, "seed_differences"):
+        values += list(parse_seed_values(cell).values())
+    return np.asarray(values, dtype=float)
+
+
+def _metric_limits(df: pd.DataFrame, metric: str) -> tuple[float, float] | None:
+    """One y range per metric, shared by every comparison: the points and zero, and the
+    intervals as far as :data:`INTERVAL_OVERHANG` allows."""
+    g = df[df["metric"] == metric]
+    points = np.append(_panel_values(g), 0.0)
+    points = points[np.isfinite(points)]
+    if points.size == 0:
+        return None
+    lo, hi = float(points.min()), float(points.max())
+    span = hi - lo if hi > lo else max(abs(hi), 1.0)
+    ci_lo, ci_hi = g["ci_low"].astype(float).to_numpy(), g["ci_high"].astype(float).to_numpy()
+    if np.isfinite(ci_lo).any():
+        lo = max(min(lo, float(np.nanmin(ci_lo))), lo - INTERVAL_OVERHANG * span)
+        hi = min(max(hi, float(np.nanmax(ci_hi))), hi + INTERVAL_OVERHANG * span)
+    pad = 0.06 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _difference_panel(ax: Axes, g: pd.DataFrame, limits: tuple[float, float]) -> dict[str, bool]:
+    """A − B of one comparison and metric per layer, init and trained: each seed a dot, the
+    mean a dash, the interval a thin bar (clipped at ``limits`` and marked there), a star
+    where significant, a grey column where a norm sets the value, a hollow grey circle
+    where A and B are identical by construction. Returns which marks it drew."""
+    drawn = {"ci": False, "seeds": False, "clipped": False, "norm": False, "identical": False, "star": False}
+    ax.axhline(0.0, color="black", lw=0.8, zorder=1)
+    construction = text_column(g, "construction")
+    for layer in sorted(g.loc[construction == "norm", "layer"].astype(int).unique()):
+        ax.axvspan(layer - 0.45, layer + 0.45, color=NORM_SHADE, zorder=0, linewidth=0)
+        drawn["norm"] = True
+    low, high = limits
     for stage in STAGES:
         s = g[g["stage"] == stage].sort_values("layer")
         if s.empty:
             continue
         style = STAGE_STYLE[stage]
-        x = s["layer"].to_numpy(dtype=float)
-        ax.plot(x, s["mean_diff"].to_numpy(float), marker="o", ms=3, **style)
+        color = style["color"]
+        x = s["layer"].to_numpy(dtype=float) + STAGE_OFFSET[stage]
+        mean = s["mean_diff"].to_numpy(float)
+        same = (text_column(s, "construction") == "identical").to_numpy()
+        ax.plot(x, mean, color=color, linestyle=style["linestyle"], lw=0.8, alpha=0.6, zorder=2)
+        for xi, cell in zip(x[~same], text_column(s, "seed_differences").to_numpy()[~same]):
+            seeds = parse_seed_values(cell)
+            if len(seeds) > 1 or (seeds and not np.isfinite(s["ci_low"].astype(float)).any()):
+                jitter = np.linspace(-0.05, 0.05, len(seeds)) if len(seeds) > 1 else np.zeros(1)
+                ax.plot(xi + jitter, list(seeds.values()), linestyle="none", marker="o", ms=2.8, color=color,
+                        alpha=0.55, markeredgewidth=0, zorder=3)
+                drawn["seeds"] = True
         lo, hi = s["ci_low"].to_numpy(float), s["ci_high"].to_numpy(float)
-        if np.isfinite(lo).any():
-            any_ci = True
-            ax.fill_between(x, lo, hi, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
-        star = s[s["significant"].astype(bool)]
-        if not star.empty:
-            ax.plot(star["layer"].to_numpy(float), star["mean_diff"].to_numpy(float), linestyle="none",
-                    marker="*", ms=11, color=style["color"], markeredgecolor="black", markeredgewidth=0.5)
-    setup_layer_axis(ax, layer_names(g))
-    ax.set_ylabel(f"Δ {metric_label(metric)}", fontsize=8)
-    ax.text(0.02, 0.97, _method_text(g), transform=ax.transAxes, ha="left", va="top", fontsize=7,
-            color="0.25", bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.85, "pad": 2})
-    ax.grid(alpha=0.3)
-    return any_ci
+        has_ci = np.isfinite(lo) & np.isfinite(hi) & ~same
+        if has_ci.any():
+            drawn["ci"] = True
+            ax.vlines(x[has_ci], np.clip(lo[has_ci], low, high), np.clip(hi[has_ci], low, high), color=color,
+                      lw=1.0, zorder=3)
+            for clipped, edge, marker in ((lo < low, low, "v"), (hi > high, high, "^")):
+                clipped &= has_ci
+                if clipped.any():
+                    drawn["clipped"] = True
+                    ax.plot(x[clipped], np.full(int(clipped.sum()), edge), linestyle="none", marker=marker, ms=4,
+                            color=color, clip_on=False, zorder=4)
+        ax.plot(x[~same], mean[~same], linestyle="none", marker="_", ms=9, markeredgewidth=1.8, color=color,
+                zorder=4)
+        if same.any():
+            drawn["identical"] = True
+            ax.plot(x[same], mean[same], linestyle="none", marker="o", ms=5, markerfacecolor="white",
+                    markeredgecolor=CONSTRUCTION_GREY, zorder=4)
+        star = s["significant"].astype(bool).to_numpy()
+        if star.any():
+            drawn["star"] = True
+            ax.plot(x[star], mean[star], linestyle="none", marker="*", ms=10, color=color,
+                    markeredgecolor="black", markeredgewidth=0.5, zorder=5)
+    ax.set_ylim(low, high)
+    ax.grid(axis="y", alpha=0.3)
+    return drawn
+
+
+def _difference_legend(fig: Figure, df: pd.DataFrame, drawn: dict[str, bool]) -> None:
+    """The one place the figure states what its marks, its interval and its test are."""
+    entries: list[tuple[object, str]] = [
+        (Line2D([], [], marker="_", ms=9, markeredgewidth=1.8, **STAGE_STYLE[s]),
+         f"{s}: mean A − B over seeds ({'dashed' if s == 'init' else 'solid'} line)") for s in STAGES
+    ]
+    entries.append((Line2D([], [], color="black", lw=0.8), "zero (no difference)"))
+    if drawn["seeds"]:
+        entries.append((Line2D([], [], linestyle="none", marker="o", ms=3, color="0.4", alpha=0.7),
+                        "dot: one seed's A − B"))
+    if drawn["ci"]:
+        entries.append((Line2D([], [], color="0.3", lw=1.0), f"bar: {INTERVAL_DESCRIPTION}"))
+        entries.append((Line2D([], [], linestyle="none", marker="*", ms=10, color="0.5", markeredgecolor="black"),
+                        f"star: t-test significant after {CORRECTION_TEXT} over {_family_text(df)}"))
+    if drawn["clipped"]:
+        entries.append((Line2D([], [], linestyle="none", marker="^", ms=4, color="0.3"),
+                        "▲▼: the bar continues past the panel (difference.csv has it whole)"))
+    if drawn["norm"]:
+        entries.append((Patch(color=NORM_SHADE),
+                        "grey column: a norm sets this value, by construction (construction_note in difference.csv)"))
+    if drawn["identical"]:
+        entries.append((Line2D([], [], linestyle="none", marker="o", ms=5, markerfacecolor="white",
+                               markeredgecolor=CONSTRUCTION_GREY),
+                        "hollow grey circle: A = B at every seed, by construction (not a test)"))
+    # Two columns of entries wrapped at 72 characters: the legend never runs past the figure's
+    # edges (a single line of the star's entry did at the quick config's width).
+    fig.legend([h for h, _ in entries], [textwrap.fill(t, 72) for _, t in entries], loc="outside lower center",
+               ncols=2, fontsize=8)
 
 
 def _figure_differences(diff_df: pd.DataFrame, data_label: str, metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
     df = diff_df.copy()
-    if "missing" not in df.columns:
-        df["missing"] = ""
-    df["missing"] = df["missing"].fillna("").astype(str)
+    df["missing"] = text_column(df, "missing")
     comps = list(dict.fromkeys(zip(df["comparison"], df["a"], df["b"])))
     n_rows = max(1, len(comps))
-    fig = new_figure(4.2 * len(metrics), 2.9 * n_rows + 1.0)
+    fig = new_figure(4.2 * len(metrics), 2.4 * n_rows + 1.6)
     axes = fig.subplots(n_rows, len(metrics), squeeze=False)
     if not comps:
         for ax in axes[0]:
             no_data(ax, "no comparisons")
-    any_ci = False
+    drawable = df[df["stage"].isin(STAGES) & df["layer"].notna() & (df["missing"] == "")]
+    limits = {metric: _metric_limits(drawable, metric) for metric in metrics}
+    names_per_row = [layer_names(drawable[drawable["comparison"] == comp]) for comp, _, _ in comps]
+    shared_layers = len({tuple(sorted(n.items())) for n in names_per_row if n}) <= 1
+    drawn: dict[str, bool] = {}
+    lowest_drawn: dict[int, int] = {}  # column -> the lowest row with data, which carries the layer names
     for r, (comp, a, b) in enumerate(comps):
         cdf = df[df["comparison"] == comp]
         missing = ", ".join(dict.fromkeys(m for m in cdf["missing"] if m))
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
-            ax.set_title(f"{esc(a)} − {esc(b)}", fontsize=9)
+            if r == 0:
+                ax.set_title(textwrap.fill(f"Δ {metric_label(metric)}", 42), fontsize=9)
+            if c == 0:  # the row's one label: the comparison, and how its seeds were matched
+                ax.set_ylabel(f"{esc(a)}\n− {esc(b)}" + ("" if missing else f"\n({_method_text(cdf)})"), fontsize=9)
             if missing:
                 no_data(ax, f"missing: {missing}")
                 continue
-            g = cdf[(cdf["metric"] == metric) & cdf["stage"].isin(STAGES) & cdf["layer"].notna()]
-            if g.empty:
+            g = drawable[(drawable["comparison"] == comp) & (drawable["metric"] == metric)]
+            if g.empty or limits[metric] is None:
                 no_data(ax, f"no data for {metric}")
                 continue
-            any_ci = _difference_panel(ax, g, metric) or any_ci
-    handles: list[object] = [Line2D([], [], marker="o", ms=3, **STAGE_STYLE[s]) for s in STAGES]
-    labels = ["init: A − B (dashed)", "trained: A − B (solid)"]
-    handles.append(Line2D([], [], color="black", lw=0.8))
-    labels.append("zero (no difference)")
-    if any_ci:
-        handles.append(Patch(color="0.6", alpha=0.5))
-        labels.append("shaded: 95% CI of A − B across seeds (paired t if same seeds, else Welch)")
-        handles.append(Line2D([], [], linestyle="none", marker="*", ms=11, color="0.5", markeredgecolor="black"))
-        labels.append(f"star: significant after {CORRECTION_TEXT} over {_family_text(df)}")
-    # Two columns: the long CI and star entries share one, so the legend never runs past
-    # the figure's edges (three columns cut the star's text off at the quick config's width).
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+            for key, value in _difference_panel(ax, g, limits[metric]).items():
+                drawn[key] = drawn.get(key, False) or value
+            setup_layer_axis(ax, names_per_row[r], xlabel="" if shared_layers else "layer")
+            lowest_drawn[c] = r
+    if shared_layers:  # one set of layer names per column, under its lowest panel
+        for r, row in enumerate(axes):
+            for c, ax in enumerate(row):
+                if c in lowest_drawn and r < lowest_drawn[c]:
+                    ax.tick_params(labelbottom=False)
+                elif c in lowest_drawn and r == lowest_drawn[c]:
+                    ax.set_xlabel("layer")
+    _difference_legend(fig, df, {key: drawn.get(key, False) for key in
+                                 ("ci", "seeds", "clipped", "norm", "identical", "star")})
     seeds_note = ""
     if "method" in df.columns and (df["method"] == "single-seed").all():
         seeds_note = " (single seed: no uncertainty estimate)"
-    figure_title(fig, f"Architecture differences A − B by layer{seeds_note}", data_label)
+    figure_title(fig, f"Architecture differences A − B by layer, one axis per metric{seeds_note}", data_label)
     return fig
 
 
 def plot_differences(diff_df: pd.DataFrame, out_path: Path | str, data_label: str,
                      metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
-    """Grid of A − B per layer (rows = comparisons, columns = metrics) from ``tga.compare.compute_differences``.
+    """Grid of A − B per layer (rows = comparisons, columns = metrics, one y axis per
+    metric) from ``tga.compare.compute_differences``: each seed's difference a dot, the
+    mean a dash, the 95% interval a thin bar.
 
     Stars mark layers whose difference is significant after the Benjamini–Hochberg
-    correction (``significant`` in the table); a comparison with a variant lacking data
-    shows 'missing: <variant>' instead of vanishing.
+    correction (``significant`` in the table); a grey column marks a value a norm sets
+    and a hollow grey circle a row identical in A and B by construction (``construction``);
+    a comparison with a variant lacking data shows 'missing: <variant>' instead of vanishing.
     """
     return save(_figure_differences(diff_df, data_label, metrics), out_path)
 

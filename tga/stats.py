@@ -16,9 +16,23 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+#: False discovery rate of the correction, and the adjusted p-value below which a difference is significant.
 ALPHA = 0.05
+#: The correction as written in ``difference.csv``'s ``correction`` column (ASCII, for tables).
 CORRECTION = "Benjamini-Hochberg"
-CORRECTION_TEXT = "Benjamini–Hochberg (FDR 5%)"
+#: The correction's name in prose: figures, findings and the report's captions use these words.
+CORRECTION_NAME = "Benjamini–Hochberg"
+#: The correction with its rate, as the figure's legend and the findings state it.
+CORRECTION_TEXT = f"{CORRECTION_NAME} (FDR {ALPHA:.0%})"
+#: The interval every A − B carries (:func:`paired_difference`, :func:`welch_difference`).
+INTERVAL_DESCRIPTION = (
+    "95% t-interval of A − B across seeds, paired by seed when A and B share their seeds, otherwise Welch's"
+)
+#: The test behind every p-value.
+TEST_DESCRIPTION = (
+    "two-sided t-test across seeds: paired by seed (one-sample on the per-seed differences) when A and B "
+    "share their seeds, otherwise Welch's unequal-variance test"
+)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -56,3 +56,32 @@ def load_summaries(summary_paths: Sequence[str | Path], labels: Sequence[dict[st
         frame["seed"] = int(label["seed"])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def format_seed_values(values: Mapping[int, float]) -> str:
+    """``{seed: value}`` as one table cell, ``"0:0.125;1:0.25"``: the per-seed differences
+    behind a row of ``difference.csv``, written exactly (``repr``) so figures draw the
+    seeds themselves and not a rounded copy. No values give the empty string."""
+    return ";".join(f"{int(seed)}:{float(value)!r}" for seed, value in sorted(values.items()))
+
+
+def parse_seed_values(cell: object) -> dict[int, float]:
+    """The inverse of :func:`format_seed_values`; an empty or missing cell (NaN after a
+    CSV round trip) is no values."""
+    if not isinstance(cell, str) or not cell.strip():
+        return {}
+    values: dict[int, float] = {}
+    for item in cell.split(";"):
+        seed, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"per-seed values {cell!r}: expected 'seed:value' items separated by ';'")
+        values[int(seed)] = float(value)
+    return values
+
+
+def text_column(df: pd.DataFrame, column: str) -> pd.Series:
+    """A text column of a result table as strings: '' where the column is absent or a
+    cell is empty (a CSV round trip reads an all-empty column back as float NaN)."""
+    if column not in df.columns:
+        return pd.Series("", index=df.index, dtype=object)
+    return df[column].map(lambda value: "" if pd.isna(value) else str(value)).astype(object)

@@ -1,5 +1,6 @@
 # Across all variants and seeds: perplexity table and bars, similarity by layer,
-# and A − B differences for every configured comparison (the table, then its figure).
+# and A − B differences for every configured comparison (the table, then its figure
+# and the findings written from it).
 from tga.fingerprint import code_fingerprint
 
 
@@ -104,6 +105,12 @@ rule difference_table:
         code=code_fingerprint("tga.compare"),
         labels=lambda wildcards: trained_runs(wildcards) + pretrained_labels(),
         comparisons=config["comparisons"],
+        # variant -> where its norms sit and which norm: tga.compare.norm_effect labels
+        # the values a norm sets from them (pretrained entries are not listed).
+        architectures=lambda wildcards: {
+            variant: {key: resolve_variant(config, variant)["model"][key] for key in ("norm_position", "norm")}
+            for variant in VARIANTS
+        },
     log:
         "outputs/logs/compare/difference_table.log",
     benchmark:
@@ -144,3 +151,29 @@ rule plot_differences:
         "../envs/tga.yaml"
     script:
         "../scripts/plot_differences.py"
+
+
+rule findings:
+    input:
+        table=rules.difference_table.output[0],
+    output:
+        report(
+            "outputs/compare/findings.md",
+            caption="../report/findings.rst",
+            category="comparison",
+            subcategory="differences A − B",
+            labels={"figure": "findings"},
+        ),
+    params:
+        code=code_fingerprint("tga.findings"),
+    log:
+        "outputs/logs/compare/findings.log",
+    benchmark:
+        "outputs/benchmarks/compare/findings.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/tga.yaml"
+    script:
+        "../scripts/findings.py"

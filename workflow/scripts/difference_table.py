@@ -4,5 +4,9 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     write_differences(
-        list(snakemake.input), snakemake.params.labels, snakemake.params.comparisons, snakemake.output[0]
+        list(snakemake.input),
+        snakemake.params.labels,
+        snakemake.params.comparisons,
+        snakemake.output[0],
+        snakemake.params.architectures,
     )
