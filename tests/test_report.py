@@ -278,8 +278,6 @@ def correction_problems(caption: str, correction: str) -> list[str]:
 
 
 @pytest.mark.workflow
-@pytest.mark.xfail(strict=True, reason="workflow/report/difference.rst still says 'no correction'; the compare "
-                   "helper rewrites it. Remove this mark when the rewrite is merged.")
 def test_the_difference_caption_names_the_correction_the_code_applies(report, tiny_study, drawn):
     correction = _correction_used(tiny_study)
     assert _normalise(correction) in _normalise(drawn["plot_differences"])  # the figure's legend names it
