@@ -175,7 +175,7 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=int, nargs="+", default=None,
                    help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, "
                         "-1 = after the final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
-    _schema_flag(g, "geometry", "exclude_first_token", action="store_true")
+    _schema_flag(g, "geometry", "exclude_first_token", nargs="?", const=True)  # a bare flag means true
     _schema_flag(g, "geometry", "knn_k")
     _schema_flag(g, "geometry", "device", "--analysis-device", dest="analysis_device")
 
