@@ -566,3 +566,27 @@ def test_geometry_layers_draws_the_floors_readable_log_axes_and_labels_clear_of_
                 assert ax.yaxis.label.get_window_extent(renderer).y1 < title_bottom, ax.get_ylabel()
     out = figures_model.plot_geometry_layers(summary, tmp_path / "g.png", "v", "d")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hf_tokenizer_says_whether_it_adds_a_bos():
+    """tga.pretrained.HFTokenizer probes its tokenizer: a Llama-style post-processor that
+    puts <s> first is a BOS (auto then drops position 0); a tokenizer that has a BOS token
+    but does not add it (GPT-2's) is not."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from tga.pretrained import HFTokenizer
+
+    def hf(add_bos: bool) -> HFTokenizer:
+        words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        if add_bos:
+            words.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>")
+        return HFTokenizer(fast, "tiny")
+
+    with_bos, without = hf(True), hf(False)
+    assert with_bos.encode("a b") == [1, 2, 3] and with_bos.adds_bos and geo.tokenizer_adds_bos(with_bos)
+    assert without.encode("a b") == [2, 3] and not without.adds_bos
+    assert geo.resolve_exclude_first_token("auto", with_bos.adds_bos) is True
+    assert geo.resolve_exclude_first_token("auto", without.adds_bos) is False
