@@ -435,8 +435,10 @@ def pooled_distinct(hidden: Sequence[torch.Tensor], token_ids: Sequence[Sequence
     ids = [int(t) for seq in token_ids for t in seq]
     if len(ids) != pooled.shape[1]:
         raise GeometryError(f"the pooled TwoNN got {len(ids)} token ids for {pooled.shape[1]} tokens")
-    seen: set[int] = set()
-    keep = [i for i, tok in enumerate(ids) if not (tok in seen or seen.add(tok))]
+    first = {}
+    for i, tok in enumerate(ids):
+        first.setdefault(tok, i)
+    keep = sorted(first.values())
     return pooled[:, torch.as_tensor(keep, dtype=torch.long, device=pooled.device)]
 
 
