@@ -557,7 +557,10 @@ def test_geometry_layers_draws_the_floors_readable_log_axes_and_labels_clear_of_
         assert all("10^" not in s and "$" not in s for s in shown), shown
     # every y label ends below the figure title (the update-norm label ran into it), also
     # in the one-row figure of the three panels it used to have
-    for drawn in (fig, figures_model._figure_geometry_layers(summary, "v", "d", METRICS_ROW)):
+    row = figures_model._figure_geometry_layers(  # the quick config's title, with which the label ran over
+        summary, "llama-preln, seed 0", "WikiText-2 sample (CPU demo): trained on part of wiki.valid.raw, "
+        "evaluated on part of wiki.test.raw", METRICS_ROW)
+    for drawn in (fig, row):
         renderer = FigureCanvasAgg(drawn).get_renderer()
         drawn.draw(renderer)
         title_bottom = drawn._suptitle.get_window_extent(renderer).y0
