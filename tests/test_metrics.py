@@ -231,21 +231,23 @@ def test_common_direction_share_isotropic_is_one_over_d():
 # ------------------------------------------------------------------ Ethayarajh's baseline
 
 
-def test_cross_prompt_pairs_are_across_prompts_distinct_and_seeded():
-    sizes = [3, 1, 4]
-    first, second = met.cross_prompt_pairs(sizes, n_pairs=5000, seed=3)
-    owner = np.repeat([0, 1, 2], sizes)
-    assert len(first) == len(second) == 5000
-    assert (owner[first] != owner[second]).all()
-    assert set(first) == set(range(8)) and set(second) == set(range(8))  # every token is reachable
-    again = met.cross_prompt_pairs(sizes, n_pairs=5000, seed=3)
-    assert (again[0] == first).all() and (again[1] == second).all()
-    # with ids, a pair never holds one id twice: prompt 0 = ids (5, 6), prompt 1 = (5,)
-    f, s2 = met.cross_prompt_pairs([2, 1], token_ids=[5, 6, 5], n_pairs=200)
-    assert {(int(i), int(j)) for i, j in zip(f, s2)} == {(1, 2), (2, 1)}
-    for no_pair in ([4], [4, 0], ):
-        assert met.cross_prompt_pairs(no_pair)[0].size == 0
-    assert met.cross_prompt_pairs([1, 1], token_ids=[7, 7])[0].size == 0
+def _brute_force_cross_prompt_cosine(prompts, ids=None):
+    """The definition as a double loop: every ordered pair of tokens of different prompts,
+    leaving out two copies of one id."""
+    units = [met._unit(p) for p in prompts]
+    total = torch.zeros(prompts[0].shape[0], dtype=torch.float64)
+    n = 0
+    for a, ua in enumerate(units):
+        for b, ub in enumerate(units):
+            if a == b:
+                continue
+            for i in range(ua.shape[1]):
+                for j in range(ub.shape[1]):
+                    if ids is not None and ids[a][i] == ids[b][j]:
+                        continue
+                    total += (ua[:, i] * ub[:, j]).sum(-1)
+                    n += 1
+    return total / n
 
 
 def test_cross_prompt_cosine_constructed_cases():
@@ -257,21 +259,67 @@ def test_cross_prompt_cosine_constructed_cases():
     assert met.cross_prompt_cosine([a, a]).item() == pytest.approx(1.0)
     assert met.cross_prompt_cosine([a, diag]).item() == pytest.approx(1 / math.sqrt(2))
     assert math.isnan(met.cross_prompt_cosine([a]).item())  # one prompt: no pair
+    # the only cross pairs hold one id twice: none left
+    assert math.isnan(met.cross_prompt_cosine([a[:, :1], b[:, :1]], [[7], [7]]).item())
 
 
-def test_cross_prompt_cosine_estimates_the_mean_over_cross_pairs():
+def test_cross_prompt_cosine_is_the_exact_mean_over_every_cross_pair():
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randn(2, n, 6, dtype=torch.float64, generator=g) + 1.0 for n in (5, 9, 7)]
-    got = met.cross_prompt_cosine(prompts)
-    # exact expectation: first token uniform over all, second uniform over other prompts
-    u = [met._unit(p) for p in prompts]
-    owner = [i for i, p in enumerate(prompts) for _ in range(p.shape[1])]
-    pooled = torch.cat(u, dim=1)
-    cos = pooled @ pooled.transpose(-2, -1)
-    other = torch.tensor([[owner[i] != owner[j] for j in range(len(owner))] for i in range(len(owner))])
-    expected = ((cos * other).sum(-1) / other.sum(-1)).mean(-1)
-    assert torch.allclose(got, expected, atol=0.01)  # s.e. of 10000 pairs ~ 0.3 / 100
-    assert got.shape == (2,)
+    prompts = [torch.randn(3, n, 6, dtype=torch.float64, generator=g) + 0.7 for n in (5, 9, 7, 4)]
+    prompts[1][:, 2] = 0.0  # a zero vector: cosine 0 with everything, and still a pair
+    # ids repeat ACROSS prompts (never within one): 3 is in prompts 0, 1 and 3, 11 in 1 and 2
+    ids = [[1, 2, 3, 4, 5], [3, 6, 7, 8, 9, 10, 11, 12, 13], [11, 14, 15, 16, 17, 18, 19], [3, 20, 21, 22]]
+    got = met.cross_prompt_cosine(prompts, ids)
+    assert got.shape == (3,)
+    assert torch.allclose(got, _brute_force_cross_prompt_cosine(prompts, ids), rtol=0, atol=1e-12)
+    # without ids every cross pair counts, and leaving the repeated ids out does change the value
+    no_ids = met.cross_prompt_cosine(prompts)
+    assert torch.allclose(no_ids, _brute_force_cross_prompt_cosine(prompts), rtol=0, atol=1e-12)
+    assert (no_ids - got).abs().max() > 1e-4
+    with pytest.raises(GeometryError, match="an id twice within a prompt"):
+        met.cross_prompt_cosine(prompts[:2], [ids[0], [6, 6, 7, 8, 9, 10, 11, 12, 13]])
+    with pytest.raises(GeometryError, match="got 13 token ids for 14 tokens"):
+        met.cross_prompt_cosine(prompts[:2], [ids[0], ids[1][:-1]])
+
+
+# ------------------------------------------------------------------ TwoNN: pooled, and its noise floor
+
+
+def test_pooled_distinct_keeps_each_id_once_at_its_first_prompt():
+    a = torch.arange(12, dtype=torch.float64).reshape(1, 3, 4)
+    b = 100 + torch.arange(8, dtype=torch.float64).reshape(1, 2, 4)
+    pooled = met.pooled_distinct([a, b], [[5, 6, 7], [6, 8]])
+    assert torch.equal(pooled, torch.cat([a, b[:, 1:]], dim=1))  # b's copy of id 6 is left out
+
+
+def test_gaussian_floor_is_the_estimators_on_seeded_gaussians_and_caps_small_samples():
+    fits, mles = met.gaussian_twonn_draws(21, 64)
+    assert len(fits) == len(mles) == met.NULL_DRAWS
+    # the issue's measurement: 21 Gaussian points in 64 dimensions read about 27, not 64
+    assert 20 < np.mean(fits) < 35 and 20 < np.mean(mles) < 35
+    # the draws are the estimators on isotropic Gaussians of that (N, d), seed NULL_SEED
+    gen = torch.Generator().manual_seed(met.NULL_SEED)
+    first = torch.randn(8, 21, 64, dtype=torch.float64, generator=gen)
+    assert fits[:8] == pytest.approx(met.twonn_intrinsic_dimension(first).tolist(), rel=1e-12)
+    assert mles[:8] == pytest.approx(met.twonn_mle(first).tolist(), rel=1e-12)
+    # with many points in few dimensions the floor reaches the true dimension
+    assert np.mean(met.gaussian_twonn_draws(1000, 3)[0]) == pytest.approx(3.0, abs=0.3)
+    assert met.gaussian_twonn_draws(21, 64) is met.gaussian_twonn_draws(21, 64)  # cached
+    assert met.gaussian_twonn_draws(2, 64) == ((), ())
+    bands = met.twonn_null(21, 64, t([5.0, 1e6]), mle=False)
+    assert bands[0].percentile == 0.0 and bands[1].percentile == 100.0
+    assert bands[0].lo < bands[0].mean < bands[0].hi and bands[0].mean == pytest.approx(np.mean(fits))
+    assert met.twonn_null(21, 64, t([5.0]), mle=True)[0].mean == pytest.approx(np.mean(mles))
+
+
+def test_null_band_hand_values():
+    draws = np.arange(1, 101, dtype=float)  # 1..100
+    band = met.null_band(draws, 10.0)
+    assert band.mean == pytest.approx(50.5)
+    assert band.lo == pytest.approx(np.quantile(draws, 0.025)) and band.hi == pytest.approx(np.quantile(draws, 0.975))
+    assert band.percentile == pytest.approx(10.0)  # 1..10 are at or below 10
+    assert math.isnan(met.null_band(draws, math.nan).percentile)
+    assert all(math.isnan(v) for v in met.null_band(np.array([np.nan]), 1.0))
 
 
 # ------------------------------------------------------------------ Gao et al.'s frequency direction
@@ -285,21 +333,59 @@ def test_mean_logit_frequency_correlation_constructed_embedding():
     m = t([1.0, 0.5])
     emb = torch.stack([t([(2 * lc - 7) , 0.0]) for lc in log_c])
     emb[3] = t([50.0, 0.0])
-    assert met.mean_logit_frequency_correlation(m, emb, None, counts) == pytest.approx(1.0)
-    assert met.mean_logit_frequency_correlation(m, -emb, None, counts) == pytest.approx(-1.0)
-    # the bias counts too: zero embedding logits, bias = log frequency -> r = 1
-    bias = torch.as_tensor(log_c)
-    assert met.mean_logit_frequency_correlation(m, torch.zeros(5, 2), bias, counts) == pytest.approx(1.0)
+    assert met.mean_logit_frequency_correlation(m, emb, counts)[0] == pytest.approx(1.0)
+    assert met.mean_logit_frequency_correlation(m, -emb, counts)[0] == pytest.approx(-1.0)
     # hand value: logits (1, 0, 0, *, 0) against log counts of the seen tokens
     x = np.array([1.0, 0, 0, 0])
     y = np.log([100.0, 10.0, 1.0, 1000.0])
-    emb = torch.zeros(5, 2, dtype=torch.float64)
-    emb[0, 0] = 1.0
-    assert met.mean_logit_frequency_correlation(t([1.0, 0.0]), emb, None, counts) == pytest.approx(
+    one = torch.zeros(5, 2, dtype=torch.float64)
+    one[0, 0] = 1.0
+    assert met.mean_logit_frequency_correlation(t([1.0, 0.0]), one, counts)[0] == pytest.approx(
         np.corrcoef(x, y)[0, 1])
-    assert math.isnan(met.mean_logit_frequency_correlation(m, torch.zeros(5, 2), None, counts))  # constant
+    # the prompts' own tokens are left out: without token 0 the logits are constant -> NaN
+    r, null = met.mean_logit_frequency_correlation(t([1.0, 0.0]), one, counts, exclude_ids=[0])
+    assert math.isnan(r)
+    # ... and leaving token 2 out gives the correlation over tokens 0, 1 and 4
+    r, _ = met.mean_logit_frequency_correlation(m, emb + t([0.0, 1.0]) * t([[0], [0], [9], [0], [0]]), counts,
+                                                exclude_ids=[2, 999])
+    assert r == pytest.approx(1.0)
+    assert math.isnan(met.mean_logit_frequency_correlation(m, torch.zeros(5, 2), counts)[0])  # constant
     with pytest.raises(GeometryError, match="frequency correlation needs"):
-        met.mean_logit_frequency_correlation(m, emb, None, counts[:3])
+        met.mean_logit_frequency_correlation(m, emb, counts[:3])
+
+
+@pytest.mark.parametrize("d", [4, 40])  # the Gram route (d <= directions) and the direct one
+def test_frequency_null_is_the_correlation_of_seeded_random_directions(d):
+    g = torch.Generator().manual_seed(5)
+    v = 300
+    emb = torch.randn(v, d, dtype=torch.float64, generator=g)
+    counts = torch.randint(0, 50, (v,), generator=g).double().numpy()
+    m = torch.randn(d, dtype=torch.float64, generator=g)
+    exclude = [1, 2, 3]
+    r, null = met.mean_logit_frequency_correlation(m, emb, counts, exclude_ids=exclude, n_null=16, seed=9)
+    keep = counts > 0
+    keep[exclude] = False
+    y = np.log(counts[keep])
+    e = emb.numpy()[keep]
+    assert r == pytest.approx(np.corrcoef(e @ m.numpy(), y)[0, 1], abs=1e-12)
+    w = torch.randn(d, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).numpy()
+    expected = [np.corrcoef(e @ w[:, k], y)[0, 1] for k in range(16)]
+    assert null.shape == (16,) and null == pytest.approx(expected, abs=1e-12)
+    again = met.mean_logit_frequency_correlation(m, emb, counts, exclude_ids=exclude, n_null=16, seed=9)[1]
+    assert np.array_equal(null, again)
+
+
+def test_frequency_null_of_a_frequency_shaped_embedding_is_wide():
+    # an embedding whose first axis is log frequency: every direction with a component on
+    # it correlates, so the null band is wide and a mean vector along that axis is at its top
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(1, 1000, (2000,), generator=g).double()
+    emb = torch.randn(2000, 8, dtype=torch.float64, generator=g)
+    emb[:, 0] = 3 * torch.log(counts)
+    r, null = met.mean_logit_frequency_correlation(t([1.0] + [0.0] * 7), emb, counts.numpy())
+    band = met.null_band(null, r)
+    assert r > 0.99 and band.percentile == 100.0
+    assert band.hi > 0.8 and band.lo < -0.8  # random directions already reach |r| > 0.8
 
 
 # ------------------------------------------------------------------ all metrics of a prompt

@@ -196,7 +196,7 @@ def _add_geometry_args(p: argparse.ArgumentParser) -> None:
     _schema_flag(g, "geometry", "heatmap_layers", default=None, metavar="LAYER",
                  help="hidden states stored as similarity heatmaps: 0 = embedding, i = block i, -1 = after the "
                       "final norm; default: 0, the middle block and -1 (0 3 -1 for 6 layers)")
-    _schema_flag(g, "geometry", "exclude_first_token", action="store_true")
+    _schema_flag(g, "geometry", "exclude_first_token", nargs="?", const=True)  # a bare flag means true
     _schema_flag(g, "geometry", "knn_k")
     _schema_flag(g, "geometry", "device", "--geometry-device", dest="geometry_device")
     g.add_argument("--layers", action=_Renamed, new="--heatmap-layers")

@@ -50,6 +50,8 @@ METRIC_LABELS: dict[str, str] = {
     "rank1_residual": "rank-1 residual fraction (unitless)",
     "twonn": "TwoNN intrinsic dimension, Facco fit (dimensions)",
     "twonn_mle": "TwoNN intrinsic dimension, MLE (dimensions)",
+    "twonn_pooled": "TwoNN over all prompts' tokens, Facco fit (dimensions)",
+    "twonn_mle_pooled": "TwoNN over all prompts' tokens, MLE (dimensions)",
     "knn_overlap": "k-NN overlap fraction (unitless)",
     "mean_logit_freq_corr": "Pearson r, mean-vector logits vs log train frequency (unitless)",
 }

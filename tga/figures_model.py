@@ -6,13 +6,16 @@ Each takes one model's files (geometry ``summary.csv``, ``similarity.npz``,
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from tga.figure_style import (
     BAND_ALPHA,
@@ -43,49 +46,110 @@ def _prompt_band_label(df: pd.DataFrame) -> str:
     return f"shaded: ±1 s.d. across {n} prompts"
 
 
+_FLOOR_STYLE = {"color": "tab:purple", "linestyle": ":", "lw": 1.4}
+_FLOOR_LABEL = "isotropic Gaussian of the same N and d (noise floor; band: 95%)"
+_YLABEL_WIDTH = 44  # characters per line: a longer label wraps instead of running into the title
+
+
+def _readable_log_axis(ax: Axes) -> None:
+    """Plain numbers at 1-2-5 steps on a log y axis, where matplotlib's default shows
+    only the one or two powers of ten the range happens to cross."""
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _draw_floor(ax: Axes, sub: pd.DataFrame) -> bool:
+    """The Gaussian reference of a TwoNN panel (the null columns of summary.csv): its
+    mean as a dotted line, its 95% band shaded; the same at every stage (same N and d),
+    so it is drawn once, from the last stage that has it. False when there is none."""
+    if "null_mean" not in sub.columns:
+        return False
+    has = sub[np.isfinite(sub["null_mean"].to_numpy(dtype=float))]
+    if has.empty:
+        return False
+    stage = [s for s in STAGES if (has["stage"] == s).any()][-1]
+    f = has[has["stage"] == stage].sort_values("layer")
+    x = f["layer"].to_numpy(dtype=float)
+    ax.plot(x, f["null_mean"].to_numpy(dtype=float), label=_FLOOR_LABEL, **_FLOOR_STYLE)
+    ax.fill_between(x, f["null_lo"].to_numpy(dtype=float), f["null_hi"].to_numpy(dtype=float),
+                    color=_FLOOR_STYLE["color"], alpha=0.1, linewidth=0)
+    return True
+
+
+def _geometry_panel(ax: Axes, summary: pd.DataFrame, metric: str) -> bool:
+    """One metric across layers, init vs trained (±1 s.d. across prompts where the metric
+    is per prompt), with its Gaussian floor where it has one. False when no data."""
+    sub = summary[(summary["metric"] == metric) & summary["stage"].isin(STAGES)]
+    ax.set_title(textwrap.fill(metric_short(metric), _YLABEL_WIDTH), fontsize=10)
+    if sub.empty:
+        no_data(ax, f"no data for {metric}")
+        return False
+    for stage in STAGES:
+        s = sub[sub["stage"] == stage].sort_values("layer")
+        if s.empty:
+            continue
+        x = s["layer"].to_numpy(dtype=float)
+        m = s["mean"].to_numpy(dtype=float)
+        sd = s["std"].to_numpy(dtype=float)
+        style = STAGE_STYLE[stage]
+        ax.plot(x, m, marker="o", ms=3, label=stage_step(summary, stage), **style)
+        ax.fill_between(x, m - sd, m + sd, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
+    floor = _draw_floor(ax, sub)
+    setup_layer_axis(ax, layer_names(sub))
+    label = metric_label(metric)
+    if "norm" in metric:
+        lo_hi = np.concatenate([(sub["mean"] - sub["std"]).to_numpy(float), sub["mean"].to_numpy(float)])
+        label = maybe_log_y(ax, lo_hi, label)
+        if ax.get_yscale() == "log":
+            _readable_log_axis(ax)
+    elif floor:
+        ax.set_ylim(bottom=0)
+    ax.set_ylabel(textwrap.fill(label, _YLABEL_WIDTH), fontsize=9)
+    ax.grid(alpha=0.3)
+    return True
+
+
 def _figure_geometry_layers(summary: pd.DataFrame, title: str, data_label: str,
                             metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
-    fig = new_figure(4.2 * len(metrics), 4.0)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    legend_done = False
-    for ax, metric in zip(axes, metrics):
-        sub = summary[(summary["metric"] == metric) & summary["stage"].isin(STAGES)]
-        ax.set_title(metric_short(metric), fontsize=10)
-        if sub.empty:
-            no_data(ax, f"no data for {metric}")
-            continue
-        for stage in STAGES:
-            s = sub[sub["stage"] == stage].sort_values("layer")
-            if s.empty:
-                continue
-            x = s["layer"].to_numpy(dtype=float)
-            m = s["mean"].to_numpy(dtype=float)
-            sd = s["std"].to_numpy(dtype=float)
-            style = STAGE_STYLE[stage]
-            ax.plot(x, m, marker="o", ms=3, label=stage_step(summary, stage), **style)
-            ax.fill_between(x, m - sd, m + sd, color=style["color"], alpha=BAND_ALPHA, linewidth=0)
-        setup_layer_axis(ax, layer_names(sub))
-        lo_hi = np.concatenate([(sub["mean"] - sub["std"]).to_numpy(float), sub["mean"].to_numpy(float)])
-        ax.set_ylabel(maybe_log_y(ax, lo_hi, metric_label(metric)) if "norm" in metric
-                      else metric_label(metric))
-        ax.grid(alpha=0.3)
-        if not legend_done:
-            handles, labels = ax.get_legend_handles_labels()
-            handles.append(Patch(color="0.6", alpha=0.5))
-            labels.append(_prompt_band_label(sub))
-            ax.legend(handles, labels, fontsize=8)
-            legend_done = True
+    n_cols = min(3, len(metrics))
+    n_rows = -(-len(metrics) // n_cols)
+    fig = new_figure(4.4 * n_cols, 4.1 * n_rows + 0.6)
+    axes = list(fig.subplots(n_rows, n_cols, squeeze=False).ravel())
+    drawn = [_geometry_panel(ax, summary, metric) for ax, metric in zip(axes, metrics)]
+    handles: dict[str, object] = {}
+    for ax, ok in zip(axes, drawn):
+        if ok:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+    if handles:
+        per_prompt = summary[summary["metric"].isin(metrics) & summary["std"].notna()]
+        handles[_prompt_band_label(per_prompt if not per_prompt.empty else summary)] = Patch(color="0.6", alpha=0.5)
+        spare = axes[len(metrics):]
+        if spare:  # a free cell of the grid holds the legend, clear of every curve
+            spare[0].legend(list(handles.values()), list(handles), loc="center", fontsize=8, frameon=False)
+        else:
+            axes[0].legend(list(handles.values()), list(handles), fontsize=8)
+    for ax in axes[len(metrics):]:
+        ax.axis("off")
     figure_title(fig, title, data_label)
     return fig
 
 
+#: The panels of geometry_layers.png: what training does to the similarity and the norms
+#: at each depth, and the two TwoNN estimates with their Gaussian floors.
+GEOMETRY_LAYER_METRICS: tuple[str, ...] = ("mean_cosine", "token_norm", "update_norm", "twonn", "twonn_pooled")
+
+
 def plot_geometry_layers(summary: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
-                         metrics: Sequence[str] = ("mean_cosine", "token_norm", "update_norm")) -> Path:
+                         metrics: Sequence[str] = GEOMETRY_LAYER_METRICS) -> Path:
     """One model's per-layer geometry, init vs trained, so the effect of training is visible per depth.
 
-    ``summary`` is a geometry ``summary.csv`` (stage,step,layer,layer_name,metric,mean,std,n_prompts).
-    Bands are ±1 s.d. across prompts. A metric absent from the data gets a 'no data' panel.
+    ``summary`` is a geometry ``summary.csv`` (stage,step,layer,layer_name,metric,mean,std,n_prompts
+    and the null columns). Bands are ±1 s.d. across prompts; a metric with a null reference
+    (the TwoNN values) also shows it, a dotted line with its 95% band. A metric absent from
+    the data gets a 'no data' panel.
     """
     return save(_figure_geometry_layers(summary, title, data_label, metrics), out_path)
 

@@ -9,7 +9,8 @@ files; everything here does.
 
 **Which tokens.** Every metric is computed over each token's *first occurrence* in a
 prompt (positions from :func:`analysed_positions`; position 0 is dropped first when
-``exclude_first_token``). The rule depends only on the token ids, so the same token set
+``exclude_first_token`` is true, or is ``auto`` and the tokenizer adds a BOS token:
+:func:`resolve_exclude_first_token`; ``prompts.csv`` records which was done). The rule depends only on the token ids, so the same token set
 is measured at every layer and every training stage. It removes duplicates, which with
 rotary positions are identical at layer 0 (no position is added there) and nearly
 identical after block 1: distance-based metrics would otherwise jump between those two
@@ -17,10 +18,18 @@ layers for no reason but the duplicates.
 
 **Rows.** Per-prompt metrics (:data:`tga.metrics.PROMPT_METRICS`) get one row per prompt
 and layer. The cross-prompt metrics pool the tokens of every prompt; their rows carry
-``prompt = -1`` (:data:`CROSS_PROMPT`): ``cross_prompt_cosine`` at every layer, and
-``mean_logit_freq_corr`` (the mean final-norm vector's logits through the tied output
-embedding against the training split's log token frequency) as one row at the
-``final_norm`` layer, written only when the train token file is given.
+``prompt = -1`` (:data:`CROSS_PROMPT`): ``cross_prompt_cosine``, ``twonn_pooled`` and
+``twonn_mle_pooled`` at every layer, and ``mean_logit_freq_corr`` (the mean final-norm
+vector's logits through the tied output embedding against the training split's log
+token frequency) as one row at the ``final_norm`` layer, written only when the train
+token file is given.
+
+**Null columns.** :data:`NULL_COLUMNS` hold, beside a value that has one, its null
+reference (:class:`tga.metrics.NullBand`): for every TwoNN value the isotropic
+Gaussian of the same number of points and dimensions, for ``mean_logit_freq_corr``
+random directions in the same embedding; NaN elsewhere. They are columns, not metrics,
+so nothing that iterates the ``metric`` column (the A − B comparisons) treats a
+reference as a measurement.
 """
 
 from __future__ import annotations
@@ -38,20 +47,31 @@ import torch
 from tga.atomic import atomic_write
 from tga.metrics import (
     MIN_TOKENS_TWONN,
+    NULL_NAN,
     PROMPT_METRICS,
     GeometryError,
+    NullBand,
     compute_layer_metrics,
     cosine_similarity_matrix,
     cross_prompt_cosine,
     mean_direction,
     mean_logit_frequency_correlation,
+    null_band,
+    pooled_distinct,
+    twonn_both,
+    twonn_null,
 )
 
 __all__ = [
     "CROSS_PROMPT",
+    "NULL_COLUMNS",
     "METRICS_COLUMNS",
     "SUMMARY_COLUMNS",
+    "FIRST_TOKEN_SETTINGS",
     "analysed_positions",
+    "tokenizer_adds_bos",
+    "resolve_exclude_first_token",
+    "prompt_table",
     "train_token_counts",
     "layer_names",
     "load_prompts",
@@ -66,8 +86,15 @@ __all__ = [
 CROSS_PROMPT = -1
 """``prompt`` value of the rows of a metric computed across prompts, not within one."""
 
-METRICS_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "prompt", "n_tokens", "metric", "value"]
-SUMMARY_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "metric", "mean", "std", "n_prompts"]
+NULL_COLUMNS: list[str] = ["null_mean", "null_lo", "null_hi", "null_percentile"]
+"""A value's null reference (:class:`tga.metrics.NullBand`): its mean, 95% band, and the
+value's percentile in it; NaN for a metric without one. In ``summary.csv``, the mean over
+prompts of each prompt's field."""
+_BASE_METRICS_COLUMNS = ["stage", "step", "layer", "layer_name", "prompt", "n_tokens", "metric", "value"]
+METRICS_COLUMNS: list[str] = _BASE_METRICS_COLUMNS + NULL_COLUMNS
+SUMMARY_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "metric", "mean", "std", "n_prompts", *NULL_COLUMNS]
+FIRST_TOKEN_SETTINGS: tuple[object, ...] = ("auto", True, False)
+"""Values of ``geometry.exclude_first_token``."""
 
 
 class _Tokenizer(Protocol):
@@ -95,6 +122,25 @@ def analysed_positions(ids: Sequence[int], exclude_first_token: bool = False) ->
             seen.add(tok)
             keep.append(pos)
     return keep
+
+
+def tokenizer_adds_bos(tokenizer: object) -> bool:
+    """Whether ``tokenizer.encode`` puts a BOS token first (its ``adds_bos``; False if it
+    does not say: tga's own char and GPT-2 tokenizers add none)."""
+    return bool(getattr(tokenizer, "adds_bos", False))
+
+
+def resolve_exclude_first_token(setting: bool | str, adds_bos: bool) -> bool:
+    """``geometry.exclude_first_token`` as a decision: ``auto`` drops position 0 exactly
+    when the tokenizer adds a BOS token, whose attention sink (Xiao et al. 2023) would
+    otherwise enter every metric and the common direction; ``true`` / ``false`` as said."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return bool(adds_bos)
+    raise GeometryError(
+        f"geometry.exclude_first_token must be auto, true or false, got {setting!r}"
+    )
 
 
 def train_token_counts(path: str | os.PathLike[str], vocab_size: int) -> np.ndarray:
@@ -187,17 +233,24 @@ def resolve_layer_indices(layers: Sequence[int], n_layers_total: int) -> list[in
 # --------------------------------------------------------------------------- analysis
 
 
-def _output_layer(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tied output embedding and logit bias (if any) over the real vocabulary."""
+def _output_embedding(model: torch.nn.Module) -> torch.Tensor:
+    """The tied output embedding over the real vocabulary (a logit bias is left out:
+    the frequency correlation asks about the residual stream, not the bias)."""
     emb = getattr(model, "token_embedding", None)
     if not isinstance(emb, torch.nn.Embedding):
         raise GeometryError(
             f"the logit-frequency correlation needs the tied output embedding `token_embedding`; "
             f"{type(model).__name__} has none"
         )
-    vocab = int(model.config.vocab_size)
-    bias = getattr(model, "logit_bias", None)
-    return emb.weight[:vocab], None if bias is None else bias[:vocab]
+    return emb.weight[: int(model.config.vocab_size)]
+
+
+def _rows(stage: str, step: int, names: list[str], prompt: int, n_tok: int, metric: str,
+          values: Sequence[float], nulls: Sequence[NullBand] | None = None) -> list[tuple]:
+    """One metrics.csv row per layer of ``values`` (with its null, NaN without)."""
+    nulls = nulls or [NULL_NAN] * len(values)
+    return [(stage, int(step), j, names[j], prompt, n_tok, metric, float(v), *nb)
+            for j, (v, nb) in enumerate(zip(values, nulls))]
 
 
 def analyze_model(
@@ -206,21 +259,25 @@ def analyze_model(
     stage: str,
     step: int,
     heatmap_layers: Sequence[int],
-    exclude_first_token: bool = False,
+    exclude_first_token: bool | str = "auto",
     knn_k: int = 5,
     device: str | torch.device = "cpu",
     token_counts: np.ndarray | None = None,
+    adds_bos: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Run every prompt through ``model`` (one unpadded forward each) and measure all layers.
 
     Metrics use each prompt's :func:`analysed_positions`; the cross-prompt ones pool them
     over all prompts. ``token_counts`` (training-split occurrences per id, see
-    :func:`train_token_counts`) adds ``mean_logit_freq_corr``. Returns the long metrics
+    :func:`train_token_counts`) adds ``mean_logit_freq_corr``. ``exclude_first_token``
+    is resolved by :func:`resolve_exclude_first_token` with ``adds_bos`` (whether the
+    tokenizer that made ``prompt_ids`` puts a BOS first). Returns the long metrics
     DataFrame (:data:`METRICS_COLUMNS`; ``n_tokens`` = tokens a value is computed over,
     ``prompt`` = :data:`CROSS_PROMPT` for cross-prompt rows) and the cosine matrices
     ``{f"{stage}/layer{j}/prompt{i}": float32 (T, T)}`` of the requested layers over every
     position (after ``exclude_first_token``), so a heatmap reads as the prompt's text.
     """
+    exclude_first_token = resolve_exclude_first_token(exclude_first_token, adds_bos)
     n_layer = int(model.config.n_layer)
     block_size = int(model.config.block_size)
     n_total = n_layer + 2
@@ -265,27 +322,36 @@ def analyze_model(
             direction = mean_direction(selected)
             baseline = cross_prompt_cosine(selected, selected_ids)
             values = {i: compute_layer_metrics(x, direction, baseline, knn_k) for i, x in enumerate(selected)}
+            distinct = pooled_distinct(selected, selected_ids)
+            pooled_fit, pooled_mle = twonn_both(distinct)
             freq_corr = None
             if token_counts is not None:
-                freq_corr = mean_logit_frequency_correlation(direction[-1], *_output_layer(model), token_counts)
+                prompt_tokens = sorted({int(t) for ids in prompt_ids for t in ids})
+                freq_corr = mean_logit_frequency_correlation(direction[-1], _output_embedding(model), token_counts,
+                                                             exclude_ids=prompt_tokens)
     finally:
         model.train(was_training)
+    d_model = int(selected[0].shape[-1])
     rows: list[tuple] = []
     for i, metrics in values.items():
         n_tok = int(selected[i].shape[1])
-        table = torch.stack([metrics[m] for m in PROMPT_METRICS]).cpu().numpy()  # (M, L)
-        for mi, m in enumerate(PROMPT_METRICS):
-            rows.extend((stage, int(step), j, names[j], i, n_tok, m, float(table[mi, j])) for j in range(n_total))
+        for m in PROMPT_METRICS:
+            nulls = twonn_null(n_tok, d_model, metrics[m], mle=m == "twonn_mle") if m in _TWONN else None
+            rows += _rows(stage, step, names, i, n_tok, m, metrics[m].cpu().tolist(), nulls)
     n_pooled = sum(int(x.shape[1]) for x in selected)
-    base = baseline.cpu().numpy()
-    rows.extend(
-        (stage, int(step), j, names[j], CROSS_PROMPT, n_pooled, "cross_prompt_cosine", float(base[j]))
-        for j in range(n_total)
-    )
+    rows += _rows(stage, step, names, CROSS_PROMPT, n_pooled, "cross_prompt_cosine", baseline.cpu().tolist())
+    n_distinct = int(distinct.shape[1])
+    for m, v, mle in (("twonn_pooled", pooled_fit, False), ("twonn_mle_pooled", pooled_mle, True)):
+        rows += _rows(stage, step, names, CROSS_PROMPT, n_distinct, m, v.cpu().tolist(),
+                      twonn_null(n_distinct, d_model, v, mle=mle))
     if freq_corr is not None:
-        last = n_total - 1
-        rows.append((stage, int(step), last, names[last], CROSS_PROMPT, n_pooled, "mean_logit_freq_corr", freq_corr))
+        r, null = freq_corr
+        rows.append((stage, int(step), n_total - 1, names[-1], CROSS_PROMPT, n_pooled, "mean_logit_freq_corr", r,
+                     *null_band(null, r)))
     return pd.DataFrame(rows, columns=METRICS_COLUMNS), mats
+
+
+_TWONN = ("twonn", "twonn_mle")
 
 
 def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
@@ -294,17 +360,19 @@ def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     ``n_prompts`` counts the non-NaN values the statistics are over (0 for update_norm /
     knn_overlap at layer 0); std is NaN with fewer than two. A cross-prompt metric (rows
     with ``prompt == CROSS_PROMPT``) has one value: mean = that value, std NaN, and
-    ``n_prompts`` = the prompts it pools (0 if the value is NaN). Row order follows ``df``.
+    ``n_prompts`` = the prompts it pools (0 if the value is NaN). The :data:`NULL_COLUMNS`
+    are the mean over prompts of each prompt's (NaN where absent, as in a table written
+    before they existed). Row order follows ``df``.
     """
-    missing = set(METRICS_COLUMNS) - set(df.columns)
+    missing = set(_BASE_METRICS_COLUMNS) - set(df.columns)
     if missing:
         raise GeometryError(f"metrics DataFrame lacks columns {sorted(missing)}")
     keys = ["stage", "step", "layer", "layer_name", "metric"]
-    d = df.assign(_cross=df["prompt"] == CROSS_PROMPT)
+    d = df.assign(_cross=df["prompt"] == CROSS_PROMPT, **{c: np.nan for c in NULL_COLUMNS if c not in df.columns})
     out = (
         d.groupby(keys, sort=False, dropna=False)
         .agg(mean=("value", "mean"), std=("value", lambda v: v.std(ddof=1)), n_prompts=("value", "count"),
-             cross=("_cross", "all"))
+             cross=("_cross", "all"), **{c: (c, "mean") for c in NULL_COLUMNS})
         .reset_index()
     )
     pooled = out["stage"].map(d[~d["_cross"]].groupby("stage")["prompt"].nunique()).fillna(0)
@@ -314,13 +382,24 @@ def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return out[SUMMARY_COLUMNS]
 
 
+def prompt_table(prompts: Sequence[str], info: Sequence[Mapping[str, Any]], first_token_excluded: bool) -> pd.DataFrame:
+    """``prompts.csv``: per prompt the tokens fed to the model, the tokens before
+    truncation, whether it was cut to the block size, whether position 0 was left out
+    of the metrics (``geometry.exclude_first_token`` as resolved), and the text."""
+    return pd.DataFrame(
+        [(d["prompt"], d["n_tokens"], d["n_tokens_original"], d["truncated"], bool(first_token_excluded),
+          prompts[d["prompt"]]) for d in info],
+        columns=["prompt", "n_tokens_input", "n_tokens_original", "truncated", "first_token_excluded", "text"],
+    )
+
+
 def analyze_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike[str]],
     prompts_path: str | os.PathLike[str],
     tokenizer: _Tokenizer,
     out_dir: str | os.PathLike[str],
     heatmap_layers: Sequence[int],
-    exclude_first_token: bool = False,
+    exclude_first_token: bool | str = "auto",
     knn_k: int = 5,
     device: str | torch.device = "cpu",
     train_tokens: str | os.PathLike[str] | None = None,
@@ -328,9 +407,8 @@ def analyze_checkpoints(
     """Analyse each checkpoint (stage name -> path) on the prompts and write the geometry files.
 
     Writes ``metrics.csv``, ``summary.csv``, ``similarity.npz`` (docs/design.md) and
-    ``prompts.csv`` (``prompt,n_tokens_input,n_tokens_original,truncated,text``: tokens fed
-    to the model, tokens before truncation, whether the prompt was cut to the block size)
-    into ``out_dir``, each atomically. A checkpoint's step is ``extra["step"]`` (default 0).
+    ``prompts.csv`` (:func:`prompt_table`) into ``out_dir``, each atomically.
+    ``exclude_first_token`` ``auto`` follows the tokenizer (:func:`tokenizer_adds_bos`). A checkpoint's step is ``extra["step"]`` (default 0).
     All stages must see the same token ids (same block size). ``train_tokens`` (the
     training split's token file) adds ``mean_logit_freq_corr`` to every stage.
     """
@@ -340,6 +418,7 @@ def analyze_checkpoints(
         raise GeometryError("no checkpoints given to analyse")
     out = Path(out_dir)
     prompts = load_prompts(prompts_path)
+    exclude_first_token = resolve_exclude_first_token(exclude_first_token, tokenizer_adds_bos(tokenizer))
     frames: list[pd.DataFrame] = []
     mats: dict[str, np.ndarray] = {}
     ids_ref: list[list[int]] | None = None
@@ -381,13 +460,7 @@ def analyze_checkpoints(
 
     metrics = pd.concat(frames, ignore_index=True)
     summary = summarize_metrics(metrics)
-    prompt_table = pd.DataFrame(
-        [
-            (d["prompt"], d["n_tokens"], d["n_tokens_original"], d["truncated"], prompts[d["prompt"]])
-            for d in info_ref
-        ],
-        columns=["prompt", "n_tokens_input", "n_tokens_original", "truncated", "text"],
-    )
+    table = prompt_table(prompts, info_ref, exclude_first_token)
 
     def _npz(p: Path) -> None:
         with open(p, "wb") as f:
@@ -395,7 +468,7 @@ def analyze_checkpoints(
 
     atomic_write(out / "metrics.csv", lambda p: metrics.to_csv(p, index=False))
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
-    atomic_write(out / "prompts.csv", lambda p: prompt_table.to_csv(p, index=False))
+    atomic_write(out / "prompts.csv", lambda p: table.to_csv(p, index=False))
     atomic_write(out / "similarity.npz", _npz)
 
 
@@ -421,7 +494,7 @@ def analyze_run(
         load_tokenizer(tokenizer_path),
         out_dir,
         heatmap_layers=list(settings["heatmap_layers"]),
-        exclude_first_token=bool(settings["exclude_first_token"]),
+        exclude_first_token=settings["exclude_first_token"],
         knn_k=int(settings["knn_k"]),
         device=resolve_device(str(settings["device"])),
         train_tokens=train_tokens,

@@ -32,18 +32,29 @@ scalar / ``(L,)`` tensor:
 **Cross-prompt metrics** need tokens of several prompts (one ``(L, T_i, d)`` tensor each):
 
 - ``cross_prompt_cosine``: Ethayarajh's (2019) anisotropy baseline per layer, the mean
-  cosine between random tokens of *different* prompts (fixed seed, same pairs at every
-  layer and stage); NaN with fewer than two prompts.
+  cosine over every pair of tokens of *different* prompts (exact, never two copies of
+  one id); NaN with fewer than two prompts.
+- ``twonn_pooled`` / ``twonn_mle_pooled``: the two TwoNN estimates over all prompts'
+  analysed tokens together, each id once (:func:`pooled_distinct`): a TwoNN whose
+  number of points does not cap it as a prompt's few dozen tokens do.
 - ``mean_logit_freq_corr``: Pearson correlation, over the tokens seen in the training
-  split, between the logits of the mean final-norm vector (through the tied output
-  embedding, plus the logit bias if any) and the log training frequency (Gao et al. 2019).
+  split but not in the prompts, between the logits of the mean final-norm vector
+  through the tied output embedding (no logit bias) and the log training frequency
+  (Gao et al. 2019).
+
+**Null references.** A TwoNN value over ``N`` points in ``d`` dimensions is read beside
+what isotropic Gaussian points of the same ``N`` and ``d`` give
+(:func:`gaussian_twonn_draws`, :func:`twonn_null`), and ``mean_logit_freq_corr`` beside
+the same correlation for random directions in the same embedding; :class:`NullBand`
+summarises either (mean, 95% band, the value's percentile). Both use :data:`NULL_SEED`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,8 +66,11 @@ __all__ = [
     "METRIC_NAMES",
     "MIN_TOKENS_TWONN",
     "TWONN_FRACTION",
-    "BASELINE_PAIRS",
-    "BASELINE_SEED",
+    "NULL_SEED",
+    "NULL_DRAWS",
+    "NULL_DIRECTIONS",
+    "NULL_NAN",
+    "NullBand",
     "GeometryError",
     "cosine_similarity_matrix",
     "mean_pairwise_cosine",
@@ -69,8 +83,12 @@ __all__ = [
     "neighbourhood_overlap",
     "mean_direction",
     "common_direction_share",
-    "cross_prompt_pairs",
     "cross_prompt_cosine",
+    "pooled_distinct",
+    "twonn_both",
+    "null_band",
+    "gaussian_twonn_draws",
+    "twonn_null",
     "mean_logit_frequency_correlation",
     "compute_layer_metrics",
 ]
@@ -90,16 +108,21 @@ PROMPT_METRICS: tuple[str, ...] = (
     "twonn_mle",
     "knn_overlap",
 )
-CROSS_PROMPT_METRICS: tuple[str, ...] = ("cross_prompt_cosine", "mean_logit_freq_corr")
+CROSS_PROMPT_METRICS: tuple[str, ...] = (
+    "cross_prompt_cosine", "twonn_pooled", "twonn_mle_pooled", "mean_logit_freq_corr",
+)
 METRIC_NAMES: tuple[str, ...] = PROMPT_METRICS + CROSS_PROMPT_METRICS
 
 MIN_TOKENS_TWONN = 3  # a point needs a first and a second neighbour
 TWONN_FRACTION = 0.9
 """Share of the smallest ``mu`` Facco et al. (2017) keep for the fit (the tail is noisy)."""
-BASELINE_PAIRS = 10_000
-"""Random cross-prompt token pairs behind ``cross_prompt_cosine``; its sampling s.e. is
-about ``sd(cos) / 100``, well below the layer-to-layer changes it is read for."""
-BASELINE_SEED = 0
+NULL_SEED = 0
+"""Seed of every null reference (Gaussian point clouds, random directions): fixed, so a
+reference is the same for every model, stage and rerun."""
+NULL_DRAWS = 32
+"""Isotropic Gaussian samples per ``(N, d)`` behind a TwoNN noise floor."""
+NULL_DIRECTIONS = 1000
+"""Random unit directions behind the null of ``mean_logit_freq_corr``."""
 
 
 class GeometryError(ValueError):
@@ -360,86 +383,150 @@ def common_direction_share(h: torch.Tensor, direction: torch.Tensor) -> torch.Te
     return _unbatch((cos * cos).mean(dim=-1), single)
 
 
-def cross_prompt_pairs(
-    sizes: Sequence[int],
-    token_ids: Sequence[int] | None = None,
-    n_pairs: int = BASELINE_PAIRS,
-    seed: int = BASELINE_SEED,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n_pairs`` random pairs of tokens from different prompts, as indices into all
-    prompts' tokens concatenated (``sizes[i]`` tokens from prompt ``i``).
-
-    The first token is uniform over all tokens, the second uniform over the other
-    prompts' tokens. With ``token_ids`` (the concatenated ids), pairs of the same id are
-    redrawn: within a prompt each id is analysed once, so the baseline compares distinct
-    tokens too. Fixed ``seed``: every layer and stage is measured on the same pairs.
-    Empty arrays when no such pair exists (fewer than two prompts, or one id throughout).
-    """
-    sizes_arr = np.asarray(sizes, dtype=np.int64)
-    if (sizes_arr < 0).any() or n_pairs < 1:
-        raise GeometryError(f"cross_prompt_pairs needs sizes >= 0 and n_pairs >= 1, got {list(sizes)}, {n_pairs}")
-    total = int(sizes_arr.sum())
-    ids = None if token_ids is None else np.asarray(token_ids, dtype=np.int64)
-    if ids is not None and ids.shape != (total,):
-        raise GeometryError(f"cross_prompt_pairs got {ids.size} token ids for {total} tokens")
-    owner = np.repeat(np.arange(len(sizes_arr)), sizes_arr)
-    none = np.zeros(0, dtype=np.int64)
-    if int((sizes_arr > 0).sum()) < 2 or (ids is not None and np.unique(ids).size < 2):
-        return none, none  # with two prompts and two ids, some cross-prompt pair differs
-    starts = np.concatenate([[0], np.cumsum(sizes_arr)[:-1]])
-    rng = np.random.default_rng(seed)
-    firsts, seconds, have = [], [], 0
-    while have < n_pairs:
-        first = rng.integers(0, total, size=n_pairs)
-        p = owner[first]
-        other = (rng.random(n_pairs) * (total - sizes_arr[p])).astype(np.int64)  # uniform over the rest
-        second = np.where(other < starts[p], other, other + sizes_arr[p])
-        ok = np.ones(n_pairs, dtype=bool) if ids is None else ids[first] != ids[second]
-        firsts.append(first[ok])
-        seconds.append(second[ok])
-        have += int(ok.sum())
-    return np.concatenate(firsts)[:n_pairs], np.concatenate(seconds)[:n_pairs]
-
-
 def cross_prompt_cosine(
     hidden: Sequence[torch.Tensor],
     token_ids: Sequence[Sequence[int]] | None = None,
-    n_pairs: int = BASELINE_PAIRS,
-    seed: int = BASELINE_SEED,
 ) -> torch.Tensor:
-    """Ethayarajh's (2019) anisotropy baseline per layer, ``(L,)``: the mean cosine between
-    random tokens of different prompts (:func:`cross_prompt_pairs`; with ``token_ids``,
-    one list per prompt, never two copies of one id).
+    """Ethayarajh's (2019) anisotropy baseline per layer, ``(L,)``: the mean cosine over
+    EVERY pair of tokens from different prompts, exactly (no sampling).
 
-    ``hidden`` is one ``(L, T_i, d)`` tensor per prompt. Two unrelated tokens share no
-    context, so whatever cosine they have comes from the space itself being anisotropic;
-    NaN when no pair exists (fewer than two prompts).
+    ``hidden`` is one ``(L, T_i, d)`` tensor per prompt. With ``token_ids`` (one list per
+    prompt, each id once within its prompt as :func:`tga.geometry.analysed_positions`
+    gives them), pairs of two copies of one id are left out, as within a prompt. Two
+    unrelated tokens share no context, so whatever cosine they have comes from the space
+    itself being anisotropic. Computed from sums of unit vectors: with ``S`` the sum over
+    all tokens, ``S_p`` over prompt ``p`` and ``S_v`` over the copies of id ``v``, the
+    ordered cross-prompt pairs sum to ``|S|^2 - sum_p |S_p|^2`` and the same-id ones among
+    them to ``sum_v (|S_v|^2 - sum_copies |u|^2)``: one pass over the tokens per layer,
+    where a sample of pairs left a bias shared by every model. NaN when no pair exists.
     """
     pooled, sizes = _stacked_prompts(hidden, "cross_prompt_cosine")
-    ids = None if token_ids is None else [int(t) for seq in token_ids for t in seq]
-    first, second = cross_prompt_pairs(sizes, ids, n_pairs, seed)
-    if first.size == 0:
-        return torch.full((pooled.shape[0],), math.nan, dtype=torch.float64, device=pooled.device)
+    n_layers, total = pooled.shape[0], pooled.shape[1]
     u = _unit(pooled)
-    a = torch.as_tensor(first, device=u.device)
-    b = torch.as_tensor(second, device=u.device)
-    return (u[:, a] * u[:, b]).sum(dim=-1).mean(dim=-1)
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=u.device), torch.as_tensor(sizes, device=u.device))
+    per_prompt = torch.zeros(n_layers, len(sizes), u.shape[-1], dtype=u.dtype, device=u.device).index_add_(1, owner, u)
+    pair_sum = (u.sum(dim=1) ** 2).sum(-1) - (per_prompt**2).sum(dim=(-2, -1))
+    n_pairs = total * total - sum(n * n for n in sizes)
+    if token_ids is not None:
+        ids = [int(t) for seq in token_ids for t in seq]
+        if len(ids) != total or any(len(set(seq)) != len(seq) for seq in token_ids):
+            raise GeometryError(
+                f"cross_prompt_cosine got {len(ids)} token ids for {total} tokens, or an id twice within a "
+                "prompt; give each prompt's analysed ids (tga.geometry.analysed_positions)"
+            )
+        _, which, copies = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True, return_counts=True)
+        inv = torch.as_tensor(which.reshape(-1), device=u.device)
+        per_id = torch.zeros(n_layers, copies.size, u.shape[-1], dtype=u.dtype, device=u.device).index_add_(1, inv, u)
+        pair_sum = pair_sum - ((per_id**2).sum(dim=(-2, -1)) - (u**2).sum(dim=(-2, -1)))
+        n_pairs -= int((copies * (copies - 1)).sum())
+    if n_pairs == 0:
+        return torch.full((n_layers,), math.nan, dtype=torch.float64, device=pooled.device)
+    return pair_sum / n_pairs
+
+
+def pooled_distinct(hidden: Sequence[torch.Tensor], token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """All prompts' analysed tokens in one ``(L, N, d)`` set, each id once (its first prompt).
+
+    The pooled TwoNN's points: within a prompt each id is analysed once already; across
+    prompts a second copy would be identical at layer 0 under rotary positions and close
+    after it, the near-duplicates :func:`tga.geometry.analysed_positions` keeps out.
+    """
+    pooled, sizes = _stacked_prompts(hidden, "the pooled TwoNN")
+    ids = [int(t) for seq in token_ids for t in seq]
+    if len(ids) != pooled.shape[1]:
+        raise GeometryError(f"the pooled TwoNN got {len(ids)} token ids for {pooled.shape[1]} tokens")
+    first = {}
+    for i, tok in enumerate(ids):
+        first.setdefault(tok, i)
+    keep = sorted(first.values())
+    return pooled[:, torch.as_tensor(keep, dtype=torch.long, device=pooled.device)]
+
+
+def twonn_both(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(twonn, twonn_mle)`` of ``(L, T, d)`` from one distance matrix per layer."""
+    x, _ = _batched(h, min_tokens=MIN_TOKENS_TWONN, what="twonn")
+    log_mu = _twonn_log_mu(_pairwise_distances(x))
+    return _per_layer(log_mu, _twonn_fit, x), _per_layer(log_mu, _twonn_mle, x)
+
+
+# --------------------------------------------------------------------------- null references
+
+
+class NullBand(NamedTuple):
+    """A value's reference distribution, summarised: its mean, its central 95% band and
+    the percentile (0-100) of the value in it (the share of null draws at or below)."""
+
+    mean: float
+    lo: float
+    hi: float
+    percentile: float
+
+
+NULL_NAN = NullBand(math.nan, math.nan, math.nan, math.nan)
+
+
+def null_band(draws: np.ndarray | torch.Tensor, value: float) -> NullBand:
+    """:class:`NullBand` of ``value`` among the finite ``draws`` (NaN fields without draws or value)."""
+    d = np.asarray(torch.as_tensor(draws).detach().cpu(), dtype=np.float64).reshape(-1)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return NULL_NAN
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    pct = 100.0 * float((d <= value).mean()) if not math.isnan(value) else math.nan
+    return NullBand(float(d.mean()), float(lo), float(hi), pct)
+
+
+@functools.lru_cache(maxsize=512)
+def gaussian_twonn_draws(n: int, d: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """TwoNN of :data:`NULL_DRAWS` isotropic Gaussian samples of ``n`` points in ``d``
+    dimensions: ``(Facco fits, MLEs)``, seed :data:`NULL_SEED`, cached per ``(n, d)``.
+
+    The noise floor of a TwoNN value over ``n`` points: structureless points of full
+    dimension ``d`` give these, far below ``d`` when ``n`` is small (21 points in 64
+    dimensions give about 27), so a value near them says that ``n`` limits the estimate,
+    not that the model's tokens have that dimension.
+    """
+    if n < MIN_TOKENS_TWONN or d < 1:
+        return (), ()
+    gen = torch.Generator().manual_seed(NULL_SEED)
+    fits: list[float] = []
+    mles: list[float] = []
+    for start in range(0, NULL_DRAWS, 8):  # a few draws per batch bounds the (K, n, n) distances
+        k = min(8, NULL_DRAWS - start)
+        fit, mle = twonn_both(torch.randn(k, n, d, dtype=torch.float64, generator=gen))
+        fits += fit.tolist()
+        mles += mle.tolist()
+    return tuple(fits), tuple(mles)
+
+
+def twonn_null(n: int, d: int, values: torch.Tensor, mle: bool) -> list[NullBand]:
+    """Per layer, the Gaussian floor of TwoNN ``values`` (``(L,)``) measured over ``n`` points in ``d`` dimensions."""
+    draws = np.asarray(gaussian_twonn_draws(int(n), int(d))[1 if mle else 0], dtype=np.float64)
+    return [null_band(draws, float(v)) for v in values.detach().cpu().tolist()]
 
 
 def mean_logit_frequency_correlation(
     mean_hidden: torch.Tensor,
     output_embedding: torch.Tensor,
-    logit_bias: torch.Tensor | None,
     token_counts: np.ndarray | torch.Tensor,
-) -> float:
-    """Pearson correlation between the mean vector's logits and log token frequency.
+    exclude_ids: Sequence[int] = (),
+    n_null: int = NULL_DIRECTIONS,
+    seed: int = NULL_SEED,
+) -> tuple[float, np.ndarray]:
+    """Pearson correlation between the mean vector's logits and log token frequency, and
+    the same correlation for ``n_null`` random unit directions (its null).
 
-    ``logits = E m + b`` (``E``: ``(V, d)`` output embedding, ``m``: the mean final-norm
-    vector, ``b``: the logit bias or none), correlated with ``log(count)`` over the tokens
-    with ``count >= 1``. A logit that equals ``log p(token) + c`` (a unigram model) gives
-    exactly 1, which is why Pearson and not a rank correlation: it asks whether the mean
-    direction *is* the frequency direction (Gao et al. 2019). NaN if fewer than two tokens
-    were seen or either side is constant.
+    ``logits = E m`` (``E``: ``(V, d)`` output embedding, ``m``: the mean final-norm
+    vector; a logit bias is left out, since it would measure the bias, not the residual
+    stream), correlated with ``log(count)`` over the tokens with ``count >= 1`` that are
+    not in ``exclude_ids`` (the prompts' own tokens, which sit inside ``m``). A logit
+    that equals ``log p(token) + c`` gives exactly 1, which is why Pearson: it asks
+    whether the mean direction *is* the frequency direction (Gao et al. 2019). Any
+    direction of a trained embedding already correlates with frequency, so the null is
+    the correlation of isotropic random directions ``w`` in the same embedding (seed
+    ``seed``): ``r(w) = w.g / sqrt(w^T G w) / |y|`` with ``g = E_c^T y`` and
+    ``G = E_c^T E_c`` over the centred rows. Returns ``(r, null r's)``; NaN and an empty
+    null if fewer than two tokens remain or either side is constant.
     """
     emb = output_embedding.detach().to(torch.float64)
     counts = torch.as_tensor(np.asarray(token_counts), dtype=torch.float64, device=emb.device)
@@ -448,16 +535,29 @@ def mean_logit_frequency_correlation(
             f"frequency correlation needs an output embedding (V, d), a mean vector (d,) and V counts; got "
             f"{tuple(emb.shape)}, {tuple(mean_hidden.shape)} and {tuple(counts.shape)}"
         )
-    logits = emb @ mean_hidden.detach().to(torch.float64).reshape(-1)
-    if logit_bias is not None:
-        logits = logits + logit_bias.detach().to(torch.float64).reshape(-1)[: emb.shape[0]]
-    seen = counts > 0
-    x, y = logits[seen], torch.log(counts[seen])
-    if x.numel() < 2:
-        return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    denom = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denom if denom > 0 else math.nan
+    keep = counts > 0
+    out = [int(i) for i in exclude_ids if 0 <= int(i) < keep.numel()]
+    if out:
+        keep[torch.as_tensor(out, dtype=torch.long, device=keep.device)] = False
+    e, y = emb[keep], torch.log(counts[keep])
+    if y.numel() < 2:
+        return math.nan, np.zeros(0)
+    e, y = e - e.mean(dim=0), y - y.mean()
+    y_norm = float(y.norm())
+    if y_norm == 0:
+        return math.nan, np.zeros(0)
+    m = mean_hidden.detach().to(emb).reshape(-1, 1)
+    w = torch.randn(emb.shape[1], n_null, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    w = (w / w.norm(dim=0, keepdim=True)).to(emb.device)
+    dirs = torch.cat([m, w], dim=1)  # (d, 1 + n_null)
+    g = e.T @ y
+    if e.shape[1] <= dirs.shape[1]:  # the (d, d) Gram matrix is the cheaper route
+        spread = ((e.T @ e) @ dirs * dirs).sum(dim=0)
+    else:
+        spread = torch.cat([((e @ part) ** 2).sum(dim=0) for part in dirs.split(256, dim=1)])
+    denom = torch.sqrt(spread.clamp_min(0)) * y_norm
+    r = torch.where(denom > 0, (g @ dirs) / denom.clamp_min(EPS), torch.full_like(denom, math.nan))
+    return float(r[0]), r[1:].cpu().numpy()
 
 
 def compute_layer_metrics(

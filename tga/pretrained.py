@@ -265,6 +265,11 @@ class HFTokenizer:
         self.hf = tokenizer
         self.name = name
         self.vocab_size = len(tokenizer)
+        bos = tokenizer.bos_token_id
+        probe = self.encode("a")
+        #: Whether ``encode`` puts the BOS token first (Llama's tokenizers do, GPT-2's does
+        #: not although it has one): ``geometry.exclude_first_token: auto`` drops it then.
+        self.adds_bos = bos is not None and bool(probe) and probe[0] == bos
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=True, verbose=False)["input_ids"])
@@ -370,7 +375,15 @@ def analyze_pretrained(
     import torch
 
     from tga.atomic import atomic_write
-    from tga.geometry import analyze_model, encode_prompts, layer_names, load_prompts, summarize_metrics
+    from tga.geometry import (
+        analyze_model,
+        encode_prompts,
+        layer_names,
+        load_prompts,
+        prompt_table,
+        resolve_exclude_first_token,
+        summarize_metrics,
+    )
     from tga.progress import progress
 
     if threads > 0:
@@ -393,23 +406,21 @@ def analyze_pretrained(
                                   "or has another depth than the first; an evolution series is one model's revisions")
         df, m = analyze_model(
             model, ids, stage, revision_step(revision) or 0, list(settings["heatmap_layers"]),
-            exclude_first_token=bool(settings["exclude_first_token"]), knn_k=int(settings["knn_k"]),
+            exclude_first_token=settings["exclude_first_token"], adds_bos=tokenizer.adds_bos, knn_k=int(settings["knn_k"]),
             device=model.device, token_counts=None if counts is None else counts.astype(np.float64),
         )
         frames.append(df)
         mats.update(m)
         del model
     assert ids_ref is not None and tokenizer is not None
-    start = 1 if settings["exclude_first_token"] else 0
+    excluded = resolve_exclude_first_token(settings["exclude_first_token"], tokenizer.adds_bos)
+    start = 1 if excluded else 0
     for i, ids in enumerate(ids_ref):
         mats[f"tokens/prompt{i}"] = np.array([tokenizer.decode([t]) for t in ids[start:]], dtype=np.str_)
     mats["layer_names"] = np.array(layer_names(n_layer), dtype=np.str_)
     metrics = pd.concat(frames, ignore_index=True)
     summary = summarize_metrics(metrics)
-    table = pd.DataFrame(
-        [(d["prompt"], d["n_tokens"], d["n_tokens_original"], d["truncated"], prompts[d["prompt"]]) for d in info_ref],
-        columns=["prompt", "n_tokens_input", "n_tokens_original", "truncated", "text"],
-    )
+    table = prompt_table(prompts, info_ref, excluded)
     out = Path(out_dir)
     for file, frame in (("metrics.csv", metrics), ("summary.csv", summary), ("prompts.csv", table)):
         atomic_write(out / file, lambda p, frame=frame: frame.to_csv(p, index=False))

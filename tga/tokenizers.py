@@ -96,6 +96,9 @@ class Tokenizer:
 
     name: str
     vocab_size: int
+    #: Whether ``encode`` puts a BOS token first. tga's char and GPT-2 tokenizers add no
+    #: special token, so ``geometry.exclude_first_token: auto`` keeps position 0 for them.
+    adds_bos: bool = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
