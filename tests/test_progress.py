@@ -142,3 +142,34 @@ def test_training_and_evaluation_write_progress_lines_into_a_log(tiny_run, monke
     windows = [LINE.match(ln) for ln in text.splitlines() if ln.startswith("perplexity of ")]
     # 400 characters in windows of 16 tokens: 25 windows, 2 a batch; the last line has them all.
     assert windows[-1]["unit"] == "windows" and windows[-1]["n"] == windows[-1]["total"] == "25"
+
+
+def test_geometry_reports_checkpoints_and_labelled_prompts(tiny_run, monkeypatch, tmp_path) -> None:
+    """Evolution's loop over checkpoints, and a pretrained model's prompts, write lines too."""
+    from tga.geometry import analyze_checkpoints, analyze_model
+    from tga.model import Transformer, save_checkpoint
+
+    train, _, _ = tiny_run
+    tokenizer = CharTokenizer.from_text("the cat sat on the mat. the dog sat on the log. ")
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ckpts = {}
+    for stage in ("init", "step10", "final"):
+        ckpts[stage] = tmp_path / f"{stage}.pt"
+        save_checkpoint(ckpts[stage], model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on the mat.\nthe dog sat on the log.\n")
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    analyze_checkpoints(ckpts, prompts, tokenizer, tmp_path / "geo", heatmap_layers=[0])
+    lines = [ln for ln in log.getvalue().splitlines() if ln.startswith("geometry into")]
+    assert "\r" not in log.getvalue()
+    assert LINE.match(lines[-1])["n"] == LINE.match(lines[-1])["total"] == "3"
+
+    ids = [tokenizer.encode("the cat sat."), tokenizer.encode("the dog sat.")]
+    log.truncate(0), log.seek(0)
+    analyze_model(model, ids, "init", 0, [], progress_label="entry init: prompts")
+    labelled = [ln for ln in log.getvalue().splitlines() if ln.startswith("entry init: prompts")]
+    assert LINE.match(labelled[-1])["total"] == "2"
+    log.truncate(0), log.seek(0)
+    analyze_model(model, ids, "init", 0, [])  # no label: silent, as the workflow's own geometry jobs
+    assert log.getvalue() == ""

@@ -264,6 +264,7 @@ def analyze_model(
     device: str | torch.device = "cpu",
     token_counts: np.ndarray | None = None,
     adds_bos: bool = False,
+    progress_label: str | None = None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Run every prompt through ``model`` (one unpadded forward each) and measure all layers.
 
@@ -276,7 +277,11 @@ def analyze_model(
     ``prompt`` = :data:`CROSS_PROMPT` for cross-prompt rows) and the cosine matrices
     ``{f"{stage}/layer{j}/prompt{i}": float32 (T, T)}`` of the requested layers over every
     position (after ``exclude_first_token``), so a heatmap reads as the prompt's text.
+    ``progress_label`` names a per-prompt progress display (:func:`tga.progress.progress`),
+    worth it for large pretrained models; None shows none.
     """
+    from tga.progress import progress
+
     exclude_first_token = resolve_exclude_first_token(exclude_first_token, adds_bos)
     n_layer = int(model.config.n_layer)
     block_size = int(model.config.block_size)
@@ -294,7 +299,8 @@ def analyze_model(
     start = 1 if exclude_first_token else 0
     try:
         with torch.inference_mode():
-            for i, ids in enumerate(prompt_ids):
+            shown = progress(prompt_ids, desc=progress_label or "", unit="prompts", enabled=bool(progress_label))
+            for i, ids in enumerate(shown):
                 if len(ids) > block_size:
                     raise GeometryError(
                         f"prompt {i} has {len(ids)} tokens but block_size is {block_size}; "
@@ -413,6 +419,7 @@ def analyze_checkpoints(
     training split's token file) adds ``mean_logit_freq_corr`` to every stage.
     """
     from tga.model import load_checkpoint  # lazy: keeps this module importable on its own
+    from tga.progress import progress
 
     if not checkpoints:
         raise GeometryError("no checkpoints given to analyse")
@@ -424,7 +431,8 @@ def analyze_checkpoints(
     ids_ref: list[list[int]] | None = None
     info_ref: list[dict[str, Any]] = []
     counts: np.ndarray | None = None
-    for stage, ckpt in checkpoints.items():
+    for stage, ckpt in progress(checkpoints.items(), total=len(checkpoints), desc=f"geometry into {out}",
+                                unit="checkpoints"):
         if "/" in stage:
             raise GeometryError(f"stage name {stage!r} must not contain '/' (used as the npz key separator)")
         if not Path(ckpt).is_file():

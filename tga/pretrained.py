@@ -408,6 +408,7 @@ def analyze_pretrained(
             model, ids, stage, revision_step(revision) or 0, list(settings["heatmap_layers"]),
             exclude_first_token=settings["exclude_first_token"], adds_bos=tokenizer.adds_bos, knn_k=int(settings["knn_k"]),
             device=model.device, token_counts=None if counts is None else counts.astype(np.float64),
+            progress_label=f"{name} {stage}: prompts",
         )
         frames.append(df)
         mats.update(m)
