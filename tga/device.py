@@ -156,9 +156,9 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def optimizer_options(device_type: str) -> dict[str, bool]:
-    """AdamW's implementation: ``fused`` (one kernel for every parameter) on CUDA;
-    elsewhere torch's default (a for-loop on CPU tensors, which measured no slower
-    than ``foreach`` for the quick model), so the CPU path stays as it was."""
+    """AdamW's implementation: ``fused`` (a few kernels for all parameters, instead of
+    several per parameter) on CUDA; elsewhere torch's default, so that the CPU path
+    stays as it was measured."""
     return {"fused": True} if device_type == "cuda" else {}
 
 
