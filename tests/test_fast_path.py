@@ -406,13 +406,14 @@ def test_validation_through_the_compiled_graph_gives_the_eager_loss():
     assert math.isfinite(eager_val) and compiled_val == pytest.approx(eager_val, abs=1e-5)
 
 
-def test_warming_the_compiled_graphs_leaves_the_run_as_it_was():
+@pytest.mark.parametrize("batch_size", [2, 50])  # 50 windows of 13 need more than the 500 tokens, as sampling does
+def test_warming_the_compiled_graphs_leaves_the_run_as_it_was(batch_size):
     """The warm-up (held under the compile lock) runs a forward and backward with dropout
     on, and a validation batch: afterwards the RNG state, the parameters and the
     gradients are as before, so the first real step draws the same dropout masks."""
     from tga.train import evaluation_model, warm_compiled_graphs
 
-    config = TrainConfig(batch_size=2, compile=True, device="cpu")
+    config = TrainConfig(batch_size=batch_size, compile=True, device="cpu")
     step = pipeline_step(config, dropout=0.2)
     runtime, val_tokens = Runtime.resolve("cpu"), torch.randint(0, VOCAB, (100,))
     rng, params = torch.get_rng_state(), [p.detach().clone() for p in step.model.parameters()]

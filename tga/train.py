@@ -161,7 +161,8 @@ def warm_compiled_graphs(run_step: "TrainingStep", evaluate: nn.Module, val_data
     without this. It exists to be held under :func:`tga.device.compile_lock`."""
     model, batch, block = run_step.model, run_step.config.batch_size, run_step.block_size
     rng = runtime.rng_states()
-    windows = run_step.train_data[: batch * (block + 1)].view(batch, block + 1).long()  # as sample_batch cuts
+    data = run_step.train_data
+    windows = data[torch.arange(block + 1, device=data.device).expand(batch, -1)].long()  # sample_batch's layout
     torch.compiler.cudagraph_mark_step_begin()
     with run_step.amp:
         loss = run_step.forward(windows[:, :-1], windows[:, 1:], return_logits=False).loss
