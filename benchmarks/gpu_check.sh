@@ -73,8 +73,8 @@ OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 # Seconds per part (about 9 minutes in all); a part that runs out is cut off and the
 # next one still runs.
-LIMIT_BENCH=${LIMIT_BENCH:-75} LIMIT_STUDY=${LIMIT_STUDY:-200} LIMIT_WARM=${LIMIT_WARM:-60}
-LIMIT_SERIAL=${LIMIT_SERIAL:-100}
+LIMIT_BENCH=${LIMIT_BENCH:-60} LIMIT_STUDY=${LIMIT_STUDY:-180} LIMIT_WARM=${LIMIT_WARM:-45}
+LIMIT_SERIAL=${LIMIT_SERIAL:-80}
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -126,10 +126,12 @@ mkdir -p "$study"
 ln -s "$(cd "$(dirname "$DATA")" 2>/dev/null && pwd)" "$TMP/base/shared"  # config/proxy.yaml reads ../shared/data
 cp -r Snakefile workflow config resources profiles "$study"/
 # Training, evaluation and geometry on the GPU; train_gpus 0 lets the 12 training jobs
-# share the one GPU instead of queueing for it (the default profile declares gpu: 1).
+# share the one GPU instead of queueing for it (the default profile declares gpu: 1),
+# and one CPU thread each lets all 12 start at once within --cores 16 (a GPU job's
+# host work is one thread launching kernels).
 printf '%s\n' "training: {device: cuda}" "evaluation: {device: cuda}" "geometry: {device: cuda}" \
-    "resources: {train_gpus: 0}" >"$study/config/cuda.yaml"
-printf '%s\n' "resources: {train_gpus: 1}" >"$study/config/serial.yaml"
+    "resources: {train_gpus: 0, train_threads: 1}" >"$study/config/cuda.yaml"
+printf '%s\n' "resources: {train_gpus: 1, train_threads: 1}" >"$study/config/serial.yaml"
 smk() {  # smk LIMIT ARGS...: Snakemake in the study's folder, cut off after LIMIT seconds
     (cd "$study" && timeout "$1" "$PY" -m snakemake --cores 16 "${@:2}") >>"$OUT/study.log" 2>&1
 }
