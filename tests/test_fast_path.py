@@ -504,9 +504,11 @@ def test_a_compiled_training_job_uses_the_cache_warms_under_the_lock_and_trains_
                              eval_batches=2, checkpoint_interval=12, device="cpu", threads=1, compile=compiled)
         out = tmp_path / f"run-{compiled}"
         train.train_model(model, config, *tokens, out, show_progress=False, compile_cache=tmp_path / "cache")
+        assert (tmp_path / "cache").exists() == compiled  # the eager run, first, leaves it alone
         logs[compiled] = list(csv.DictReader(open(out / "train_log.csv")))
     cache = (tmp_path / "cache").resolve()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["locks"]  # aot_eager writes no kernels
     assert len(locked) == 1 and locked[0][0] == cache and (cache / "locks" / f"{locked[0][1]}.lock").is_file()
     assert [r["step"] for r in logs[True]] == [r["step"] for r in logs[False]] == ["0", "6", "12"]
     for eager, compiled in zip(logs[False], logs[True]):

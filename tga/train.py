@@ -346,10 +346,9 @@ def train_model(
     (see :func:`_finish`) and raises :class:`TrainingDiverged`. With ``resume_dir``
     the run continues from a saved state of the same settings (:mod:`tga.resume`).
     With ``compile_cache`` a compiled step's graphs are kept in and loaded from that
-    folder, and jobs compiling the same graph take turns (:func:`warm_compiled_graphs`).
+    folder, and jobs compiling the same graph take turns (:func:`warm_compiled_graphs`);
+    an eager run leaves it alone.
     """
-    if compile_cache is not None:
-        compile_cache = use_compile_cache(compile_cache)
     out_dir = _prepare(Path(out_dir))
     model_config, meta, val_meta = _token_metadata(model_config, train_tokens, val_tokens)
     rt = Runtime.resolve(train_config.device, train_config.precision, train_config.threads)
@@ -383,7 +382,7 @@ def train_model(
     if compile_cache is not None and run_step.forward is not model:
         key = compile_key(model=asdict(model_config), batch=bs, device=str(rt.device), precision=rt.precision,
                           mode=train_config.compile_mode, head=model.loss_head)
-        with compile_lock(compile_cache, key):
+        with compile_lock(use_compile_cache(compile_cache), key):
             warm_compiled_graphs(run_step, evaluate, val_data, rt)
     log_path = out_dir / "train_log.csv"
     if state is None:
