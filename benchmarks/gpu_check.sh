@@ -3,7 +3,8 @@
 #   (a) python -m tga.bench, compiled as the pipeline compiles by default (compile_mode
 #       and loss_head auto), with TORCH_LOGS=graph_breaks,recompiles: the default model
 #       at batch 64 (with a torch.profiler table of its top kernels), the same with the
-#       issue-16 path (compile_mode default, chunked head), the nanoGPT-like block at
+#       issue-16 path (compile_mode default, chunked head; profiled too, without CUDA
+#       graphs in the way), the nanoGPT-like block at
 #       batch 64 (like for like with nanoGPT), and the default model at batch 8 (the
 #       config's; CUDA graphs), with its top kernels too;
 #   (b) the whole default study (4 variants x 3 seeds) on the proxy data, config/proxy.yaml
@@ -106,7 +107,7 @@ while read -r label flags; do
     echo "(a) bench $label ($flags): exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 done <<BENCHES
 b64 --batch-sizes 64 --profile $TMP/profile
-b64-issue16 --batch-sizes 64 --compile-mode default --loss-head chunked
+b64-issue16 --batch-sizes 64 --compile-mode default --loss-head chunked --profile $TMP/profile
 b64-nanogpt --batch-sizes 64 --variant nanogpt-like
 b8 --batch-sizes 8 --profile $TMP/profile
 BENCHES
