@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 16, as one script of at most ~9 minutes on one H100/H200:
-#   (a) python -m tga.bench on the default config's model, batch 64 and 8, compiled
-#       (and eager, for the comparison), with TORCH_LOGS=graph_breaks,recompiles;
-#   (b) one default-config 1000-step training job (tga.train.train_model, as the
-#       training rule runs it: compile auto = compiled on CUDA), timed;
-#   (c) the quick config end to end on CUDA through Snakemake.
-# Everything it writes goes under $OUT (default: ./gpu_check_out).
+# The GPU measurement of issue 22, as one script of at most ~9 minutes on one H100/H200:
+#   (a) python -m tga.bench, compiled as the pipeline compiles by default (compile_mode
+#       and loss_head auto), with TORCH_LOGS=graph_breaks,recompiles: the default model
+#       at batch 64 (with a torch.profiler table of its top kernels), the same with the
+#       issue-16 path (compile_mode default, chunked head; profiled too, without CUDA
+#       graphs in the way), the nanoGPT-like block at
+#       batch 64 (like for like with nanoGPT), and the default model at batch 8 (the
+#       config's; CUDA graphs), with its top kernels too;
+#   (b) the whole default study (4 variants x 3 seeds) on the proxy data, config/proxy.yaml
+#       over shared/data, on CUDA with resources.train_gpus 0 and a cold compile cache;
+#   (c) its 12 training jobs again (cache warm), all at once, then (d) one at a time;
+#   and ends with one summary table (in summary.txt): ms/step at 64 and 8, MFU, the
+#   study's wall time and its four test perplexities.
+# It writes 8 files under $OUT (default: ./gpu_check_out): summary.txt env.txt
+# bench.jsonl bench.log profile.md study.log jobs.tsv perplexity.csv.
 #
 # Two steps, because the device machine reaches no package registry and lacks
 # jsonschema (tga imports it) and Snakemake:
@@ -13,12 +21,12 @@
 #        bash benchmarks/gpu_check.sh wheels
 #      downloads the missing packages as wheels for the device's Python 3.12 into .whl/
 #      (git-ignored; the versions installed here, so the same Snakemake runs there).
+#      Copy the offline data into the checkout too, so that it travels to the device:
+#        mkdir -p shared/data && cp -r ../shared/data/wikitext-2-raw ../shared/data/gpt2 shared/data/
 #   2. on the device machine (tool run, carry [".whl"], timeout_s 600):
 #        bash benchmarks/gpu_check.sh
-# Token files for (b): WikiText-2's valid split (train) and test split (validation),
-# GPT-2 BPE, when shared/data/{wikitext-2-raw,gpt2} is in the repository (copy
-# ../shared/data there: a checkout's shared/ travels to the device); otherwise
-# synthetic uniform ids over GPT-2's vocabulary (same arithmetic, meaningless loss).
+# (b)-(d) need shared/data/wikitext-2-raw/wiki.{valid,test}.raw and shared/data/gpt2/
+# {encoder.json,vocab.bpe} in the repository (or in ../shared/data beside it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,10 +73,9 @@ fi
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 # Seconds per part (about 9 minutes in all); a part that runs out is cut off and the
-# next one still runs. Files: env.txt summary.txt bench64.json bench8.json bench.log
-# train.log train_log.csv e2e.log (the device tool returns at most 8).
-LIMIT_BENCH64=${LIMIT_BENCH64:-110} LIMIT_BENCH8=${LIMIT_BENCH8:-90} LIMIT_TRAIN=${LIMIT_TRAIN:-110}
-LIMIT_E2E=${LIMIT_E2E:-210}
+# next one still runs.
+LIMIT_BENCH=${LIMIT_BENCH:-60} LIMIT_STUDY=${LIMIT_STUDY:-180} LIMIT_WARM=${LIMIT_WARM:-45}
+LIMIT_SERIAL=${LIMIT_SERIAL:-80}
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -87,78 +94,121 @@ fi
 'bf16', torch.cuda.is_bf16_supported(including_emulation=False))"
   git -C "$ROOT" rev-parse HEAD 2>/dev/null; } >>"$OUT/env.txt" 2>&1
 clip() { tail -c 2000000 "$1" >"$1.tmp" && mv "$1.tmp" "$1"; }  # logs stay well under the 16 MiB a file
+TMP=$(mktemp -d)
 
 # (a) ------------------------------------------------------------------ benchmark
-# One process per shape (each compiles its own graph); batch 64 also eager, for the gain.
-for shape in "64 both" "8 on"; do
-    set -- $shape
+# One process per setting (each compiles its own graph): a label, then tga.bench's flags.
+while read -r label flags; do
     start=$SECONDS
-    TORCH_LOGS=graph_breaks,recompiles timeout "$([ "$1" = 64 ] && echo "$LIMIT_BENCH64" || echo "$LIMIT_BENCH8")" \
-        "$PY" -m tga.bench --device cuda --models default --batch-sizes "$1" --compile "$2" --steps 200 --warmup 30 \
-        --repo "$ROOT" >"$OUT/bench$1.json" 2>>"$OUT/bench.log"
-    echo "(a) bench, batch $1, compile $2: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    # shellcheck disable=SC2086  # the flags are meant to split
+    TORCH_LOGS=graph_breaks,recompiles timeout "$LIMIT_BENCH" "$PY" -m tga.bench --device cuda --models default \
+        --compile on --steps 200 --warmup 30 --eval-tokens 500000 --repo "$ROOT" $flags \
+        >"$TMP/bench-$label.json" 2>>"$OUT/bench.log"
+    echo "(a) bench $label ($flags): exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+done <<BENCHES
+b64 --batch-sizes 64 --profile $TMP/profile
+b64-issue16 --batch-sizes 64 --compile-mode default --loss-head chunked --profile $TMP/profile
+b64-nanogpt --batch-sizes 64 --variant nanogpt-like
+b8 --batch-sizes 8 --profile $TMP/profile
+BENCHES
+for f in "$TMP"/bench-*.json; do
+    label=$(basename "$f" .json)
+    "$PY" -c "import json, sys; print(json.dumps({'label': sys.argv[1], 'report': json.load(open(sys.argv[2]))}))" \
+        "${label#bench-}" "$f" >>"$OUT/bench.jsonl" 2>>"$OUT/bench.log"
 done
+cat "$TMP"/profile/*.md >"$OUT/profile.md" 2>/dev/null
 clip "$OUT/bench.log"
 
-# (b) ------------------------------------------------- one default-config training job
-start=$SECONDS
-timeout "$LIMIT_TRAIN" "$PY" - "$ROOT" "$OUT" >>"$OUT/train.log" 2>&1 <<'EOF'
-import csv, json, shutil, statistics, sys, tempfile, time
-from dataclasses import asdict, replace
+# (b) ------------------------------------------- the whole default study on the proxy data
+DATA=$ROOT/shared/data
+[ -f "$DATA/wikitext-2-raw/wiki.valid.raw" ] || DATA=$ROOT/../shared/data
+study=$TMP/base/study
+mkdir -p "$study"
+ln -s "$(cd "$(dirname "$DATA")" 2>/dev/null && pwd)" "$TMP/base/shared"  # config/proxy.yaml reads ../shared/data
+cp -r Snakefile workflow config resources profiles "$study"/
+# Training, evaluation and geometry on the GPU; train_gpus 0 lets the 12 training jobs
+# share the one GPU instead of queueing for it (the default profile declares gpu: 1),
+# and one CPU thread each lets all 12 start at once within --cores 16 (a GPU job's
+# host work is one thread launching kernels).
+printf '%s\n' "training: {device: cuda}" "evaluation: {device: cuda}" "geometry: {device: cuda}" \
+    "resources: {train_gpus: 0, train_threads: 1}" >"$study/config/cuda.yaml"
+printf '%s\n' "resources: {train_gpus: 1, train_threads: 1}" >"$study/config/serial.yaml"
+smk() {  # smk LIMIT ARGS...: Snakemake in the study's folder, cut off after LIMIT seconds
+    (cd "$study" && timeout "$1" "$PY" -m snakemake --cores 16 "${@:2}") >>"$OUT/study.log" 2>&1
+}
+if [ -f "$DATA/wikitext-2-raw/wiki.valid.raw" ] && [ -f "$DATA/gpt2/encoder.json" ]; then
+    start=$SECONDS
+    smk "$LIMIT_STUDY" --configfile config/proxy.yaml config/cuda.yaml
+    status=$?
+    echo "study_s=$((SECONDS - start)) study_exit=$status" >"$TMP/study.txt"
+    echo "(b) the default study, proxy data, cold compile cache: exit $status after $((SECONDS - start)) s" \
+        | tee -a "$OUT/summary.txt"
+    cp "$study/outputs/compare/perplexity.csv" "$OUT/perplexity.csv" 2>/dev/null
+    # every job's seconds (Snakemake's benchmark files): training, evaluation, geometry, plots
+    (cd "$study/outputs/benchmarks" && find . -name '*.tsv' | sort | while read -r f; do
+        printf '%s\t%s\n' "${f#./}" "$(tail -n 1 "$f" | cut -f1)"; done) >"$OUT/jobs.tsv" 2>/dev/null
+    # (c) the 12 training jobs again, all at once, then (d) one at a time; the cache warm in both
+    for part in warm serial; do
+        start=$SECONDS
+        if [ $part = warm ]; then
+            smk "$LIMIT_WARM" --configfile config/proxy.yaml config/cuda.yaml --forcerun train --until train
+        else
+            smk "$LIMIT_SERIAL" --configfile config/proxy.yaml config/cuda.yaml config/serial.yaml --resources gpu=1 \
+                --forcerun train --until train
+        fi
+        status=$?
+        echo "${part}_s=$((SECONDS - start)) ${part}_exit=$status" >>"$TMP/study.txt"
+        echo "(c/d) 12 training jobs, $part, cache warm: exit $status after $((SECONDS - start)) s" \
+            | tee -a "$OUT/summary.txt"
+        (cd "$study/outputs/benchmarks/train" && find . -name '*.tsv' | sort | while read -r f; do
+            printf '%s\t%s\t%s\n' "$part" "${f#./}" "$(tail -n 1 "$f" | cut -f1)"; done) >>"$OUT/jobs.tsv" 2>/dev/null
+    done
+    du -sh "$study/outputs/cache/torch-compile" >>"$OUT/study.log" 2>&1
+else
+    echo "(b)-(d) skipped: no WikiText-2 / GPT-2 files in $ROOT/shared/data or ../shared/data" | tee -a "$OUT/summary.txt"
+fi
+clip "$OUT/study.log"
+
+# ------------------------------------------------------------------ the summary table
+"$PY" - "$OUT" "$TMP/study.txt" >>"$OUT/summary.txt" 2>&1 <<'SUMMARY'
+import csv, json, statistics, sys
 from pathlib import Path
 
-import numpy as np
-
-from tga.bench import pipeline_settings
-from tga.data import tokenize_to_file
-from tga.tokenizers import create_tokenizer
-from tga.train import train_model
-
-root, out = Path(sys.argv[1]), Path(sys.argv[2])
-work = Path(tempfile.mkdtemp())
-data = root / "shared" / "data"
-text, gpt2 = data / "wikitext-2-raw", data / "gpt2"
-if (text / "wiki.valid.raw").is_file() and (gpt2 / "encoder.json").is_file():
-    tokenizer = create_tokenizer("bpe", encoder_json=gpt2 / "encoder.json", vocab_bpe=gpt2 / "vocab.bpe")
-    tokenize_to_file(text / "wiki.valid.raw", tokenizer, work / "train.bin")
-    tokenize_to_file(text / "wiki.test.raw", tokenizer, work / "val.bin")
-    tokens = "WikiText-2 valid (train) / test (validation), GPT-2 BPE"
-else:
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 2_000_000), ("val", 200_000)):
-        ids = rng.integers(0, 50257, n, dtype=np.uint16)
-        (work / f"{name}.bin").write_bytes(ids.tobytes())
-        meta = {"dtype": "uint16", "n_tokens": n, "vocab_size": 50257, "tokenizer": "synthetic", "source": "synthetic",
-                "n_bytes": 4 * n, "n_words": n, "sha256": ""}
-        (work / f"{name}.json").write_text(json.dumps(meta))
-    tokens = "synthetic uniform ids, vocab 50257"
-variant, model, training = pipeline_settings(root, "default")
-training = replace(training, device="cuda")
-start = time.perf_counter()
-summary = train_model(model, training, work / "train.bin", work / "val.bin", work / "run", variant, show_progress=False)
-wall = time.perf_counter() - start
-shutil.copy(work / "run" / "train_log.csv", out / "train_log.csv")
-rates = [float(r["tokens_per_s"]) for r in csv.DictReader(open(work / "run" / "train_log.csv")) if r["tokens_per_s"]]
-print(json.dumps({"variant": variant, "tokens": tokens, "training": asdict(training), "wall_s": round(wall, 1),
-                  "median_tokens_per_s": statistics.median(rates), "first_log_tokens_per_s": rates[0],
-                  **summary}, indent=1))
-EOF
-echo "(b) 1000-step training: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-clip "$OUT/train.log"
-
-# (c) ------------------------------------------------ the quick config end to end on CUDA
-start=$SECONDS
-work=$(mktemp -d)
-cp -r Snakefile workflow config resources profiles "$work"/
-# Training, evaluation and geometry on the GPU; train_gpus 0 lets the 12 small training
-# jobs share the one GPU instead of queueing for it (the default profile declares gpu: 1).
-cat >"$work/config/cuda.yaml" <<'EOF'
-training: {device: cuda}
-evaluation: {device: cuda}
-geometry: {device: cuda}
-resources: {train_gpus: 0}
-EOF
-(cd "$work" && timeout "$LIMIT_E2E" "$PY" -m snakemake --cores 16 --configfile config/quick.yaml config/cuda.yaml) \
-    >"$OUT/e2e.log" 2>&1
-echo "(c) quick config end to end on CUDA: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
-clip "$OUT/e2e.log"
+out, study = Path(sys.argv[1]), Path(sys.argv[2])
+runs = {}
+if (out / "bench.jsonl").is_file():
+    for line in (out / "bench.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        runs[entry["label"]] = entry["report"]["models"]["default"]["train"][0]
+times = dict(item.split("=") for item in study.read_text().split()) if study.is_file() else {}
+rows = []
+for label, what in (("b64", "ms/step, default model, batch 64 x 256"),
+                    ("b64-issue16", "ms/step, same, issue-16 path (compile_mode default, chunked head)"),
+                    ("b64-nanogpt", "ms/step, nanoGPT-like block, batch 64 x 256"),
+                    ("b8", "ms/step, default model, batch 8 x 256")):
+    run = runs.get(label)
+    rows.append((what, "not measured" if run is None else
+                 f"{run['step_ms']} ({run['compile']}, {run['loss_head']} head, {run['precision']}, "
+                 f"{run['train_tokens_per_s'] / 1e6:.2f}M tokens/s)"))
+mfu = runs.get("b64", {}).get("mfu")
+rows.append(("MFU, default model, batch 64", "not measured" if mfu is None else f"{100 * mfu:.1f}%"))
+for key, what in (("study", "the default study, 4 variants x 3 seeds, proxy data, cold cache (s)"),
+                  ("warm", "its 12 training jobs at once, cache warm (s)"),
+                  ("serial", "its 12 training jobs one at a time, cache warm (s)")):
+    seconds, status = times.get(f"{key}_s"), times.get(f"{key}_exit")
+    rows.append((what, "not measured" if seconds is None else seconds + ("" if status == "0" else f" (exit {status})")))
+ppl = out / "perplexity.csv"
+if ppl.is_file():
+    by_variant = {}
+    for row in csv.DictReader(open(ppl)):
+        if row.get("seed") and row.get("status", "ok") == "ok":
+            by_variant.setdefault(row["variant"], []).append(float(row["token_ppl"]))
+    for variant, values in sorted(by_variant.items()):
+        rows.append((f"test perplexity, {variant} (mean of {len(values)} seeds)",
+                     f"{statistics.mean(values):.1f} ({' / '.join(f'{v:.0f}' for v in values)})"))
+width = max(len(what) for what, _ in rows)
+print(f"\n| {'what'.ljust(width)} | figure |\n|{'-' * (width + 2)}|---|")
+for what, figure in rows:
+    print(f"| {what.ljust(width)} | {figure} |")
+SUMMARY
+cat "$OUT/summary.txt"

@@ -87,3 +87,33 @@ def test_report_has_every_figure_per_precision(capsys):
         assert train["flops_per_token"] == flops_per_token(ModelConfig(**entry["config"]))
     assert all(e["eval_tokens"] == 2999 and e["eval_tokens_per_s"] > 0 for e in entry["eval"])
     assert entry["geometry"]["geometry_s_per_model"] > 0
+
+
+def test_nanogpt_like_variant_is_the_benchmarks_own_on_the_configs_sizes():
+    """nanoGPT's block (Pre-LN, LayerNorm, GELU, learned positions, no dropout) with the
+    default config's sizes and training settings; the study's variants are untouched."""
+    variant, model, training = pipeline_settings(ROOT, "default", "nanogpt-like")
+    _, llama, llama_training = pipeline_settings(ROOT, "default")
+    assert variant == "nanogpt-like"
+    assert (model.norm_position, model.norm, model.activation, model.position_encoding, model.dropout) == \
+        ("pre", "layernorm", "gelu", "learned", 0.0)
+    assert (model.n_layer, model.n_embd, model.block_size, model.vocab_size) == \
+        (llama.n_layer, llama.n_embd, llama.block_size, llama.vocab_size)
+    assert training == llama_training
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert "nanogpt-like" not in (config.get("variants") or {})
+
+
+def test_profile_writes_the_top_kernels_as_markdown_and_json(tmp_path, capsys):
+    main(["--device", "cpu", "--models", "quick", "--steps", "1", "--warmup", "0", "--eval-tokens", "2000",
+          "--loss-head", "full", "--profile", str(tmp_path), "--repo", str(ROOT)])
+    train = json.loads(capsys.readouterr().out)["models"]["quick"]["train"][0]
+    assert train["loss_head"] == "full" and train["optimizer_fused"] is False
+    rows = train["profile"]
+    assert 0 < len(rows) <= 15 and rows == sorted(rows, key=lambda r: r["ms_per_step"], reverse=True)
+    assert any(r["name"] == "aten::mm" for r in rows) and 0 < sum(r["share"] for r in rows) <= 1.0001
+    stem = tmp_path / "profile-quick-llama-preln-b16-eager-fp32"
+    assert json.loads(stem.with_suffix(".json").read_text())["rows"] == rows
+    table = stem.with_suffix(".md").read_text().splitlines()
+    assert table[2] == "| kernel | calls/step | ms/step | share |" and len(table) == 4 + len(rows)
+    assert "full head" in table[0] and "5 profiled steps" in table[0]

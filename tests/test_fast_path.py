@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +270,278 @@ def test_training_step_records_the_first_nan_step():
     step(state, 1)
     step(state, 2)
     assert state.first_bad_step.item() == 2 and state.steps_since_log == 3
+
+
+# --------------------------------------------------------------------------- per-device choices (issue 22)
+
+
+def test_compile_mode_auto_uses_cuda_graphs_for_small_batches_on_cuda_only():
+    from tga.device import CUDA_GRAPH_MAX_TOKENS, compile_mode_choice
+
+    assert compile_mode_choice("auto", "cuda", 8 * 256) == "reduce-overhead"
+    assert compile_mode_choice("auto", "cuda", CUDA_GRAPH_MAX_TOKENS) == "reduce-overhead"  # batch 64 x 256
+    assert compile_mode_choice("auto", "cuda", CUDA_GRAPH_MAX_TOKENS + 1) == "default"
+    assert compile_mode_choice("auto", "cpu", 8 * 256) == "default"
+    assert compile_mode_choice("auto", "mps", 8 * 256) == "default"
+    assert compile_mode_choice("max-autotune", "cpu", 10) == "max-autotune"  # a setting is used as given
+
+
+def test_loss_head_auto_is_full_on_cuda_when_the_logits_fit_and_chunked_elsewhere():
+    from tga.device import FULL_HEAD_BYTES_PER_LOGIT, loss_head_choice
+
+    h200, logits_64 = 141 * 2**30, 64 * 256 * 50304
+    assert loss_head_choice("auto", "cuda", logits_64, h200) == "full"
+    limit = 4 * FULL_HEAD_BYTES_PER_LOGIT * logits_64  # exactly a quarter of this memory
+    assert loss_head_choice("auto", "cuda", logits_64, limit) == "full"
+    assert loss_head_choice("auto", "cuda", logits_64, limit - 4) == "chunked"
+    assert loss_head_choice("auto", "cpu", 10, h200) == "chunked"
+    assert loss_head_choice("auto", "mps", 10, h200) == "chunked"
+    assert loss_head_choice("full", "cpu", 10, 0) == "full" and loss_head_choice("chunked", "cuda", 10, h200) == "chunked"
+
+
+def test_adamw_is_fused_on_cuda_and_torchs_default_elsewhere():
+    from tga.device import optimizer_options
+
+    assert optimizer_options("cuda") == {"fused": True}
+    assert optimizer_options("cpu") == {} and optimizer_options("mps") == {}
+    model = Transformer(ModelConfig(**TINY))
+    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert not optimizer.defaults.get("fused")
+
+
+@pytest.mark.parametrize("key, value", [("compile_mode", "fast"), ("loss_head", "fused"), ("loss_head", True)])
+def test_a_bad_compile_mode_or_loss_head_is_one_error_naming_the_key_and_the_choices(key, value):
+    from tga.schema import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=rf"training setting {key}=.*(auto|chunked)") as error:
+        TrainConfig.from_dict({key: value})
+    assert error.value.args[0].count("\n") == 0
+    assert TrainConfig().compile_mode == "auto" and TrainConfig().loss_head == "auto"
+    with pytest.raises(ValueError, match="loss_head='fused' must be chunked or full"):
+        Transformer(ModelConfig(**TINY), loss_head="fused")
+
+
+def test_full_loss_head_gives_the_chunked_heads_loss_and_gradients():
+    """Same parameters, fp32: the paths differ only in the order of their sums (1e-5);
+    the full head returns no logits either (the training call asks for none)."""
+    config = ModelConfig(**{**TINY, "unigram_bias": True})
+    torch.manual_seed(0)
+    chunked = Transformer(config, loss_chunk_tokens=7)
+    full = Transformer(config, loss_head="full")
+    full.load_state_dict(chunked.state_dict())
+    idx = torch.randint(0, VOCAB, (3, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    a, b = chunked(idx, targets, return_logits=False), full(idx, targets, return_logits=False)
+    assert b.logits is None
+    assert torch.allclose(a.loss, b.loss, rtol=0, atol=1e-5)
+    for ga, gb in zip(torch.autograd.grad(a.loss, list(chunked.parameters())),
+                      torch.autograd.grad(b.loss, list(full.parameters()))):
+        assert torch.allclose(ga, gb, rtol=0, atol=1e-5)
+
+
+def test_training_builds_the_head_and_optimizer_the_device_choices_name(monkeypatch):
+    import tga.train as train
+
+    counts = torch.ones(VOCAB, dtype=torch.long)
+    model, optimizer, _ = train.new_training_parts(ModelConfig(**TINY), TrainConfig(loss_head="auto"),
+                                                   torch.device("cpu"), counts)
+    assert model.loss_head == "chunked"
+    model, _, _ = train.new_training_parts(ModelConfig(**TINY), TrainConfig(loss_head="full"), torch.device("cpu"),
+                                           counts)
+    assert model.loss_head == "full"
+    seen = {}
+
+    def choice(setting, device_type, n_logits, memory):
+        seen.update(setting=setting, device_type=device_type, n_logits=n_logits)
+        return "full"
+
+    monkeypatch.setattr(train, "loss_head_choice", choice)
+    model, _, _ = train.new_training_parts(ModelConfig(**TINY), TrainConfig(batch_size=3), torch.device("cpu"), counts)
+    assert model.loss_head == "full" and seen == {"setting": "auto", "device_type": "cpu", "n_logits": 3 * 12 * PADDED}
+
+
+def test_compiled_step_gets_the_chosen_mode_for_the_batchs_tokens(monkeypatch):
+    """What ``torch.compile`` is called with (Inductor's modes cannot run on this CPU)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    model = Transformer(ModelConfig(**TINY))
+    compile_for_training(model, TrainConfig(batch_size=8, compile=True), "cuda")
+    compile_for_training(model, TrainConfig(batch_size=8, compile=True), "cpu")
+    compile_for_training(model, TrainConfig(batch_size=8, compile=True, compile_mode="max-autotune"), "cuda")
+    assert [c["mode"] for c in calls] == ["reduce-overhead", "default", "max-autotune"]
+    assert all(c["fullgraph"] and c["dynamic"] is False for c in calls)
+    assert compile_for_training(model, TrainConfig(batch_size=8), "cpu") is model  # compile: auto, eager on a CPU
+
+
+# --------------------------------------------------------------------------- validation through the compiled graph
+
+
+def train_and_validate(compile_setting: bool | str, steps: int = 3, **model_overrides) -> tuple[list[float], float]:
+    """Losses of ``steps`` pipeline steps, then the validation loss through what the
+    training loop validates with (the compiled graph when compiled)."""
+    from tga.evaluate import mean_loss_over_windows
+    from tga.train import evaluation_model
+
+    config = TrainConfig(batch_size=2, compile=compile_setting, learning_rate=1e-3, warmup_steps=1, device="cpu")
+    step = pipeline_step(config, unigram_bias=True, **model_overrides)
+    state, losses = TrainState().on(torch.device("cpu")), []
+    for i in range(steps):
+        before = state.loss_sum.item()
+        step(state, i)
+        losses.append(state.loss_sum.item() - before)
+    evaluate = evaluation_model(step.model, step.forward)
+    assert (evaluate is step.model) == (step.forward is step.model)
+    step.model.eval()
+    val = mean_loss_over_windows(evaluate, torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(5)),
+                                 TINY["block_size"], 2, max_windows=6)
+    return losses, val
+
+
+def test_validation_through_the_compiled_graph_gives_the_eager_loss():
+    """aot_eager traces what Inductor compiles; fp32, reordered sums only: 1e-5."""
+    eager_losses, eager_val = train_and_validate("auto")
+    compiled_losses, compiled_val = train_and_validate(True)
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    assert math.isfinite(eager_val) and compiled_val == pytest.approx(eager_val, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [2, 50])  # 50 windows of 13 need more than the 500 tokens, as sampling does
+def test_warming_the_compiled_graphs_leaves_the_run_as_it_was(batch_size):
+    """The warm-up (held under the compile lock) runs a forward and backward with dropout
+    on, and a validation batch: afterwards the RNG state, the parameters and the
+    gradients are as before, so the first real step draws the same dropout masks."""
+    from tga.train import evaluation_model, warm_compiled_graphs
+
+    config = TrainConfig(batch_size=batch_size, compile=True, device="cpu")
+    step = pipeline_step(config, dropout=0.2)
+    runtime, val_tokens = Runtime.resolve("cpu"), torch.randint(0, VOCAB, (100,))
+    rng, params = torch.get_rng_state(), [p.detach().clone() for p in step.model.parameters()]
+    warm_compiled_graphs(step, evaluation_model(step.model, step.forward), val_tokens, runtime)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a, b) for a, b in zip(params, step.model.parameters()))
+    assert all(p.grad is None for p in step.model.parameters()) and step.model.training
+
+
+# --------------------------------------------------------------------------- the shared compile cache
+
+
+def test_compile_cache_is_set_for_inductor_and_aotautograd(tmp_path, monkeypatch):
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from tga.device import use_compile_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    folder = use_compile_cache(tmp_path / "cache" / "torch-compile")
+    assert folder.is_dir() and cache_dir() == str(folder)  # where Inductor puts its files, Triton's under it
+    assert os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert inductor_config.fx_graph_cache is True and functorch_config.enable_autograd_cache is True
+
+
+def test_compile_lock_lets_one_holder_in_at_a_time(tmp_path):
+    """A second opener of the same lock (as another job's process would be) cannot take
+    it while it is held, and can once it is let go; another key is not blocked."""
+    import fcntl
+
+    from tga.device import compile_key, compile_lock
+
+    key = compile_key(model={"n_layer": 2}, batch=8)
+    assert key == compile_key(batch=8, model={"n_layer": 2}) and key != compile_key(model={"n_layer": 2}, batch=64)
+
+    def can_take(name: str) -> bool:
+        with open(tmp_path / "locks" / f"{name}.lock", "a") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return True
+
+    with compile_lock(tmp_path, key):
+        (tmp_path / "locks" / "other.lock").touch()
+        assert not can_take(key) and can_take("other")
+    assert can_take(key)
+
+
+def test_a_compiled_training_job_uses_the_cache_warms_under_the_lock_and_trains_as_eager(tmp_path, monkeypatch):
+    """train_model with a compile cache, compiled (aot_eager standing in for Inductor):
+    the cache folder is set, the warm-up ran under the graph's lock, and the run's
+    log (losses and validation through the compiled graph) equals the eager run's."""
+    import csv
+
+    import tga.device
+    import tga.train as train
+    from tga.data import tokenize_to_file
+    from tga.tokenizers import CharTokenizer
+
+    text = "the cat sat on the mat. the dog sat on the log. a bird flew over the old barn. " * 30
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "valid.txt").write_text(text[:600])
+    tokenizer = CharTokenizer.from_text(text)
+    tokens = []
+    for split in ("train", "valid"):
+        tokenize_to_file(tmp_path / f"{split}.txt", tokenizer, tmp_path / f"{split}.bin")
+        tokens.append(tmp_path / f"{split}.bin")
+    real_compile, real_lock, locked = train.compile_for_training, tga.device.compile_lock, []
+    monkeypatch.setattr(train, "compile_for_training",
+                        lambda model, config, device_type: real_compile(model, config, device_type, backend="aot_eager"))
+
+    def lock(directory, key):
+        locked.append((Path(directory), key))
+        return real_lock(directory, key)
+
+    monkeypatch.setattr(train, "compile_lock", lock)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model = ModelConfig(vocab_size=1, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    logs = {}
+    for compiled in (False, True):
+        config = TrainConfig(max_steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2, eval_interval=6,
+                             eval_batches=2, checkpoint_interval=12, device="cpu", threads=1, compile=compiled)
+        out = tmp_path / f"run-{compiled}"
+        train.train_model(model, config, *tokens, out, show_progress=False, compile_cache=tmp_path / "cache")
+        assert (tmp_path / "cache").exists() == compiled  # the eager run, first, leaves it alone
+        logs[compiled] = list(csv.DictReader(open(out / "train_log.csv")))
+    cache = (tmp_path / "cache").resolve()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    assert sorted(p.name for p in cache.iterdir()) == ["locks"]  # aot_eager writes no kernels
+    assert len(locked) == 1 and locked[0][0] == cache and (cache / "locks" / f"{locked[0][1]}.lock").is_file()
+    assert [r["step"] for r in logs[True]] == [r["step"] for r in logs[False]] == ["0", "6", "12"]
+    for eager, compiled in zip(logs[False], logs[True]):
+        for column in ("train_loss", "val_loss"):
+            if eager[column]:
+                assert float(compiled[column]) == pytest.approx(float(eager[column]), abs=1e-4), column
+
+
+CACHE_PROBE = """
+import sys
+from pathlib import Path
+import torch
+from tga.device import use_compile_cache
+use_compile_cache(Path(sys.argv[1]))
+from torch._dynamo.utils import counters
+step = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend="inductor", fullgraph=True)
+step(torch.ones(8))
+print(counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autograd_cache_hit"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compiled_graph_from_the_cache(tmp_path):
+    """Two fresh processes compile the same function with Inductor (C++ on this CPU,
+    about a minute in all): the first misses both caches, the second hits both."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    hits = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path / "cache")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        hits.append(done.stdout.split())
+    assert hits == [["0", "0"], ["1", "1"]]

@@ -30,11 +30,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from tga.device import Runtime, autocast_context, compile_decision, resolve_device, resolved_precision
+from tga.atomic import atomic_write_text
+from tga.device import (Runtime, autocast_context, compile_decision, compile_mode_choice, resolve_device,
+                        resolved_precision)
 from tga.evaluate import summed_loss_over_windows
 from tga.model import ModelConfig, Transformer
 from tga.resources import vocab_size_for
 from tga.resume import TrainState
+from tga.schema import key_specs
 from tga.settings import merged_config, resolve_variant
 from tga.train import (TrainConfig, TrainingStep, compile_for_training, new_training_parts,
                        token_counts_and_relabeler)
@@ -46,6 +49,15 @@ CONFIG_FILES = {
     "quick": ("config/config.yaml", "config/quick.yaml"),
 }
 SYNTHETIC_TOKENS = 1_000_000
+# Variants the benchmark knows besides a config's own, for like-for-like comparisons
+# with other code bases; they are not part of any study. ``nanogpt-like`` is nanoGPT's
+# block (Pre-LN, LayerNorm, GELU, learned positions, no dropout; biases off, as in
+# nanoGPT's bench.py) on the config's sizes, with the config's tied head.
+BENCH_VARIANTS: dict[str, dict[str, Any]] = {
+    "nanogpt-like": {"norm_position": "pre", "norm": "layernorm", "activation": "gelu",
+                     "position_encoding": "learned", "dropout": 0.0, "bias": False},
+}
+PROFILE_STEPS = 5  # steps recorded by --profile, after the timed ones
 
 
 class PeakFlops(NamedTuple):
@@ -103,8 +115,11 @@ def pipeline_settings(repo: Path, model: str, variant: str | None = None) -> tup
     """(variant, model config, training config) of ``model``'s config files, as the
     training rule gets them: :func:`tga.settings.resolve_variant` (schema defaults for
     every key the config leaves out) and the tokenizer's vocabulary. ``variant``
-    defaults to the config's first."""
+    defaults to the config's first; a name of :data:`BENCH_VARIANTS` that the config
+    lacks is that variant's settings over the config's shared ones."""
     config = merged_config([repo / name for name in CONFIG_FILES[model]])
+    if variant in BENCH_VARIANTS and variant not in config["variants"]:
+        config["variants"] = {**config["variants"], variant: BENCH_VARIANTS[variant]}
     data = config.get("data") or {}
     for split in ("train", "validation", "test"):  # the workflow runs in the repository root
         if data.get(split):
@@ -135,11 +150,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_training(model_config: ModelConfig, train_config: TrainConfig, steps: int, warmup: int) -> dict[str, Any]:
+def profile_steps(run_step: TrainingStep, state: TrainState, first_step: int, steps: int, device: torch.device,
+                  top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` kernels of ``steps`` training steps by their own time (torch.profiler):
+    on CUDA the GPU kernels by device time, on a CPU the operators by CPU time, each
+    with its calls and milliseconds per step and its share of the recorded total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as recorded:
+        for step in range(first_step, first_step + steps):
+            run_step(state, step)
+        _sync(device)
+    events = recorded.key_averages()
+    own = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in events) or 1.0
+    ranked = sorted((e for e in events if own(e) > 0), key=own, reverse=True)[:top]
+    return [{"name": e.key, "calls_per_step": round(e.count / steps, 2), "ms_per_step": round(own(e) / 1000 / steps, 4),
+             "share": round(own(e) / total, 4)} for e in ranked]
+
+
+def profile_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The profile as a markdown table, for docs/results.md."""
+    lines = [f"**{title}**", "", "| kernel | calls/step | ms/step | share |", "|---|---|---|---|"]
+    for row in rows:
+        name = row["name"].replace("|", "\\|")
+        name = name if len(name) <= 90 else name[:87] + "..."
+        lines.append(f"| `{name}` | {row['calls_per_step']:g} | {row['ms_per_step']:.3f} | {100 * row['share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_training(model_config: ModelConfig, train_config: TrainConfig, steps: int, warmup: int,
+                   profile: int = 0) -> dict[str, Any]:
     """Time ``steps`` pipeline training steps after ``warmup`` untimed ones (which pay
     for compilation) with ``train_config``'s batch size, device, precision and compile
-    setting. Dynamo is reset first, so each shape is compiled afresh for itself, as in
-    a training job, and not as a dynamic-shape graph left over from the last shape."""
+    setting; with ``profile``, then record that many more steps with torch.profiler
+    (:func:`profile_steps`). Dynamo is reset first, so each shape is compiled afresh
+    for itself, as in a training job, and not as a dynamic-shape graph left over from
+    the last shape."""
     torch._dynamo.reset()
     rt = Runtime.resolve(train_config.device, train_config.precision, train_config.threads)
     if rt.device.type == "cuda":
@@ -167,10 +216,13 @@ def bench_training(model_config: ModelConfig, train_config: TrainConfig, steps: 
     tokens_per_s = steps * train_config.batch_size * model_config.block_size / elapsed
     per_token = flops_per_token(model_config)
     peak = peak_flops_for(device_label(rt.device), rt.precision) if rt.device.type == "cuda" else None
+    batch_tokens = train_config.batch_size * model_config.block_size
     result = {
         "batch_size": train_config.batch_size,
         "block_size": model_config.block_size,
-        "compile": train_config.compile_mode if compiled else False,
+        "compile": compile_mode_choice(train_config.compile_mode, rt.device.type, batch_tokens) if compiled else False,
+        "loss_head": model.loss_head,
+        "optimizer_fused": bool(optimizer.defaults.get("fused")),
         "precision": rt.precision,
         "relabel_probability": train_config.rare_relabel_probability,
         "steps_timed": steps,
@@ -190,6 +242,9 @@ def bench_training(model_config: ModelConfig, train_config: TrainConfig, steps: 
         result["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
     else:
         result["peak_memory_mb"] = _peak_rss_mb()
+    if profile:
+        result["profile_steps"] = profile
+        result["profile"] = profile_steps(run_step, state, warmup + steps, profile, rt.device)
     return result
 
 
@@ -270,10 +325,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for compile_setting in compiles:
                     steps = args.steps or (200 if on_gpu else (3 if name == "default" else 50))
                     warmup = args.warmup if args.warmup is not None else (30 if on_gpu else 1)
+                    own = {"compile_mode": args.compile_mode, "loss_head": args.loss_head}
                     train_config = replace(configured, batch_size=batch, device=args.device, precision=precision,
                                            compile=compile_setting, threads=args.threads,
-                                           **({"compile_mode": args.compile_mode} if args.compile_mode else {}))
-                    entry["train"].append(bench_training(config, train_config, steps, warmup))
+                                           **{k: v for k, v in own.items() if v})
+                    timing = bench_training(config, train_config, steps, warmup, PROFILE_STEPS if args.profile else 0)
+                    entry["train"].append(timing)
+                    if args.profile:
+                        write_profile(Path(args.profile), name, variant, timing)
             eval_tokens = args.eval_tokens or (2_000_000 if on_gpu else (20_000 if name == "default" else 100_000))
             entry["eval"].append(bench_evaluation(config, 64 if on_gpu else 16, eval_tokens, device, precision))
         entry["geometry"] = bench_geometry(config, n_prompts=16, prompt_tokens=128)
@@ -283,6 +342,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def write_profile(folder: Path, model: str, variant: str, timing: dict[str, Any]) -> Path:
+    """``<folder>/profile-<model>-<variant>-b<batch>-<compile>-<precision>.{json,md}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    compiled = timing["compile"] or "eager"
+    stem = f"profile-{model}-{variant}-b{timing['batch_size']}-{compiled}-{timing['precision']}"
+    title = (f"{model} model, {variant}, batch {timing['batch_size']} x {timing['block_size']}, {compiled}, "
+             f"{timing['precision']}, {timing['loss_head']} head: {timing['step_ms']} ms/step; top kernels over "
+             f"{timing['profile_steps']} profiled steps")
+    atomic_write_text(folder / f"{stem}.json", json.dumps({"title": title, "rows": timing["profile"]}, indent=1))
+    atomic_write_text(folder / f"{stem}.md", profile_markdown(timing["profile"], title))
+    return folder / f"{stem}.md"
+
+
+def schema_choices(key: str) -> list[str]:
+    """The values the schema allows for training setting ``key``, for a flag's choices."""
+    return list(key_specs("training")[key]["enum"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tga.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,15 +367,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(CONFIG_FILES), default=["default", "quick"],
                         help="which configs' models to time: default = config/config.yaml, quick = that with "
                              "config/quick.yaml merged on top (default: both)")
-    parser.add_argument("--variant", help="the variant whose settings are timed (default: each config's first)")
+    parser.add_argument("--variant", help="the variant whose settings are timed (default: each config's first); "
+                                          f"also {', '.join(BENCH_VARIANTS)} (the benchmark's own, not a study's)")
     parser.add_argument("--batch-sizes", nargs="+", type=int,
                         help="training batch sizes (default: the config's, and 64 on GPU)")
     parser.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
                         help="auto: as the config says (its compile: auto compiles on CUDA only); "
                              "or time training without and/or with torch.compile")
-    parser.add_argument("--compile-mode", default=None,
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="torch.compile mode (default: the config's; reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--compile-mode", default=None, choices=schema_choices("compile_mode"),
+                        help="torch.compile mode (default: the config's, auto: CUDA graphs for batches up to "
+                             "16,384 tokens on CUDA; reduce-overhead adds CUDA graphs)")
+    parser.add_argument("--loss-head", default=None, choices=schema_choices("loss_head"),
+                        help="training's output head and loss (default: the config's, auto: full on CUDA, "
+                             "chunked elsewhere)")
+    parser.add_argument("--profile", metavar="FOLDER",
+                        help=f"also record {PROFILE_STEPS} steps per timing with torch.profiler and write the top "
+                             "kernels to FOLDER/profile-*.md and .json")
     parser.add_argument("--precision", nargs="+", choices=["auto", "fp32", "bf16"], default=["auto"],
                         help="autocast precision(s) to time (auto: bf16 on CUDA GPUs with bf16, fp32 elsewhere)")
     parser.add_argument("--steps", type=int, help="timed training steps (default: 200 on GPU, few on CPU)")

@@ -213,14 +213,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``loss_chunk_tokens``: tokens per chunk of the fused output head and loss that
-    training uses (:mod:`tga.lm_head`); an execution choice, not part of the
-    architecture, so it is not in the config or the checkpoint."""
+    """``loss_head``: how the training loss (``return_logits=False``) is computed,
+    ``chunked`` (the fused output head and loss of :mod:`tga.lm_head`, in chunks of
+    ``loss_chunk_tokens``) or ``full`` (the logits, then ``F.cross_entropy``, for a
+    compiler to fuse; :func:`tga.device.loss_head_choice`). Execution choices, not part
+    of the architecture, so neither is in the config or the checkpoint."""
 
-    def __init__(self, config: ModelConfig, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS) -> None:
+    def __init__(self, config: ModelConfig, loss_chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                 loss_head: str = "chunked") -> None:
         super().__init__()
+        if loss_head not in ("chunked", "full"):
+            raise ValueError(f"loss_head={loss_head!r} must be chunked or full")
         self.config = config
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_head = loss_head
         self.token_embedding = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.position_embedding = (
             nn.Embedding(config.block_size, config.n_embd) if config.position_encoding == "learned" else None
@@ -328,7 +334,7 @@ class Transformer(nn.Module):
         if hidden is not None:
             hidden.append(x)
         vocab = self.config.vocab_size
-        if not return_logits:
+        if not return_logits and self.loss_head == "chunked":
             loss = chunked_cross_entropy(x, self.token_embedding.weight, self.logit_bias, targets, vocab,
                                          self.loss_chunk_tokens)
             return ModelOutput(None, loss, hidden, sums)
@@ -340,7 +346,7 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, vocab).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits, loss, hidden, sums)
+        return ModelOutput(logits if return_logits else None, loss, hidden, sums)
 
 
 def save_checkpoint(path: Path, model: Transformer, extra: dict[str, Any] | None = None) -> None:

@@ -266,6 +266,7 @@ class TrainConfig:
     precision: str
     compile: bool | str  # auto, true or false; tga.device.compile_decision resolves it
     compile_mode: str
+    loss_head: str  # auto, chunked or full; tga.device.loss_head_choice resolves it
     threads: int = 0
 
     def __post_init__(self) -> None:

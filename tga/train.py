@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from tga.atomic import atomic_write, stale_temporaries
 from tga.data import RareTokenRelabeler, load_token_file, read_token_metadata, sample_batch, tokens_to_tensor
-from tga.device import Runtime, compile_decision
+from tga.device import (Runtime, compile_decision, compile_key, compile_lock, compile_mode_choice,
+                        device_memory_bytes, loss_head_choice, optimizer_options, use_compile_cache)
 from tga.evaluate import mean_loss_over_windows
 from tga.model import CheckpointError, ModelConfig, Transformer, save_checkpoint
 from tga.progress import progress as progress_display
@@ -96,10 +97,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, token_eps: flo
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     groups = optimizer_param_groups(model, config.weight_decay, config.token_adam_eps)
-    kwargs: dict[str, Any] = {"lr": config.learning_rate, "betas": (config.beta1, config.beta2)}
-    if device.type == "cuda":
-        kwargs["fused"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+                             **optimizer_options(device.type))
 
 
 def load_tokens_to_device(path: Path, device: torch.device) -> torch.Tensor:
@@ -116,12 +115,63 @@ def compile_for_training(model: nn.Module, config: TrainConfig, device_type: str
     error at the first step instead of a silent fall back to slow eager pieces.
     ``dynamic=False``: every training batch has the same shape, so shapes are
     specialised (a second shape, as in a benchmark of two batch sizes, recompiles
-    rather than switching to a slower dynamic-shape graph). ``backend`` is for tests,
-    which trace with ``aot_eager`` instead of building Inductor's C++."""
+    rather than switching to a slower dynamic-shape graph). The mode is
+    :func:`tga.device.compile_mode_choice`'s for the batch's tokens (CUDA graphs for
+    small batches on CUDA). ``backend`` is for tests, which trace with ``aot_eager``
+    instead of building Inductor's C++ (a mode is Inductor's, so it is not passed)."""
     if not compile_decision(config.compile, device_type):
         return model
-    options: dict[str, Any] = {"mode": config.compile_mode} if backend == "inductor" else {}
+    block_size = getattr(getattr(model, "config", None), "block_size", 1)
+    mode = compile_mode_choice(config.compile_mode, device_type, config.batch_size * block_size)
+    options: dict[str, Any] = {"mode": mode} if backend == "inductor" else {}
     return torch.compile(model, fullgraph=True, dynamic=False, backend=backend, **options)
+
+
+class CompiledEvaluation(nn.Module):
+    """The compiled training model, called for evaluation (under inference mode it
+    compiles a second graph): each call starts a new CUDA-graph step, because the
+    training step's explicit step marks turn off the automatic ones, and a replay
+    without one would find the last call's outputs still counted as alive. What a
+    call returns is valid until the next call (the evaluation loop reads its loss at
+    once). Parameters are the training model's, so evaluation code finds the device."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)
+
+
+def evaluation_model(model: nn.Module, forward: nn.Module) -> nn.Module:
+    """What validation calls: the compiled graph when training is compiled (so that the
+    validation passes run compiled, and through CUDA graphs where training does), else
+    ``model``."""
+    return model if forward is model else CompiledEvaluation(forward)
+
+
+def warm_compiled_graphs(run_step: "TrainingStep", evaluate: nn.Module, val_data: torch.Tensor,
+                         runtime: Runtime) -> None:
+    """Compile (or load from the cache) the training and evaluation graphs before the
+    first step, by calling both once on shapes and strides the loop uses: a forward
+    and backward on the first training windows, and a validation pass over one batch.
+    Nothing of the run changes: the gradients are dropped, no optimizer steps, and the
+    RNG states (dropout draws from them) are put back, so the trajectory is the one
+    without this. It exists to be held under :func:`tga.device.compile_lock`."""
+    model, batch, block = run_step.model, run_step.config.batch_size, run_step.block_size
+    rng = runtime.rng_states()
+    data = run_step.train_data
+    windows = data[torch.arange(block + 1, device=data.device).expand(batch, -1)].long()  # sample_batch's layout
+    torch.compiler.cudagraph_mark_step_begin()
+    with run_step.amp:
+        loss = run_step.forward(windows[:, :-1], windows[:, 1:], return_logits=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    mean_loss_over_windows(evaluate, val_data, block, batch, run_step.amp, max_windows=batch)
+    model.train()
+    runtime.set_rng_states(rng)
 
 
 def train_step(
@@ -135,7 +185,8 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step; returns the loss without synchronising with the host.
     ``forward_model`` may be the compiled wrapper of ``model``. The loss comes from the
-    fused, chunked output head (no logits are materialised, see tga/lm_head.py)."""
+    model's training head (``return_logits=False``: chunked or full, see
+    :func:`tga.device.loss_head_choice`)."""
     if forward_model is not model:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays may reuse buffers
     with amp:
@@ -250,7 +301,9 @@ def new_training_parts(model_config: ModelConfig, train_config: TrainConfig, dev
     """A seeded model (logit bias at the token prior), its optimizer and the batch
     generator. Draws from the global RNG exactly as an uninterrupted run does."""
     torch.manual_seed(train_config.seed)
-    model = Transformer(model_config).to(device)
+    n_logits = train_config.batch_size * model_config.block_size * model_config.padded_vocab_size
+    head = loss_head_choice(train_config.loss_head, device.type, n_logits, device_memory_bytes(device))
+    model = Transformer(model_config, loss_head=head).to(device)
     model.init_logit_bias(token_counts)
     generator = torch.Generator(device=device).manual_seed(train_config.seed + 1)
     return model, make_optimizer(model, train_config, device), generator
@@ -284,6 +337,7 @@ def train_model(
     run_name: str = "model",
     show_progress: bool = True,
     resume_dir: Path | None = None,
+    compile_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Train one variant with one seed; writes ``init.pt``, ``checkpoints/step*.pt``,
     ``train_log.csv``, ``final.pt`` and, last, ``status.json`` under ``out_dir``.
@@ -291,6 +345,9 @@ def train_model(
     A NaN/inf loss (seen at the next log or checkpoint step) ends the run ``diverged``
     (see :func:`_finish`) and raises :class:`TrainingDiverged`. With ``resume_dir``
     the run continues from a saved state of the same settings (:mod:`tga.resume`).
+    With ``compile_cache`` a compiled step's graphs are kept in and loaded from that
+    folder, and jobs compiling the same graph take turns (:func:`warm_compiled_graphs`);
+    an eager run leaves it alone.
     """
     out_dir = _prepare(Path(out_dir))
     model_config, meta, val_meta = _token_metadata(model_config, train_tokens, val_tokens)
@@ -314,13 +371,19 @@ def train_model(
         """Eval mode and no sampling: validation draws from no RNG, so it cannot make a
         resumed run's random stream differ from an uninterrupted one's."""
         model.eval()
-        loss = mean_loss_over_windows(model, val_data, block, bs, rt.amp, max_windows=train_config.eval_batches * bs)
+        loss = mean_loss_over_windows(evaluate, val_data, block, bs, rt.amp, max_windows=train_config.eval_batches * bs)
         model.train()
         return loss
 
     (model, optimizer, generator), state = _start(build, store, rt)
     run_step = TrainingStep(model, compile_for_training(model, train_config, rt.device.type), optimizer, train_data,
                             generator, relabel, train_config, block, rt.amp)
+    evaluate = evaluation_model(model, run_step.forward)
+    if compile_cache is not None and run_step.forward is not model:
+        key = compile_key(model=asdict(model_config), batch=bs, device=str(rt.device), precision=rt.precision,
+                          mode=train_config.compile_mode, head=model.loss_head)
+        with compile_lock(use_compile_cache(compile_cache), key):
+            warm_compiled_graphs(run_step, evaluate, val_data, rt)
     log_path = out_dir / "train_log.csv"
     if state is None:
         state = TrainState(last_val_loss=validate())
@@ -404,13 +467,14 @@ def train_from_settings(
     run_name: str = "model",
     resume_dir: Path | None = None,
     show_progress: bool = True,
+    compile_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Train from a resolved variant (``{"model": {...}, "training": {...}}``, as
     :func:`tga.settings.resolve_variant` makes it); see :func:`train_model`."""
     model_config = ModelConfig.from_dict({"vocab_size": 1, **settings["model"]})
     train_config = TrainConfig.from_dict({**settings["training"], "seed": seed, "threads": threads})
     return train_model(model_config, train_config, Path(train_tokens), Path(val_tokens), Path(out_dir), run_name,
-                       show_progress=show_progress, resume_dir=resume_dir)
+                       show_progress=show_progress, resume_dir=resume_dir, compile_cache=compile_cache)
 
 
 def run_checkpoint(path: Path) -> tuple[Path, Path]:

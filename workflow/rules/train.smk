@@ -20,6 +20,8 @@ checkpoint train:
     params:
         code=code_fingerprint("tga.train"),
         settings=variant_settings,
+        # Inductor's and AOTAutograd's caches, shared: one job per graph compiles, the rest load
+        compile_cache="outputs/cache/torch-compile",
     log:
         "outputs/logs/train/{variant}/seed{seed}.log",
     benchmark:

@@ -29,6 +29,7 @@ with logged_job(snakemake.log[0]):
             out_dir=out_dir,
             run_name=f"{variant}/seed{seed}",
             resume_dir=resume_dir_for(out_dir, variant, seed),
+            compile_cache=snakemake.params.compile_cache,
         )
     except TrainingDiverged as exc:
         print(f"tga train: {exc}", file=sys.stderr)
