@@ -42,6 +42,7 @@ rule plot_perplexity:
             subcategory="perplexity",
             labels={"figure": "perplexity by variant"},
         ),
+        *figure_copies("outputs/compare/perplexity.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
@@ -70,6 +71,7 @@ rule plot_similarity_by_layer:
             subcategory="all variants",
             labels={"figure": "similarity by layer"},
         ),
+        *figure_copies("outputs/compare/similarity_by_layer.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         labels=lambda wildcards: trained_runs(wildcards) + pretrained_labels(),
@@ -129,6 +131,7 @@ rule plot_differences:
             subcategory="differences A − B",
             labels={"figure": "differences A − B"},
         ),
+        *figure_copies("outputs/compare/difference.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
