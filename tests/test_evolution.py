@@ -19,6 +19,7 @@ from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
 from tga.geometry import CROSS_PROMPT, summarize_metrics
 from tga.metrics import CROSS_PROMPT_METRICS, METRIC_NAMES, PROMPT_METRICS, GeometryError
 from tga.model import ModelConfig, Transformer, save_checkpoint
+from tga.schema import TrainConfigError
 from matplotlib.text import Text
 
 from tga import figures_evolution
@@ -94,18 +95,33 @@ def assert_png(path: Path, min_width: int = 300) -> None:
 
 
 def test_stages_are_init_and_every_checkpoint_the_training_keeps():
-    stages = evolution_stages({"max_steps": 400, "checkpoint_interval": 100}, "m")
+    linear = {"max_steps": 400, "checkpoint_interval": 100, "checkpoint_spacing": "linear"}
+    stages = evolution_stages(linear, "m")
     assert list(stages) == ["init", "step100", "step200", "step300", "step400"]
     assert stages["init"] == str(Path("m/init.pt"))
     assert stages["step300"] == str(Path("m/checkpoints/step000300.pt"))
-    assert evolution_steps({"max_steps": 400, "checkpoint_interval": 100}) == [0, 100, 200, 300, 400]
+    assert evolution_steps(linear) == [0, 100, 200, 300, 400]
+
+
+def test_default_checkpoints_are_log_spaced_and_dense_early():
+    """By default the kept checkpoints double (1, 2, 4, ...): as many early, where the
+    geometry changes most, as late, and evenly spread on the figures' log step axis."""
+    steps = evolution_steps({"max_steps": 300, "checkpoint_interval": 100, "warmup_steps": 30})
+    assert steps == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]  # 300 = final.pt closes the run
+    assert evolution_stages({"max_steps": 300, "warmup_steps": 30}, "m")["step300"] == str(Path("m/final.pt"))
+    assert evolution_steps({"max_steps": 256, "warmup_steps": 30})[-2:] == [128, 256]  # a power of two: no extra
+    assert evolution_steps({"max_steps": 1, "warmup_steps": 1}) == [0, 1]
+    assert steps == evolution_steps({"max_steps": 300, "checkpoint_interval": 100, "warmup_steps": 30})  # same again
+    with pytest.raises(TrainConfigError, match=r"checkpoint_spacing='geometric' must be one of \['log', 'linear'\]"):
+        evolution_steps({"max_steps": 300, "checkpoint_spacing": "geometric"})
 
 
 def test_final_model_closes_a_short_last_interval():
-    stages = evolution_stages({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}, "m")
+    short = {"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2, "checkpoint_spacing": "linear"}
+    stages = evolution_stages(short, "m")
     assert list(stages) == ["init", "step8", "step16", "step20"]
     assert stages["step20"] == str(Path("m/final.pt"))
-    assert evolution_steps({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}) == [0, 8, 16, 20]
+    assert evolution_steps(short) == [0, 8, 16, 20]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
