@@ -411,12 +411,20 @@ def train_loss_steps(log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([[start], steps[ok]]), np.concatenate([[loss[ok[0]]], loss[ok]])
 
 
+class _PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks get a label, written as plain numbers."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def plain_log_ticks(ax: Axes, axis: str = "y") -> None:
-    """Log-scale tick labels as plain numbers ('60', not '6×10¹'); minor ticks labelled
-    only while the axis spans about a decade, where the major ticks alone are too few."""
+    """Log-scale tick labels as plain numbers ('60' and '0.1', not '6×10¹' or '1e-01');
+    minor ticks labelled only while the axis spans about a decade, where the major
+    ticks alone are too few."""
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_formatter(LogFormatter(labelOnlyBase=False))
-    target.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    target.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    target.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def log_step_axis(ax: Axes, max_step: float) -> None:
