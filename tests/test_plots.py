@@ -13,10 +13,10 @@ from PIL import Image
 
 from tga import figures_compare, figures_evolution, figures_model
 from tga.compare import compute_differences
+from tga.figure_files import figure_copies
 from tga.figure_style import (
     METRIC_LABELS,
     centred_change,
-    figure_copies,
     heatmap_panel,
     new_figure,
     text_layout_problems,

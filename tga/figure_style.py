@@ -39,6 +39,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from tga.atomic import atomic_write  # noqa: E402
+from tga.figure_files import figure_paths  # noqa: E402
 
 #: Axis label (with units) for every geometry metric; used by every figure.
 METRIC_LABELS: dict[str, str] = {
@@ -73,8 +74,7 @@ FONT_SIZES = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.
 matplotlib.rcParams.update({**FONT_SIZES, "svg.hashsalt": "tga"})  # fixed salt: SVG ids, hence files, reproducible
 #: Words of a prompt a heatmap shows: at 7-8 pt every row is then labelled in a 2.9-inch panel.
 HEATMAP_WORDS = 16
-#: File formats a figure can be written in besides PNG (config ``figures.format``).
-FIGURE_FORMATS = ("png", "pdf", "svg")
+
 #: Colour maps of the heatmaps: cosine in [−1, 1], and a change of cosine.
 COSINE_CMAP = "RdBu_r"
 CHANGE_CMAP = "PuOr_r"
@@ -160,37 +160,6 @@ def stage_step(df: pd.DataFrame, stage: str) -> str:
 def new_figure(width: float, height: float) -> Figure:
     """Built without pyplot: no global state, nothing to close."""
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-
-
-def figure_paths(out_path: Path | str | Sequence[Path | str]) -> list[Path]:
-    """The files one figure is written to: a path, or several (the PNG plus the
-    ``figures.format`` copy); the format of each follows its suffix."""
-    paths = [Path(out_path)] if isinstance(out_path, (str, Path)) else [Path(p) for p in out_path]
-    if not paths:
-        raise ValueError("no output path given for the figure")
-    for path in paths:
-        fmt = path.suffix.lstrip(".").lower()
-        if fmt not in FIGURE_FORMATS:
-            raise ValueError(f"{path}: figure format {fmt!r} is not one of {', '.join(FIGURE_FORMATS)} "
-                             "(the file suffix decides the format)")
-    return paths
-
-
-def figure_suffixes(fmt: str) -> list[str]:
-    """File suffixes every figure is written with for config ``figures.format``: the PNG
-    always (the HTML report embeds it), plus a PDF or SVG copy for a paper."""
-    if fmt not in FIGURE_FORMATS:
-        raise ValueError(f"figures.format {fmt!r} is not one of {', '.join(FIGURE_FORMATS)}")
-    return [".png"] + ([f".{fmt}"] if fmt != "png" else [])
-
-
-def figure_copies(png: str, fmt: str) -> list[str]:
-    """The copies of the figure ``png`` in ``fmt`` (config ``figures.format``) besides the
-    PNG, none for png: the workflow makes them outputs of the figure's own rule, so every
-    format of every figure is a target."""
-    if not png.endswith(".png"):
-        raise ValueError(f"{png}: a figure's first output is its PNG")
-    return [png[: -len(".png")] + suffix for suffix in figure_suffixes(fmt)[1:]]
 
 
 def save(fig: Figure, out_path: Path | str | Sequence[Path | str]) -> Path:

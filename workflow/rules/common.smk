@@ -9,7 +9,7 @@ from snakemake.utils import validate
 from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages
-from tga.figure_style import figure_copies
+from tga.figure_files import figure_copies
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
 

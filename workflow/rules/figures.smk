@@ -1,6 +1,6 @@
 # Figures of one model: geometry across layers, similarity heatmaps, training curves.
 # Every figure rule's outputs: the PNG, then its copies in figures.format (figure_copies).
-from tga.figure_style import figure_copies
+from tga.figure_files import figure_copies
 from tga.fingerprint import code_fingerprint
 
 
