@@ -463,3 +463,30 @@ def test_figures_are_written_in_every_requested_format_reproducibly(tmp_path):
     with pytest.raises(ValueError, match=r"f\.jpg: figure format 'jpg' is not one of"):
         plot_similarity_by_layer(summaries, tmp_path / "f.jpg", DATA_LABEL)
     assert not (tmp_path / "f.jpg").exists()
+
+
+def test_figures_format_makes_every_figure_rule_write_a_copy(tmp_path):
+    """With figures.format: svg every figure the workflow plans is a PNG plus an SVG from
+    the same job, and both are requested (a dry run, nothing trained)."""
+    import re
+
+    from test_workflow import TINY, make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path, {**TINY, "figures": {"format": "svg"}})
+    out = snakemake(workdir, "--dry-run").stdout
+    outputs = [line.split(":", 1)[1] for line in out.splitlines() if line.strip().startswith("output:")]
+    pngs = [p.strip() for line in outputs for p in line.split(",") if p.strip().endswith(".png")]
+    assert len(pngs) >= 9  # per-model, evolution and comparison figures
+    for line in outputs:
+        files = [p.strip() for p in line.split(",")]
+        for png in (f for f in files if f.endswith(".png")):
+            assert png[:-4] + ".svg" in files, line
+    assert re.search(r"plot_training_curves\s+\d", out)
+    # and requested by rule all: Snakemake checks only a job's requested outputs, so an SVG
+    # that only the rule declared would never be made beside an existing PNG
+    requested = next(line for line in out.split("rule all:", 1)[1].splitlines() if line.strip().startswith("input:"))
+    wanted = [p.strip() for p in requested.split(":", 1)[1].split(",")]
+    assert {p[:-4] + ".svg" for p in wanted if p.endswith(".png")} <= set(wanted)
+    assert "outputs/compare/similarity_by_layer.svg" in wanted
+    (tmp_path / "png").mkdir()
+    assert ".svg" not in snakemake(make_workdir(tmp_path / "png", TINY), "--dry-run").stdout
