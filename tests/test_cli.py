@@ -70,7 +70,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     data = root / "data"
     downloaded = download_sample(data)
     trained = cli("train", "--tokenizer", "char", "--data-dir", data, "--output-dir", root / "models",
-                  "--model-name", "tiny", "--max-steps", 5, "--checkpoint-interval", 2, *TINY)
+                  "--model-name", "tiny", "--max-steps", 5, "--checkpoint-interval", 2,
+                  "--checkpoint-spacing", "linear", *TINY)
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS, encoding="utf-8")
     return {"root": root, "data": data, "model": root / "models" / "tiny", "prompts": prompts,
@@ -162,7 +163,8 @@ def test_evolve_analyses_every_checkpoint(study: dict) -> None:
     code, out, err = cli("evolve", "--max-steps", 5, "--learning-rate", "1e-3", "--output-dir", out_dir,
                          "--prompts", study["prompts"], "--data-dir", study["data"], "--tokenizer", "char",
                          "--pre-ln", "--use-swiglu", "--norm", "layernorm", "--eval-interval", 5,
-                         "--heatmap-layers", 0, -1, *TINY)
+                         "--heatmap-layers", 0, -1,
+                         "--checkpoint-spacing", "linear", *TINY)
     assert code == 0, err
     run = out_dir / "model"
     model, _ = load_checkpoint(run / "final.pt")

@@ -19,6 +19,11 @@ from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
 from tga.geometry import CROSS_PROMPT, summarize_metrics
 from tga.metrics import CROSS_PROMPT_METRICS, METRIC_NAMES, PROMPT_METRICS, GeometryError
 from tga.model import ModelConfig, Transformer, save_checkpoint
+from tga.schema import TrainConfigError
+from matplotlib.text import Text
+
+from tga import figures_evolution
+from tga.figure_style import centred_change, text_layout_problems, word_matrix, word_spans
 from tga.plots import (
     plot_heatmaps_before_after,
     plot_metrics_by_step,
@@ -74,7 +79,7 @@ def make_npz(path: Path, T: int = 10) -> Path:
             x = rng.normal(size=(T, 6))
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             arrays[f"{stage}/layer{layer}/prompt0"] = (x @ x.T).astype(np.float32)
-    arrays["tokens/prompt0"] = np.array(list("The lobst$r")[:T], dtype=np.str_)
+    arrays["tokens/prompt0"] = np.array((list("The lobst$r ") * 4)[:T], dtype=np.str_)
     arrays["layer_names"] = np.array(LAYER_NAMES, dtype=np.str_)
     np.savez_compressed(path, **arrays)
     return path
@@ -90,18 +95,33 @@ def assert_png(path: Path, min_width: int = 300) -> None:
 
 
 def test_stages_are_init_and_every_checkpoint_the_training_keeps():
-    stages = evolution_stages({"max_steps": 400, "checkpoint_interval": 100}, "m")
+    linear = {"max_steps": 400, "checkpoint_interval": 100, "checkpoint_spacing": "linear"}
+    stages = evolution_stages(linear, "m")
     assert list(stages) == ["init", "step100", "step200", "step300", "step400"]
     assert stages["init"] == str(Path("m/init.pt"))
     assert stages["step300"] == str(Path("m/checkpoints/step000300.pt"))
-    assert evolution_steps({"max_steps": 400, "checkpoint_interval": 100}) == [0, 100, 200, 300, 400]
+    assert evolution_steps(linear) == [0, 100, 200, 300, 400]
+
+
+def test_default_checkpoints_are_log_spaced_and_dense_early():
+    """By default the kept checkpoints double (1, 2, 4, ...): as many early, where the
+    geometry changes most, as late, and evenly spread on the figures' log step axis."""
+    steps = evolution_steps({"max_steps": 300, "checkpoint_interval": 100, "warmup_steps": 30})
+    assert steps == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300]  # 300 = final.pt closes the run
+    assert evolution_stages({"max_steps": 300, "warmup_steps": 30}, "m")["step300"] == str(Path("m/final.pt"))
+    assert evolution_steps({"max_steps": 256, "warmup_steps": 30})[-2:] == [128, 256]  # a power of two: no extra
+    assert evolution_steps({"max_steps": 1, "warmup_steps": 1}) == [0, 1]
+    assert steps == evolution_steps({"max_steps": 300, "checkpoint_interval": 100, "warmup_steps": 30})  # same again
+    with pytest.raises(TrainConfigError, match=r"checkpoint_spacing='geometric' must be one of \['log', 'linear'\]"):
+        evolution_steps({"max_steps": 300, "checkpoint_spacing": "geometric"})
 
 
 def test_final_model_closes_a_short_last_interval():
-    stages = evolution_stages({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}, "m")
+    short = {"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2, "checkpoint_spacing": "linear"}
+    stages = evolution_stages(short, "m")
     assert list(stages) == ["init", "step8", "step16", "step20"]
     assert stages["step20"] == str(Path("m/final.pt"))
-    assert evolution_steps({"max_steps": 20, "checkpoint_interval": 8, "warmup_steps": 2}) == [0, 8, 16, 20]
+    assert evolution_steps(short) == [0, 8, 16, 20]
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -161,6 +181,56 @@ def test_plot_similarity_change(tmp_path):
     assert_png(plot_similarity_change(one_prompt, tmp_path / "one_prompt.png", TITLE, DATA_LABEL, after="step100"))
     with pytest.raises(ValueError, match="stage 'trained' not in the metrics table"):
         plot_similarity_change(metrics, tmp_path / "bad.png", TITLE, DATA_LABEL, after="trained")
+
+
+def test_metrics_by_step_uses_a_log_step_axis_shared_by_every_panel():
+    summary = summarize_metrics(make_metrics())
+    fig = figures_evolution._figure_metrics_by_step(summary, TITLE, DATA_LABEL, make_log(),
+                                                    figures_evolution.EVOLUTION_METRICS)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 1 + len(figures_evolution.EVOLUTION_METRICS) <= 9
+    assert all(ax.get_xscale() == "symlog" for ax in panels)  # 0 (init) shown, log above step 1
+    assert all(ax.get_shared_x_axes().joined(panels[0], ax) for ax in panels)
+    fig.draw_without_rendering()
+    ticks = {t.get_text() for t in panels[-1].get_xticklabels() if t.get_text()}
+    assert {"0", "1", "10", "100"} <= ticks
+    # the layers are named in a legend (not a thin colour bar), one entry per layer
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == LAYER_NAMES
+
+
+def test_heatmaps_before_after_show_the_change_beyond_the_mean_shift(tmp_path):
+    npz = make_npz(tmp_path / "similarity.npz")
+    fig = figures_evolution._figure_heatmaps_before_after(npz, TITLE, DATA_LABEL, "init", None, 0, 16)
+    change_axes = [ax for ax in fig.axes if ax.get_title().startswith("change beyond the mean shift")]
+    assert len(change_axes) == 2
+    with np.load(npz) as stored:  # rows are words ('The', 'lobst$'): compare on the word view
+        spans = word_spans(list(stored["tokens/prompt0"]))
+        before = word_matrix(stored["init/layer3/prompt0"], spans)
+        after = word_matrix(stored["step250/layer3/prompt0"], spans)
+    expected, shift = centred_change(after, before)
+    shown = change_axes[1].images[0].get_array().filled(np.nan)
+    assert np.allclose(shown, expected, equal_nan=True)
+    assert f"mean shift {shift:+.2f}" in change_axes[1].get_title()
+    assert any("(after − its mean) − (before − its mean)" in t.get_text() for t in fig.findobj(Text))
+
+
+@pytest.mark.parametrize("figure", ["metrics_by_step", "metrics_by_step_without_loss", "heatmaps_before_after",
+                                    "similarity_change"])
+def test_evolution_figure_text_is_inside_readable_and_not_overlapping(figure, tmp_path):
+    long_title = "llama-postln-layernorm (seed 2): post-LN, layernorm, swiglu, 6 layers x 384 dims"
+    build = {
+        "metrics_by_step": lambda: figures_evolution._figure_metrics_by_step(
+            summarize_metrics(make_metrics()), long_title, DATA_LABEL, make_log(), figures_evolution.EVOLUTION_METRICS),
+        "metrics_by_step_without_loss": lambda: figures_evolution._figure_metrics_by_step(
+            summarize_metrics(make_metrics()), long_title, DATA_LABEL, None, METRIC_NAMES),
+        "heatmaps_before_after": lambda: figures_evolution._figure_heatmaps_before_after(
+            make_npz(tmp_path / "s.npz", T=40), long_title, DATA_LABEL, "init", None, 0, 16),
+        "similarity_change": lambda: figures_evolution._figure_similarity_change(
+            make_metrics(n_prompts=6), long_title, DATA_LABEL, "init", None, "mean_cosine"),
+    }[figure]
+    problems = text_layout_problems(build())
+    assert not problems, "\n".join(problems)
 
 
 # ----------------------------------------------------------------------------- end to end

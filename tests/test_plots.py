@@ -13,7 +13,17 @@ from PIL import Image
 
 from tga import figures_compare, figures_evolution, figures_model
 from tga.compare import compute_differences
-from tga.figure_style import METRIC_LABELS, heatmap_panel, new_figure, token_ticks
+from tga.figure_files import figure_copies
+from tga.figure_style import (
+    METRIC_LABELS,
+    centred_change,
+    heatmap_panel,
+    new_figure,
+    text_layout_problems,
+    token_ticks,
+    word_matrix,
+    word_spans,
+)
 from tga.figures_compare import plot_differences, plot_perplexity, plot_similarity_by_layer
 from tga.figures_model import plot_geometry_layers, plot_similarity_heatmaps, plot_training_curves
 
@@ -25,12 +35,12 @@ METRICS = ["mean_cosine", "token_norm", "update_norm"]
 # ----------------------------------------------------------------------------- builders
 
 
-def make_summary(seed: int = 0, offset: float = 0.0, metrics=METRICS) -> pd.DataFrame:
+def make_summary(seed: int = 0, offset: float = 0.0, metrics=METRICS, names=LAYER_NAMES) -> pd.DataFrame:
     """summary.csv for one model: stage,step,layer,layer_name,metric,mean,std,n_prompts."""
     rng = np.random.default_rng(seed)
     rows = []
     for stage, step in (("init", 0), ("trained", 500)):
-        for layer, name in enumerate(LAYER_NAMES):
+        for layer, name in enumerate(names):
             for metric in metrics:
                 if metric == "update_norm" and layer == 0:
                     mean, std = math.nan, math.nan
@@ -43,11 +53,11 @@ def make_summary(seed: int = 0, offset: float = 0.0, metrics=METRICS) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def make_summaries(spec: dict[str, list[int]]) -> pd.DataFrame:
+def make_summaries(spec: dict[str, list[int]], names=LAYER_NAMES) -> pd.DataFrame:
     parts = []
     for i, (variant, seeds) in enumerate(spec.items()):
         for seed in seeds:
-            parts.append(make_summary(seed, offset=0.2 * i).assign(variant=variant, seed=seed))
+            parts.append(make_summary(seed, offset=0.2 * i, names=names).assign(variant=variant, seed=seed))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -133,23 +143,76 @@ def test_plot_similarity_heatmaps(tmp_path):
     out = plot_similarity_heatmaps(npz, tmp_path / "h.png", "v, seed 0", DATA_LABEL, prompt=1,
                                    layer_names={0: "embedding", 1: "block1", 3: "final_norm"})
     assert_png(out)
-    fig = figures_model._figure_similarity_heatmaps(npz, "v", DATA_LABEL, 0, 40, None)
+    fig = figures_model._figure_similarity_heatmaps(npz, "v", DATA_LABEL, 0, 16, None)
     heatmap_axes = [ax for ax in fig.axes if heatmap_of(ax) is not None]
     assert len(heatmap_axes) == 6  # 2 stages x 3 stored layers
     assert all(heatmap_of(ax).get_clim() == (-1.0, 1.0) for ax in heatmap_axes)
-    with np.load(npz) as stored:  # the cells are the stored matrix, row 0 at the top
-        assert np.allclose(heatmap_of(heatmap_axes[0]).get_array().reshape(12, 12), stored["init/layer0/prompt0"])
+    # rows are words: ' the' '$' | '\n' | 'cat$$x' 'a' | ' the' '$' | ...; cells are the stored
+    # token matrix averaged over each pair of words, row 0 at the top
+    spans = [(0, 2), (3, 5), (5, 7), (8, 10), (10, 12)]
+    with np.load(npz) as stored:
+        expected = word_matrix(stored["init/layer0/prompt0"], spans)
+    shown = heatmap_of(heatmap_axes[0]).get_array().reshape(5, 5).filled(np.nan)
+    assert np.allclose(shown, expected, equal_nan=True)
     assert heatmap_axes[0].yaxis_inverted()
     colorbar_labels = [ax.get_ylabel() for ax in fig.axes if heatmap_of(ax) is None]
     assert any("cosine similarity" in lbl for lbl in colorbar_labels)
     labels = [t.get_text() for t in heatmap_axes[0].get_yticklabels()]
-    assert labels[:3] == ["␣the", r"\$", "↵"]  # whitespace visible, '$' escaped from mathtext
-    assert list(heatmap_axes[0].get_yticks()[:3]) == [0, 1, 2]  # labels on the cell centres (cell i spans i ± 0.5)
-    # long prompts: every k-th token labelled, at most max_tick_labels
-    fig_long = figures_model._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0, 20,
-                                                         None)
+    assert labels == [r"the\$", r"cat\$\$xa", r"the\$", r"cat\$\$xa", r"the\$"]  # '$' escaped from mathtext
+    assert list(heatmap_axes[0].get_yticks()) == [0, 1, 2, 3, 4]  # labels on the cell centres
+    assert heatmap_axes[0].get_ylabel() == "word"
+    assert any("word × word over its 5 words (12 tokens)" in t for t in figure_texts(fig))
+    # long prompts: only the first max_words words, each one labelled
+    fig_long = figures_model._figure_similarity_heatmaps(make_npz(tmp_path / "long.npz", T=100), "v", DATA_LABEL, 0,
+                                                         16, None)
     ax0 = [ax for ax in fig_long.axes if heatmap_of(ax) is not None][0]
-    assert 1 < len(ax0.get_yticks()) <= 20
+    assert len(ax0.get_yticks()) == 16 and all(t.get_text() for t in ax0.get_yticklabels())
+    assert any("its first 16 of 40 words" in t for t in figure_texts(fig_long))
+
+
+def test_word_spans_follow_whitespace_for_both_tokenizers():
+    chars = list("Homarus gammarus ,")
+    assert word_spans(chars) == [(0, 7), (8, 16), (17, 18)]
+    gpt2 = ["Hom", "arus", " gam", "marus", " ,", "\n", "It"]
+    assert word_spans(gpt2) == [(0, 2), (2, 4), (4, 5), (6, 7)]  # a whitespace-only token ends a word
+    assert word_spans([" ", "\n"]) == []
+
+
+def test_word_matrix_averages_blocks_and_leaves_one_token_words_blank():
+    mat = np.array([[1.0, 0.2, 0.4], [0.2, 1.0, 0.6], [0.4, 0.6, 1.0]])
+    words = word_matrix(mat, [(0, 2), (2, 3)])
+    assert words[0, 1] == pytest.approx((0.4 + 0.6) / 2) == words[1, 0]
+    assert words[0, 0] == pytest.approx(0.2)  # between the word's own two tokens, not their self-similarity
+    assert np.isnan(words[1, 1])
+
+
+def test_centred_change_removes_the_uniform_shift_and_keeps_the_structure():
+    rng = np.random.default_rng(0)
+    before = rng.uniform(-0.2, 0.2, size=(6, 6))
+    before = (before + before.T) / 2
+    np.fill_diagonal(before, 1.0)
+    after = before + 0.4  # every pair more similar: the anisotropy rise
+    np.fill_diagonal(after, 1.0)
+    after[1, 4] = after[4, 1] = after[1, 4] + 0.3  # one pair changed beyond it
+    change, shift = centred_change(after, before)
+    assert shift == pytest.approx(0.4 + 2 * 0.3 / 30)
+    off = ~np.eye(6, dtype=bool)
+    assert np.unravel_index(np.argmax(np.where(off, np.abs(change), 0)), change.shape) in [(1, 4), (4, 1)]
+    assert np.abs(change[off]).max() == pytest.approx(0.3 - 0.02)
+    # the plain difference (what the figure showed before) is dominated by the shift
+    plain = after - before
+    assert np.abs(plain[off]).min() > np.abs(change[off]).max()
+
+
+def test_heatmaps_show_positions_when_the_tokens_are_not_stored(tmp_path):
+    path = tmp_path / "no_tokens.npz"
+    with np.load(make_npz(tmp_path / "s.npz", T=30)) as stored:
+        np.savez(path, **{k: stored[k] for k in stored.files if not k.startswith("tokens/")})
+    fig = figures_model._figure_similarity_heatmaps(path, "v", DATA_LABEL, 0, 16, None)
+    ax0 = [ax for ax in fig.axes if heatmap_of(ax) is not None][0]
+    assert heatmap_of(ax0).get_array().shape == (30, 30)
+    assert ax0.get_ylabel() == "token position (1 in 2 labelled)"
+    assert [t.get_text() for t in ax0.get_yticklabels()][:2] == ["0", "2"]
 
 
 def test_heatmap_panel_blanks_nan_cells_and_keeps_the_symmetric_range():
@@ -171,12 +234,53 @@ def test_plot_similarity_heatmaps_rejects_wrong_prompt(tmp_path):
         plot_similarity_heatmaps(npz, tmp_path / "h.png", "v", DATA_LABEL, prompt=7)
 
 
+TRAINING = {"max_steps": 490, "warmup_steps": 30, "learning_rate": 3e-4, "min_lr_ratio": 0.1,
+            "eval_interval": 10, "checkpoint_interval": 100}
+
+
 def test_plot_training_curves(tmp_path):
-    assert_png(plot_training_curves(make_log(), tmp_path / "training_curves.png", "v, seed 0", DATA_LABEL))
-    fig = figures_model._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL)
+    assert_png(plot_training_curves(make_log(), tmp_path / "training_curves.png", "v, seed 0", DATA_LABEL,
+                                    training=TRAINING))
+    fig = figures_model._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL, TRAINING)
     ylabels = [ax.get_ylabel() for ax in fig.axes]
     assert "loss (nats/token)" in ylabels and fig.axes[1].get_yscale() == "log"
     assert all(ax.get_xlabel() == "training step" for ax in fig.axes)
+    # perplexity ticks read as plain numbers, not '6×10¹'
+    fig.draw_without_rendering()
+    ticks = [t.get_text() for t in [*fig.axes[1].get_yticklabels(), *fig.axes[1].get_yticklabels(minor=True)]]
+    assert any(t for t in ticks) and not any("times" in t or "^" in t or "×" in t for t in ticks)
+    # the train loss of a row covers the steps since the previous row: flat from 0 to 10 for the row at
+    # 10 (the training loop's row 0 has no train loss)
+    log = make_log()
+    log.loc[0, "train_loss"] = math.nan
+    fig = figures_model._figure_training_curves(log, "v, seed 0", DATA_LABEL, TRAINING)
+    train = next(l for l in fig.axes[0].get_lines() if "log interval" in l.get_label())
+    assert train.get_drawstyle() == "steps-pre" and list(train.get_xdata()[:2]) == [0, 10]
+
+
+def test_training_curves_draw_the_schedule_of_the_training_loop(monkeypatch):
+    """The learning-rate line is tga.train.learning_rate_at at every step, so a 30-step
+    warmup peaks at step 30, not at the first log row after it (50 here)."""
+    from tga import train
+    from tga.schema import TrainConfig
+
+    log = make_log().iloc[::5].reset_index(drop=True)  # a log row every 50 steps
+
+    def lr_line(fig):
+        return next(l for l in fig.axes[2].get_lines() if l.get_label().startswith("schedule"))
+
+    line = lr_line(figures_model._figure_training_curves(log, "v", DATA_LABEL, TRAINING))
+    x, y = line.get_xdata(), line.get_ydata()
+    assert list(x) == list(range(1, 491))
+    config = TrainConfig.from_dict(TRAINING)
+    assert y == pytest.approx([train.learning_rate_at(n - 1, config) for n in range(1, 491)])
+    assert x[int(np.argmax(y))] == 30
+    # mutation: another schedule in the training loop shows up in the figure (it is called, not copied)
+    monkeypatch.setattr(train, "learning_rate_at", lambda step, cfg: 1e-3)
+    assert set(lr_line(figures_model._figure_training_curves(log, "v", DATA_LABEL, TRAINING)).get_ydata()) == {1e-3}
+    # without the settings: the log's rows, and the legend says so
+    fig = figures_model._figure_training_curves(log, "v", DATA_LABEL, None)
+    assert any("at the log rows (settings not given)" in l.get_label() for l in fig.axes[2].get_lines())
 
 
 def test_plot_similarity_by_layer_seed_bands(tmp_path):
@@ -190,6 +294,13 @@ def test_plot_similarity_by_layer_seed_bands(tmp_path):
     line = next(l for l in fig.axes[1].get_lines() if "preln:" in l.get_label())
     per_seed = summaries.query("variant == 'preln' and stage == 'trained' and metric == 'mean_cosine'")
     assert line.get_ydata() == pytest.approx(per_seed.groupby("layer")["mean"].mean().to_numpy())
+    # the seeds themselves are drawn, beside the other variant's (never at the same x)
+    color = line.get_color()
+    dots = [l for l in fig.axes[1].get_lines() if l.get_marker() == "." and l.get_color() == color]
+    assert len(dots) == 1 and sorted(dots[0].get_ydata()) == pytest.approx(sorted(per_seed["mean"]))
+    other = next(l for l in fig.axes[1].get_lines() if "postln:" in l.get_label())
+    assert not set(np.round(line.get_xdata(), 6)) & set(np.round(other.get_xdata(), 6))
+    assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])  # init and trained compare
 
 
 ARCHITECTURES = {"A": {"norm_position": "pre", "norm": "rmsnorm"}, "B": {"norm_position": "post", "norm": "rmsnorm"},
@@ -343,3 +454,127 @@ def test_reruns_are_byte_identical(tmp_path):
     assert b"matplotlib" not in b1.lower()  # no Software/version metadata
     plot_similarity_by_layer(summaries, p1, DATA_LABEL)  # overwrite in place, atomically
     assert p1.read_bytes() == b1
+
+
+# ----------------------------------------------------------------------------- readable text, formats
+
+
+def assert_text_readable(fig) -> None:
+    """Every text of the figure inside it, none over another, none below the minimum size."""
+    problems = text_layout_problems(fig)
+    assert not problems, "\n".join(problems)
+
+
+def test_text_layout_check_finds_each_kind_of_problem():
+    def figure(*texts: dict):
+        fig = new_figure(4.0, 3.0)
+        ax = fig.subplots()
+        ax.set(title="a title", xlabel="x", ylabel="y")
+        for kw in texts:
+            fig.text(**kw)
+        return fig
+
+    assert text_layout_problems(figure()) == []
+    assert any("below 7 pt" in p for p in text_layout_problems(figure(dict(x=0.5, y=0.5, s="tiny", fontsize=5))))
+    assert any("leaves the figure" in p for p in text_layout_problems(
+        figure(dict(x=0.9, y=0.5, s="a label running off the right edge"))))
+    assert any("overlaps" in p for p in text_layout_problems(
+        figure(dict(x=0.5, y=0.5, s="first"), dict(x=0.52, y=0.51, s="second"))))
+    # rotated labels are checked by their rotated boxes: side by side they pass although their
+    # axis-aligned boxes overlap; pushed together they fail
+    rotated = dict(rotation=45, ha="right", va="top", rotation_mode="anchor")
+    assert text_layout_problems(figure(dict(x=0.3, y=0.5, s="a long rotated label", **rotated),
+                                       dict(x=0.4, y=0.5, s="a long rotated label", **rotated))) == []
+    assert any("overlaps" in p for p in text_layout_problems(
+        figure(dict(x=0.3, y=0.5, s="a long rotated label", **rotated),
+               dict(x=0.33, y=0.5, s="a long rotated label", **rotated))))
+    # tick labels outside the view are not drawn, hence not checked
+    fig = figure()
+    fig.axes[0].set_xticks([-5, 0.5], ["hidden far away", "shown"])
+    fig.axes[0].set_xlim(0, 1)
+    assert text_layout_problems(fig) == []
+
+
+EIGHT_LAYERS = ["embedding", *(f"block{i}" for i in range(1, 7)), "final_norm"]
+LONG_VARIANTS = {"llama-preln-layernorm": [0, 1, 2], "llama-postln-layernorm": [0, 1, 2],
+                 "standard-preln": [0, 1, 2], "standard-postln": [0]}
+
+
+def _ppl_table() -> pd.DataFrame:
+    rows = [dict(variant=v, seed=s, token_ppl=600.0 + 20 * i + s, bits_per_byte=2.0 + 0.05 * i, word_ppl=900.0,
+                 split="test", tokenizer="gpt2") for i, (v, seeds) in enumerate(LONG_VARIANTS.items()) for s in seeds]
+    return pd.DataFrame(rows)
+
+
+FIGURES = {
+    "training_curves": lambda tmp: figures_model._figure_training_curves(make_log(), "v, seed 0", DATA_LABEL,
+                                                                        TRAINING),
+    "training_curves_without_settings": lambda tmp: figures_model._figure_training_curves(
+        make_log(), "v, seed 0", DATA_LABEL, None),
+    "similarity_heatmaps_64_tokens": lambda tmp: figures_model._figure_similarity_heatmaps(
+        make_npz(tmp / "s.npz", T=64), "llama-preln (seed 0): pre-LN, rmsnorm, swiglu, 6 layers x 384 dims",
+        DATA_LABEL, 0, 16, None),
+    "similarity_heatmaps_positions": lambda tmp: figures_model._figure_similarity_heatmaps(
+        _without_tokens(make_npz(tmp / "s.npz", T=64)), "v", DATA_LABEL, 0, 16, None),
+    "similarity_by_layer": lambda tmp: figures_compare._figure_similarity_by_layer(
+        make_summaries(LONG_VARIANTS, EIGHT_LAYERS), DATA_LABEL, "mean_cosine"),
+    "perplexity": lambda tmp: figures_compare._figure_perplexity(_ppl_table(), DATA_LABEL),
+}
+
+
+def _without_tokens(npz: Path) -> Path:
+    with np.load(npz) as stored:
+        kept = {k: stored[k] for k in stored.files if not k.startswith("tokens/")}
+    np.savez(npz, **kept)
+    return npz
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_figure_text_is_inside_readable_and_not_overlapping(name, tmp_path):
+    assert_text_readable(FIGURES[name](tmp_path))
+
+
+def test_figures_are_written_in_every_requested_format_reproducibly(tmp_path):
+    summaries = make_summaries({"A": [0, 1], "B": [0]})
+    paths = [tmp_path / "f.png", tmp_path / "f.pdf", tmp_path / "f.svg"]
+    first = plot_similarity_by_layer(summaries, paths, DATA_LABEL)
+    assert first == paths[0]
+    assert_png(paths[0])
+    assert paths[1].read_bytes().startswith(b"%PDF") and b"<svg" in paths[2].read_bytes()[:2000]
+    before = [p.read_bytes() for p in paths]
+    plot_similarity_by_layer(summaries, paths, DATA_LABEL)
+    assert [p.read_bytes() for p in paths] == before  # no dates, random ids or versions inside
+    assert figure_copies("outputs/compare/perplexity.png", "pdf") == ["outputs/compare/perplexity.pdf"]
+    assert figure_copies("outputs/compare/perplexity.png", "png") == []
+    with pytest.raises(ValueError, match="figures.format 'jpg' is not one of png, pdf, svg"):
+        figure_copies("a.png", "jpg")
+    with pytest.raises(ValueError, match=r"f\.jpg: figure format 'jpg' is not one of"):
+        plot_similarity_by_layer(summaries, tmp_path / "f.jpg", DATA_LABEL)
+    assert not (tmp_path / "f.jpg").exists()
+
+
+def test_figures_format_makes_every_figure_rule_write_a_copy(tmp_path):
+    """With figures.format: svg every figure the workflow plans is a PNG plus an SVG from
+    the same job, and both are requested (a dry run, nothing trained)."""
+    import re
+
+    from test_workflow import TINY, make_workdir, snakemake
+
+    workdir = make_workdir(tmp_path, {**TINY, "figures": {"format": "svg"}})
+    out = snakemake(workdir, "--dry-run").stdout
+    outputs = [line.split(":", 1)[1] for line in out.splitlines() if line.strip().startswith("output:")]
+    pngs = [p.strip() for line in outputs for p in line.split(",") if p.strip().endswith(".png")]
+    assert len(pngs) >= 9  # per-model, evolution and comparison figures
+    for line in outputs:
+        files = [p.strip() for p in line.split(",")]
+        for png in (f for f in files if f.endswith(".png")):
+            assert png[:-4] + ".svg" in files, line
+    assert re.search(r"plot_training_curves\s+\d", out)
+    # and requested by rule all: Snakemake checks only a job's requested outputs, so an SVG
+    # that only the rule declared would never be made beside an existing PNG
+    requested = next(line for line in out.split("rule all:", 1)[1].splitlines() if line.strip().startswith("input:"))
+    wanted = [p.strip() for p in requested.split(":", 1)[1].split(",")]
+    assert {p[:-4] + ".svg" for p in wanted if p.endswith(".png")} <= set(wanted)
+    assert "outputs/compare/similarity_by_layer.svg" in wanted
+    (tmp_path / "png").mkdir()
+    assert ".svg" not in snakemake(make_workdir(tmp_path / "png", TINY), "--dry-run").stdout

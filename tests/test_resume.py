@@ -35,7 +35,7 @@ MODEL = ModelConfig(vocab_size=1, block_size=16, n_layer=2, n_head=2, n_embd=32,
 # Checkpoints (10, 20, 30, 40) and evaluations (15, 30, 40) interleave, so a state is
 # also written mid-way between two log rows, with a partial loss sum to carry over.
 TRAIN = dict(max_steps=40, batch_size=4, learning_rate=3e-3, warmup_steps=5, eval_interval=15,
-             eval_batches=2, checkpoint_interval=10, device="cpu", threads=1, seed=7)
+             eval_batches=2, checkpoint_interval=10, checkpoint_spacing="linear", device="cpu", threads=1, seed=7)
 LOSS_COLUMNS = ("step", "lr", "train_loss", "val_loss", "val_ppl")
 
 

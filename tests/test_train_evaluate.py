@@ -41,7 +41,7 @@ def token_files(tmp_path):
 
 def small_config(**overrides) -> TrainConfig:
     values = dict(max_steps=30, batch_size=4, learning_rate=3e-3, warmup_steps=5, eval_interval=10,
-                  eval_batches=2, checkpoint_interval=10, device="cpu", threads=1)
+                  eval_batches=2, checkpoint_interval=10, checkpoint_spacing="linear", device="cpu", threads=1)
     return TrainConfig(**{**values, **overrides})
 
 
@@ -157,7 +157,9 @@ def test_no_weight_decay_on_norms_biases_or_embeddings():
 
 
 def test_checkpoint_steps_and_bad_training_settings():
-    assert checkpoint_steps(TrainConfig(max_steps=1000, checkpoint_interval=200)) == [200, 400, 600, 800, 1000]
+    assert checkpoint_steps(TrainConfig(max_steps=1000, checkpoint_interval=200, checkpoint_spacing="linear")) == [
+        200, 400, 600, 800, 1000]
+    assert checkpoint_steps(TrainConfig(max_steps=1000)) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]  # log, the default
     with pytest.raises(TrainConfigError, match="warmup_steps=20"):
         TrainConfig(max_steps=10, warmup_steps=20)
     with pytest.raises(TrainConfigError, match="batch_size"):

@@ -3,7 +3,11 @@
 The stages analysed are derived from the variant's training settings (the same
 :func:`tga.schema.checkpoint_steps` the training loop uses), never by listing the
 checkpoint folder, so a stale checkpoint left over from an earlier run with another
-``checkpoint_interval`` can never slip into the analysis, and a missing one is an error.
+``checkpoint_spacing`` or ``checkpoint_interval`` can never slip into the analysis, and
+a missing one is an error. By default (``checkpoint_spacing: log``) the checkpoints are
+at steps 1, 2, 4, 8, ...: dense early, where the geometry changes most, and evenly
+spread on the log step axis of the evolution figures. The spacing is a pure function of
+the settings, so the same settings always give the same stages.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ def evolution_stages(training: Mapping[str, Any], model_dir: str | os.PathLike[s
     """Ordered ``{stage: checkpoint path}``: ``init``, then ``step{N}`` for every kept checkpoint.
 
     ``training`` is a resolved variant's ``training`` block (``resolve_variant(...)["training"]``).
-    When ``max_steps`` is not a multiple of ``checkpoint_interval`` the last checkpoint
-    is short of the end of training, so ``final.pt`` is added as ``step{max_steps}``: the
-    "after" of the evolution is then always the model that was evaluated.
+    When the last kept checkpoint is short of ``max_steps`` (not a power of two, or not a
+    multiple of ``checkpoint_interval``), ``final.pt`` is added as ``step{max_steps}``:
+    the "after" of the evolution is then always the model that was evaluated.
     """
     config = _train_config(training)
     model_dir = Path(model_dir)
@@ -77,7 +81,7 @@ def analyze_evolution(
     if missing:
         raise GeometryError(
             "checkpoints expected from the training settings are missing (" + "; ".join(missing) + "); "
-            "rerun the training job, e.g. after changing checkpoint_interval or max_steps"
+            "rerun the training job, e.g. after changing checkpoint_spacing, checkpoint_interval or max_steps"
         )
     analyze_run(dict(stages), prompts_path, tokenizer_path, out_dir, settings, threads=threads,
                 train_tokens=train_tokens)

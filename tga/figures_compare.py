@@ -64,13 +64,16 @@ def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric
     per_seed = per_seed_means(summaries, metric)
     variants = sorted(per_seed["variant"].unique())
     colors = variant_colors(variants)
-    fig = new_figure(11.0, 4.6)
+    fig = new_figure(11.0, 4.8)
     axes = fig.subplots(1, 2, sharey=True)
     legend: dict[str, object] = {}
     name_sets = per_seed.groupby("layer")["layer_name"].nunique() if not per_seed.empty else pd.Series(dtype=int)
     consistent = bool((name_sets <= 1).all())
+    # each variant drawn a little to the side of the layer, so no variant's interval or
+    # seeds hide another's (a filled band of one noisy variant covered the others)
+    dodge = dict(zip(variants, np.linspace(-0.2, 0.2, len(variants)) if len(variants) > 1 else [0.0]))
     for ax, stage in zip(axes, STAGES):
-        ax.set_title(stage_step(per_seed, stage), fontsize=10)
+        ax.set_title(stage_step(per_seed, stage))
         sdf = per_seed[per_seed["stage"] == stage]
         if sdf.empty:
             no_data(ax, f"no {stage} data")
@@ -93,18 +96,26 @@ def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric
                 lo, hi = m - sd, m + sd
                 n_p = fmt_range(g["n_prompts"]) if "n_prompts" in g.columns else "?"
                 label = f"{esc(variant)}: seed {int(seeds[0])}, ±1 s.d. across {n_p} prompts"
-            (line,) = ax.plot(x, m, marker="o", ms=3, color=colors[variant], label=label)
-            ax.fill_between(x, lo, hi, color=colors[variant], alpha=BAND_ALPHA, linewidth=0)
+            color = colors[variant]
+            xs = x + dodge[variant]
+            (line,) = ax.plot(xs, m, marker="o", ms=4, lw=1.5, color=color, label=label, zorder=3)
+            ax.errorbar(xs, m, yerr=np.vstack([m - lo, hi - m]), fmt="none", ecolor=color, elinewidth=1.2,
+                        capsize=2.5, zorder=2)
+            if len(seeds) >= 2:  # the seeds themselves, not only their interval
+                ax.plot(vdf["layer"].to_numpy(float) + dodge[variant], vdf["mean"].to_numpy(float),
+                        linestyle="none", marker=".", ms=5, color=color, alpha=0.7, zorder=4)
             legend.setdefault(label, line)
         if consistent:
             setup_layer_axis(ax, layer_names(sdf))
+            ax.set_xlim(ax.get_xlim()[0] - 0.1, ax.get_xlim()[1] + 0.1)
         else:
             ax.set_xlabel("layer index (0 = embedding; depth differs across variants)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric_label(metric))
     if legend:
-        fig.legend(list(legend.values()), list(legend.keys()), loc="outside lower center",
-                   ncols=2 if len(legend) > 3 else len(legend), fontsize=8)
+        handles = [*legend.values(), Line2D([], [], linestyle="none", marker=".", ms=5, color="0.3")]
+        labels = [*legend.keys(), "small dots: one seed's prompt mean"]
+        fig.legend(handles, labels, loc="outside lower center", ncols=2 if len(labels) > 3 else len(labels))
     seeds_txt = fmt_seeds(per_seed["seed"]) if not per_seed.empty else "no data"
     figure_title(fig, f"{metric_short(metric)} by layer: {len(variants)} variants, {seeds_txt}", data_label)
     return fig
@@ -112,12 +123,14 @@ def _figure_similarity_by_layer(summaries: pd.DataFrame, data_label: str, metric
 
 def plot_similarity_by_layer(summaries: pd.DataFrame, out_path: Path | str, data_label: str,
                              metric: str = "mean_cosine") -> Path:
-    """All variants on one axis per stage, so architecture effects on a metric can be compared.
+    """All variants on one axis per stage (init and trained share the y axis), so
+    architecture effects on a metric can be compared.
 
     ``summaries`` = concatenated summary.csv files plus ``variant`` and ``seed`` columns.
-    ≥2 seeds: line = mean over seeds of per-seed prompt-means, band = 95% t-CI over seeds
-    (the same t-interval as the difference table, not seaborn's bootstrap).
-    1 seed: line = prompt-mean, band = ±1 s.d. across prompts. The legend says which.
+    ≥2 seeds: line = mean over seeds of per-seed prompt-means, error bar = 95% t-CI over
+    seeds (the same t-interval as the difference table), small dots = the seeds.
+    1 seed: line = prompt-mean, error bar = ±1 s.d. across prompts. The legend says which.
+    Variants are drawn side by side at each layer, so none hides another.
     """
     return save(_figure_similarity_by_layer(summaries, data_label, metric), out_path)
 

@@ -27,9 +27,12 @@ from tga.figure_style import (
     BAND_ALPHA,
     CHANGE_CMAP,
     COSINE_CMAP,
+    HEATMAP_WORDS,
     STAGE_STYLE,
+    centred_change,
     esc,
     figure_title,
+    log_step_axis,
     fmt_range,
     heatmap_panel,
     load_similarity,
@@ -38,9 +41,13 @@ from tga.figure_style import (
     metric_short,
     new_figure,
     no_data,
+    plain_log_ticks,
     save,
     setup_layer_axis,
-    token_ticks,
+    similarity_view,
+    suptitle,
+    train_loss_steps,
+    wrap_to_width,
 )
 from tga.tables import layer_names, stage_order
 
@@ -51,13 +58,17 @@ __all__ = [
     "plot_similarity_change",
 ]
 
-#: Metrics drawn against the training step (every metric the geometry step writes).
+#: Metrics drawn against the training step by default: one per aspect of the geometry
+#: (alignment, its anisotropy-adjusted form, the common direction, scale, update size,
+#: dimension twice, neighbourhoods). Left out, as near-duplicates or single-layer: the
+#: cross-prompt baseline (inside the adjusted cosine), the rank-1 residual, TwoNN's MLE
+#: fit and the logit-frequency correlation; pass ``metrics=`` for any of them.
 EVOLUTION_METRICS: tuple[str, ...] = (
-    "mean_cosine", "cross_prompt_cosine", "adjusted_cosine", "common_direction_share", "token_norm",
-    "update_norm", "effective_rank", "rank1_residual", "twonn", "twonn_mle", "knn_overlap",
-    "mean_logit_freq_corr",
+    "mean_cosine", "adjusted_cosine", "common_direction_share", "token_norm",
+    "update_norm", "effective_rank", "twonn", "knn_overlap",
 )
-STEP_AXIS_LABEL = "training step (optimizer updates; 0 = initialization)"
+STEP_AXIS_LABEL = "training step [log scale; 0 = initialization]"
+PANEL_WIDTH = 3.6  # inches, per metric panel
 _ANALYSED_STYLE = {"color": "0.55", "lw": 0.8, "linestyle": ":"}
 
 
@@ -69,36 +80,31 @@ def _stage_steps(df: pd.DataFrame) -> dict[str, int]:
     return {stage: step for stage, step in ordered}
 
 
-def _step_limits(*step_sets: Iterable[float]) -> tuple[float, float]:
-    """One x range from every step drawn, so figures of the same run share their step axis."""
+def _max_step(*step_sets: Iterable[float]) -> float:
+    """The last step drawn, so every panel of a run shares one step axis."""
     values = [float(s) for steps in step_sets for s in steps if pd.notna(s) and np.isfinite(float(s))]
-    lo, hi = (min(0.0, min(values)), max(values)) if values else (0.0, 1.0)
-    pad = 0.03 * max(hi - lo, 1.0)
-    return lo - pad, hi + pad
+    return max(values, default=1.0)
 
 
-def _depth_colormap(layers: Sequence[int]) -> tuple[matplotlib.colors.Colormap, matplotlib.colors.Normalize]:
-    """Discrete viridis over the layer indices: dark = shallow, yellow = deep."""
-    from matplotlib.colors import BoundaryNorm
-
-    layers = sorted(layers) or [0]
-    cmap = matplotlib.colormaps["viridis"].resampled(max(2, len(layers)))
-    bounds = np.arange(len(layers) + 1, dtype=float) - 0.5
-    return cmap, BoundaryNorm(bounds, cmap.N)
+def _depth_colors(layers: Sequence[int]) -> dict[int, tuple]:
+    """Viridis by depth: dark = shallow, yellow = deep."""
+    cmap = matplotlib.colormaps["viridis"]
+    n = max(1, len(layers) - 1)
+    return {layer: cmap(0.9 * i / n) for i, layer in enumerate(sorted(layers))}
 
 
 def _loss_panel(ax: Axes, log: pd.DataFrame, analysed_steps: Sequence[int]) -> None:
     log = log.sort_values("step")
-    tr = log[["step", "train_loss"]].dropna()
+    tr_steps, tr_loss = train_loss_steps(log)
     va = log[["step", "val_loss"]].dropna()
     for step in analysed_steps:
         ax.axvline(step, **_ANALYSED_STYLE)
     handles: list[object] = []
     labels: list[str] = []
-    if not tr.empty:
-        (h,) = ax.plot(tr["step"], tr["train_loss"], color="0.15", lw=1.2, marker=".", ms=4)
+    if tr_steps.size:
+        (h,) = ax.plot(tr_steps, tr_loss, color="0.15", lw=1.2, drawstyle="steps-pre")
         handles.append(h)
-        labels.append("train loss (mean since the previous log row)")
+        labels.append("train loss, mean over each log interval")
     if not va.empty:
         (h,) = ax.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3)
         handles.append(h)
@@ -107,10 +113,10 @@ def _loss_panel(ax: Axes, log: pd.DataFrame, analysed_steps: Sequence[int]) -> N
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes, color="tab:red")
     if len(analysed_steps):
         handles.append(Line2D([], [], **_ANALYSED_STYLE))
-        labels.append("checkpoint whose geometry is measured")
-    ax.legend(handles, labels, fontsize=7, loc="upper right", framealpha=0.85)
-    ax.set_ylabel("loss (nats/token)", fontsize=8)
-    ax.set_title("cross-entropy loss", fontsize=10)
+        labels.append("analysed checkpoint")
+    ax.legend(handles, labels, fontsize=7, loc="lower left", framealpha=0.85)
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("cross-entropy loss")
     ax.grid(alpha=0.3)
 
 
@@ -119,21 +125,27 @@ def _undefined_layers(sub: pd.DataFrame, names: dict[int, str]) -> list[str]:
     return [names.get(int(layer), str(layer)) for layer, ok in finite.items() if not ok]
 
 
+def _short_label(metric: str) -> str:
+    """The y label: the metric's unit only (the panel title names the metric)."""
+    label = metric_label(metric)
+    unit = label[label.rfind("(") + 1:-1] if label.endswith(")") and "(" in label else ""
+    return unit or label
+
+
 def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, train_log: pd.DataFrame | None,
                             metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
     stage_steps = _stage_steps(summary)
     names = layer_names(summary)
     layers = sorted(names)
-    cmap, norm = _depth_colormap(layers)
-    color_of = {layer: cmap(norm(i)) for i, layer in enumerate(layers)}
+    color_of = _depth_colors(layers)
     n_panels = len(metrics) + (train_log is not None)
-    ncols = 3 if n_panels > 4 else n_panels
+    ncols = min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
-    fig = new_figure(4.3 * ncols + 1.2, 3.0 * nrows + 1.4)
+    fig = new_figure(PANEL_WIDTH * ncols + 0.4, 2.7 * nrows + 1.9)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
     flat = list(axes.flat)
-    limits = _step_limits(stage_steps.values(), [] if train_log is None else train_log["step"])
+    max_step = _max_step(stage_steps.values(), [] if train_log is None else train_log["step"])
     panel = 0
     if train_log is not None:
         _loss_panel(flat[0], train_log, sorted(stage_steps.values()))
@@ -143,11 +155,11 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
     for metric in metrics:
         ax = flat[panel]
         panel += 1
-        ax.set_title(metric_short(metric), fontsize=10)
+        ax.set_title(wrap_to_width(metric_short(metric), PANEL_WIDTH * 0.9, 10))
         sub = summary[summary["metric"] == metric]
         if sub.empty:  # not no_data(): clearing the x ticks would clear every shared axis
             ax.text(0.5, 0.5, esc(f"no data for {metric}"), ha="center", va="center", transform=ax.transAxes,
-                    fontsize=10, color="tab:red")
+                    color="tab:red")
             ax.set_yticks([])
             continue
         for layer in layers:
@@ -163,43 +175,40 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
             ax.text(0.98, 0.02, "not defined at " + ", ".join(map(esc, undefined)), transform=ax.transAxes,
                     ha="right", va="bottom", fontsize=7, color="0.35")
         values = sub["mean"].to_numpy(float)
-        label = metric_label(metric)
-        ax.set_ylabel(maybe_log_y(ax, values, label) if "norm" in metric else label, fontsize=8)
+        label = _short_label(metric)
+        ax.set_ylabel(maybe_log_y(ax, values, label) if "norm" in metric else label)
+        if ax.get_yscale() == "log":
+            plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     for ax in flat[panel:]:
         ax.remove()
     used = flat[:panel]
+    log_step_axis(flat[0], max_step)
     for col in range(ncols):
         column = [ax for i, ax in enumerate(used) if i % ncols == col]
         if column:
             column[-1].xaxis.set_tick_params(labelbottom=True)
-            column[-1].set_xlabel(STEP_AXIS_LABEL, fontsize=8)
-    flat[0].set_xlim(*limits)
-    metric_axes = used[1:] if train_log is not None else used
-    if layers and metric_axes:
-        sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-        bar = fig.colorbar(sm, ax=metric_axes, ticks=list(range(len(layers))), shrink=0.9, aspect=30)
-        bar.ax.set_yticklabels([esc(names[layer]) for layer in layers], fontsize=8)
-        bar.set_label("layer (line colour = depth)", fontsize=9)
-    steps_txt = ", ".join(str(s) for s in stage_steps.values())
-    fig.legend([Line2D([], [], color="0.4", marker="o", ms=3)],
-               [f"one line per layer: mean over {n_prompts} prompts at each analysed step ({steps_txt}); "
-                "all panels share the step axis"],
-               loc="outside lower center", fontsize=8)
+            column[-1].set_xlabel(STEP_AXIS_LABEL)
+    handles = [Line2D([], [], color=color_of[layer], marker="o", ms=3, lw=1.3) for layer in layers]
+    labels = [esc(names[layer]) for layer in layers]
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(layers), 8),
+               title=f"layer (colour = depth); each point: mean over {n_prompts} prompts at an analysed checkpoint")
     figure_title(fig, f"{title}: geometry across training", data_label)
     return fig
 
 
-def plot_metrics_by_step(summary: pd.DataFrame, out_path: Path | str, title: str, data_label: str,
-                         train_log: pd.DataFrame | None = None,
+def plot_metrics_by_step(summary: pd.DataFrame, out_path: Path | str | Sequence[Path | str], title: str,
+                         data_label: str, train_log: pd.DataFrame | None = None,
                          metrics: Sequence[str] = EVOLUTION_METRICS) -> Path:
-    """Each geometry metric against the training step, one line per layer (colour = depth).
+    """Geometry metrics against the training step (log axis), one line per layer (colour = depth).
 
     Shows *when* during training the geometry forms and whether it tracks the loss: with
     ``train_log`` (``train_log.csv``) the top-left panel is the loss on the same step axis,
     dotted lines marking the analysed checkpoints. ``summary`` is an evolution ``summary.csv``
-    (stages ``init``, ``step{N}``; x = its ``step`` column). Lines are prompt means; the
-    prompt spread is left out here to keep eight layers readable.
+    (stages ``init``, ``step{N}``; x = its ``step`` column). The step axis is logarithmic
+    (linear between 0 and 1, so initialization is shown): the checkpoints are log-spaced
+    (``training.checkpoint_spacing``), dense early, where the geometry changes most. Lines
+    are prompt means; the prompt spread is left out here to keep the layers readable.
     """
     return save(_figure_metrics_by_step(summary, title, data_label, train_log, metrics), out_path)
 
@@ -212,7 +221,7 @@ def _stage_step_text(stage: str) -> str:
 
 
 def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: str, before: str,
-                                  after: str | None, prompt: int, max_tick_labels: int) -> Figure:
+                                  after: str | None, prompt: int, max_words: int) -> Figure:
     mats, tokens, names = load_similarity(npz_path, prompt)
     if not mats:
         raise ValueError(f"{npz_path}: no similarity matrices for prompt {prompt}")
@@ -221,24 +230,29 @@ def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: 
     for stage in (before, after):
         if stage not in stages:
             raise ValueError(f"{npz_path}: stage {stage!r} not stored; stored stages: {stages}")
-    layers = sorted({k[1] for k in mats if k[0] in (before, after)})
-    n_tokens = next(iter(mats.values())).shape[0]
-    ticks = token_ticks(n_tokens, tokens, max_tick_labels)
+    view = similarity_view({k: m for k, m in mats.items() if k[0] in (before, after)}, tokens, max_words)
+    shown = view.matrices
+    layers = sorted({k[1] for k in shown})
+    ticks = view.ticks(max_words)
 
-    diffs = {layer: mats[(after, layer)] - mats[(before, layer)] for layer in layers
-             if (before, layer) in mats and (after, layer) in mats}
-    biggest = max((float(np.nanmax(np.abs(d))) for d in diffs.values()), default=0.0)
+    changes = {layer: centred_change(shown[(after, layer)], shown[(before, layer)]) for layer in layers
+               if (before, layer) in shown and (after, layer) in shown}
+    biggest = max((float(np.nanmax(np.abs(d))) for d, _ in changes.values() if np.isfinite(d).any()), default=0.0)
     dlim = max(0.1, math.ceil(biggest * 10) / 10)
     rows = [(f"before ({_stage_step_text(before)})", before), (f"after ({_stage_step_text(after)})", after),
-            ("change: after − before", None)]
-    fig = new_figure(2.6 * len(layers) + 1.6, 2.6 * len(rows) + 1.2)
+            ("change beyond the mean shift", None)]
+    fig = new_figure(2.9 * len(layers) + 1.9, 2.9 * len(rows) + 1.6)
     axes = fig.subplots(len(rows), len(layers), squeeze=False)
     mesh = mesh_diff = None
     for r, (row_title, stage) in enumerate(rows):
         for c, layer in enumerate(layers):
             ax = axes[r][c]
-            ax.set_title(f"{row_title}\n{esc(names.get(layer, f'layer {layer}'))}", fontsize=8)
-            mat = diffs.get(layer) if stage is None else mats.get((stage, layer))
+            layer_name = esc(names.get(layer, f"layer {layer}"))
+            if stage is None and layer in changes:
+                ax.set_title(f"{row_title}\n{layer_name} (mean shift {changes[layer][1]:+.2f})", fontsize=8)
+            else:
+                ax.set_title(f"{row_title}\n{layer_name}", fontsize=8)
+            mat = changes[layer][0] if stage is None and layer in changes else shown.get((stage, layer))
             if mat is None:
                 no_data(ax, "not stored")
                 continue
@@ -248,25 +262,31 @@ def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: 
             else:
                 mesh = heatmap_panel(ax, mat, COSINE_CMAP, 1.0, ticks, **edges)
     if mesh is not None:
-        fig.colorbar(mesh, ax=axes[:2, :], shrink=0.8, label="cosine similarity (unitless), range [−1, 1]")
+        fig.colorbar(mesh, ax=axes[:2, :], shrink=0.8, label="cosine similarity (unitless)")
     if mesh_diff is not None:
-        fig.colorbar(mesh_diff, ax=axes[2:, :], shrink=0.8, label=f"Δ cosine (after − before), range ±{dlim:.1f}")
-    fig.suptitle(f"{esc(title)}\n{esc(data_label)}\n"
-                 f"pairwise token cosine similarity before and after training, prompt {prompt} ({n_tokens} tokens)",
-                 fontsize=10)
+        fig.colorbar(mesh_diff, ax=axes[2:, :], shrink=0.8, label=f"Δ cosine − mean shift (±{dlim:.1f})")
+    suptitle(fig, f"{esc(title)}\n{esc(data_label)}\n"
+                 f"cosine similarity before and after training, prompt {prompt}: {esc(view.description)}\n"
+                 "bottom: (after − its mean) − (before − its mean), off-diagonal means; the mean shift removed "
+                 "is in each panel's title", fontsize=9)
     return fig
 
 
-def plot_heatmaps_before_after(npz_path: Path | str, out_path: Path | str, title: str, data_label: str,
-                               before: str = "init", after: str | None = None, prompt: int = 0,
-                               max_tick_labels: int = 40) -> Path:
-    """Token×token cosine matrices at the stored layers: before, after, and their difference.
+def plot_heatmaps_before_after(npz_path: Path | str, out_path: Path | str | Sequence[Path | str], title: str,
+                               data_label: str, before: str = "init", after: str | None = None, prompt: int = 0,
+                               max_words: int = HEATMAP_WORDS) -> Path:
+    """Cosine-similarity heatmaps at the stored layers: before, after, and the change
+    beyond the mean shift.
 
-    ``after`` defaults to the last stage in the npz (by training step). Before/after share
-    the fixed [−1, 1] colour range; the difference row has its own symmetric range (stated
-    on its colour bar) so small changes stay visible.
+    ``after`` defaults to the last stage in the npz (by training step). The rows are the
+    prompt's first ``max_words`` words (word × word means of the token matrix, see
+    :func:`tga.figure_style.similarity_view`), so each is labelled with readable text.
+    Before/after share the fixed [−1, 1] colour range. The bottom row subtracts each
+    stage's mean off-diagonal cosine before differencing: the uniform rise of every
+    cosine with training (anisotropy), stated per panel, would otherwise paint the whole
+    matrix one colour and hide which pairs changed relative to the rest.
     """
-    fig = _figure_heatmaps_before_after(npz_path, title, data_label, before, after, prompt, max_tick_labels)
+    fig = _figure_heatmaps_before_after(npz_path, title, data_label, before, after, prompt, max_words)
     return save(fig, out_path)
 
 

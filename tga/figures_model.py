@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from tga.figure_style import (
     BAND_ALPHA,
     COSINE_CMAP,
+    HEATMAP_WORDS,
     STAGE_STYLE,
     esc,
     fmt_range,
@@ -30,11 +31,14 @@ from tga.figure_style import (
     metric_short,
     new_figure,
     no_data,
+    plain_log_ticks,
     save,
     setup_layer_axis,
     figure_title,
+    train_loss_steps,
+    similarity_view,
+    suptitle,
     stage_step,
-    token_ticks,
 )
 from tga.tables import STAGES, layer_names
 
@@ -155,87 +159,123 @@ def plot_geometry_layers(summary: pd.DataFrame, out_path: Path | str, title: str
 
 
 def _figure_similarity_heatmaps(npz_path: Path | str, title: str, data_label: str, prompt: int,
-                                max_tick_labels: int, names: dict[int, str] | None) -> Figure:
+                                max_words: int, names: dict[int, str] | None) -> Figure:
     stored, tokens, stored_names = load_similarity(npz_path, prompt)
     mats = {key: mat for key, mat in stored.items() if key[0] in STAGES}
     if not mats:
         raise ValueError(f"{npz_path}: no init/trained similarity matrices for prompt {prompt}")
     names = stored_names if names is None else names
+    view = similarity_view(mats, tokens, max_words)
     stages = [s for s in STAGES if any(k[0] == s for k in mats)]
     layers = sorted({k[1] for k in mats})
-    n_tokens = next(iter(mats.values())).shape[0]
-    ticks = token_ticks(n_tokens, tokens, max_tick_labels)
+    ticks = view.ticks(max_words)
 
-    fig = new_figure(2.5 * len(layers) + 1.2, 2.6 * len(stages) + 1.0)
+    fig = new_figure(2.9 * len(layers) + 1.6, 2.9 * len(stages) + 1.4)
     axes = fig.subplots(len(stages), len(layers), squeeze=False)
     mesh = None
     for r, stage in enumerate(stages):
         for c, layer in enumerate(layers):
             ax = axes[r][c]
             ax.set_title(f"{stage}: {esc(names.get(layer, f'layer {layer}'))}", fontsize=9)
-            mat = mats.get((stage, layer))
+            mat = view.matrices.get((stage, layer))
             if mat is None:
                 no_data(ax, "not stored")
                 continue
             mesh = heatmap_panel(ax, mat, COSINE_CMAP, 1.0, ticks, bottom=r == len(stages) - 1, left=c == 0)
     if mesh is not None:
         fig.colorbar(mesh, ax=axes, shrink=0.8, label="cosine similarity (unitless)")
-    fig.suptitle(f"{esc(title)}\n{esc(data_label)}\npairwise token cosine similarity, prompt {prompt} "
-                 f"({n_tokens} tokens), colour range fixed to [−1, 1]", fontsize=10)
+    suptitle(fig, f"{esc(title)}\n{esc(data_label)}\ncosine similarity, prompt {prompt}: {esc(view.description)}; "
+                 "colour range fixed to [−1, 1]", fontsize=9)
     return fig
 
 
-def plot_similarity_heatmaps(npz_path: Path | str, out_path: Path | str, title: str, data_label: str,
-                             prompt: int = 0, max_tick_labels: int = 40,
+def plot_similarity_heatmaps(npz_path: Path | str, out_path: Path | str | Sequence[Path | str], title: str,
+                             data_label: str, prompt: int = 0, max_words: int = HEATMAP_WORDS,
                              layer_names: dict[int, str] | None = None) -> Path:
-    """Token×token cosine matrices per stored layer (rows init/trained) for one prompt.
+    """Cosine-similarity matrices per stored layer (rows init/trained) for one prompt.
 
-    The colour range is fixed to [−1, 1] so panels are comparable by eye. ``layer_names``
+    The rows are the prompt's first ``max_words`` words (word × word means of the token
+    matrix, :func:`tga.figure_style.similarity_view`), each labelled with its text. The
+    colour range is fixed to [−1, 1] so panels are comparable by eye. ``layer_names``
     (layer index -> name) titles the columns; by default the npz's ``layer_names`` entry
     (written by the geometry step) is used, else they read 'layer j'.
     """
-    fig = _figure_similarity_heatmaps(npz_path, title, data_label, prompt, max_tick_labels, layer_names)
+    fig = _figure_similarity_heatmaps(npz_path, title, data_label, prompt, max_words, layer_names)
     return save(fig, out_path)
 
 
-def _figure_training_curves(log: pd.DataFrame, title: str, data_label: str) -> Figure:
-    log = log.sort_values("step")
-    fig = new_figure(13.0, 4.0)
-    ax_loss, ax_ppl, ax_lr = fig.subplots(1, 3)
+def _schedule(training: Mapping[str, Any] | None, log: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str]:
+    """(update number, learning rate, label) of the schedule itself, from the training
+    loop's own function; without the settings, the learning rate of the log rows (one per
+    ``eval_interval`` steps), and the label says so."""
+    if training is None:
+        lr = log[["step", "lr"]].dropna()
+        return (lr["step"].to_numpy(float), lr["lr"].to_numpy(float),
+                "learning rate at the log rows (settings not given)")
+    from tga.schema import TrainConfig
+    from tga.train import learning_rate_at  # torch: only this figure pays for it
 
-    tr = log[["step", "train_loss"]].dropna()
+    config = TrainConfig.from_dict(dict(training))
+    updates = np.arange(1, config.max_steps + 1)
+    # update n (the log's step n) is taken with learning_rate_at(n - 1): the loop's step index
+    lr = np.array([learning_rate_at(int(n) - 1, config) for n in updates])
+    return updates.astype(float), lr, f"schedule: {config.warmup_steps} warmup steps, then cosine decay"
+
+
+def _figure_training_curves(log: pd.DataFrame, title: str, data_label: str,
+                            training: Mapping[str, Any] | None) -> Figure:
+    log = log.sort_values("step")
+    fig = new_figure(13.0, 4.2)
+    ax_loss, ax_ppl, ax_lr = fig.subplots(1, 3, sharex=True)
+
     va = log[["step", "val_loss", "val_ppl"]].dropna(subset=["val_loss"])
-    ax_loss.plot(tr["step"], tr["train_loss"], color="tab:blue", lw=1, label="train loss (batch)")
-    ax_loss.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3, label="validation loss")
+    ax_loss.plot(*train_loss_steps(log), color="tab:blue", lw=1.2, drawstyle="steps-pre",
+                 label="train loss, mean over each log interval")
+    ax_loss.plot(va["step"], va["val_loss"], color="tab:red", marker="o", ms=3, lw=1,
+                 label="validation loss (evaluation windows)")
     ax_loss.set(xlabel="training step", ylabel="loss (nats/token)", title="cross-entropy loss")
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(loc="upper right")
 
     vp = log[["step", "val_ppl"]].dropna()
     if vp.empty:
-        no_data(ax_ppl, "no validation evaluations")
+        ax_ppl.text(0.5, 0.5, "no validation evaluations", ha="center", va="center", transform=ax_ppl.transAxes,
+                    color="tab:red")
     else:
         ax_ppl.plot(vp["step"], vp["val_ppl"], color="tab:red", marker="o", ms=3, label="validation perplexity")
         ax_ppl.set_yscale("log")
+        plain_log_ticks(ax_ppl)
         last = vp.iloc[-1]
         ax_ppl.annotate(f"{last['val_ppl']:.2f}", (last["step"], last["val_ppl"]), textcoords="offset points",
                         xytext=(-4, 6), ha="right", fontsize=8)
-        ax_ppl.legend(fontsize=8)
+        ax_ppl.legend(loc="upper right")
     ax_ppl.set(xlabel="training step", ylabel="validation perplexity (tokens) [log scale]",
                title="validation perplexity")
 
-    lr = log[["step", "lr"]].dropna()
-    ax_lr.plot(lr["step"], lr["lr"], color="tab:green", label="learning rate")
+    steps, lr, label = _schedule(training, log)
+    ax_lr.plot(steps, lr, color="tab:green", lw=1.5, label=label)
+    logged = log[["step", "lr"]].dropna()
+    if training is not None and not logged.empty:
+        ax_lr.plot(logged["step"], logged["lr"], linestyle="none", marker="o", ms=3, color="0.25",
+                   label="logged at the log rows (check)")
     ax_lr.set(xlabel="training step", ylabel="learning rate (per step)", title="learning-rate schedule")
-    ax_lr.legend(fontsize=8, loc="best")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.legend(loc="best")
     for ax in (ax_loss, ax_ppl, ax_lr):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_tick_params(labelbottom=True)
     figure_title(fig, title, data_label)
     return fig
 
 
-def plot_training_curves(log: pd.DataFrame, out_path: Path | str, title: str, data_label: str) -> Path:
-    """Loss, validation perplexity and LR schedule vs step, to judge convergence and schedule sanity.
+def plot_training_curves(log: pd.DataFrame, out_path: Path | str | Sequence[Path | str], title: str,
+                         data_label: str, training: Mapping[str, Any] | None = None) -> Path:
+    """Loss, validation perplexity and learning rate against the step, sharing the step
+    axis, to judge convergence and the schedule.
 
-    ``log`` is ``train_log.csv``; rows without validation values are skipped only for val series.
+    ``log`` is ``train_log.csv``. ``training`` (the run's resolved ``training`` settings)
+    draws the learning rate from the training loop's own schedule
+    (:func:`tga.train.learning_rate_at`) at every step, so the warmup is seen as it was;
+    the log's rows, one per ``eval_interval`` steps, are drawn on it as a check. The
+    train loss of a row is the mean since the previous row, drawn as a step over that window.
     """
-    return save(_figure_training_curves(log, title, data_label), out_path)
+    return save(_figure_training_curves(log, title, data_label, training), out_path)

@@ -261,6 +261,7 @@ class TrainConfig:
     eval_interval: int
     eval_batches: int
     checkpoint_interval: int
+    checkpoint_spacing: str  # log or linear, see checkpoint_steps
     seed: int = 0
     device: str
     precision: str
@@ -289,5 +290,10 @@ class TrainConfig:
 
 def checkpoint_steps(config: TrainConfig) -> list[int]:
     """Steps (counted as completed optimizer steps) at which a checkpoint is kept; here,
-    not in tga.train, because the workflow derives the evolution's stages from it."""
+    not in tga.train, because the workflow derives the evolution's stages from it.
+    ``log``: the powers of two up to ``max_steps`` (1, 2, 4, ...), dense early where the
+    geometry changes most, and as many for 1,000 steps (10) as a log axis can show;
+    ``linear``: every ``checkpoint_interval`` steps."""
+    if config.checkpoint_spacing == "log":
+        return [2**k for k in range(config.max_steps.bit_length()) if 2**k <= config.max_steps]
     return list(range(config.checkpoint_interval, config.max_steps + 1, config.checkpoint_interval))

@@ -9,6 +9,7 @@ from snakemake.utils import validate
 from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages
+from tga.figure_files import figure_copies
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
 
@@ -139,14 +140,21 @@ def evolution_stage_paths(wildcards):
     return evolution_stages(training, f"outputs/models/{wildcards.variant}/seed{wildcards.seed}")
 
 
+def with_figure_copies(paths):
+    """``paths`` with each figure's copies in ``figures.format`` after its PNG: requesting
+    them is what makes Snakemake write them (a rule's unrequested outputs are not checked)."""
+    fmt = config["figures"]["format"]
+    return [out for path in paths for out in ([path, *figure_copies(path, fmt)] if path.endswith(".png") else [path])]
+
+
 def evolution_outputs(wildcards):
     """Every evolution figure of every variant and seed whose training ended ok."""
     patterns = [f"outputs/evolution/{{variant}}/seed{{seed}}/{name}" for name in EVOLUTION_FIGURES]
-    return [path for pattern in patterns for path in per_model(pattern)(wildcards)]
+    return with_figure_copies([path for pattern in patterns for path in per_model(pattern)(wildcards)])
 
 
 def all_outputs(wildcards):
-    return [
+    return with_figure_copies([
         *per_model("outputs/figures/{variant}/seed{seed}/geometry_layers.png")(wildcards),
         *per_model("outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png")(wildcards),
         *per_model("outputs/figures/{variant}/seed{seed}/training_curves.png")(wildcards),
@@ -158,7 +166,7 @@ def all_outputs(wildcards):
         "outputs/data/prompts_in_training_text.csv",  # which prompts the models have read
         *evolution_outputs(wildcards),
         *pretrained_outputs(),
-    ]
+    ])
 
 
 # ---------------------------------------------------------------- pretrained models

@@ -43,6 +43,7 @@ rule plot_perplexity:
             subcategory="perplexity",
             labels={"figure": "perplexity by variant"},
         ),
+        *figure_copies("outputs/compare/perplexity.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],
@@ -71,6 +72,7 @@ rule plot_similarity_by_layer:
             subcategory="all variants",
             labels={"figure": "similarity by layer"},
         ),
+        *figure_copies("outputs/compare/similarity_by_layer.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         labels=lambda wildcards: trained_runs(wildcards) + pretrained_labels(),
@@ -136,6 +138,7 @@ rule plot_differences:
             subcategory="differences A − B",
             labels={"figure": "differences A − B"},
         ),
+        *figure_copies("outputs/compare/difference.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_compare"),
         data_label=config["data"]["label"],

@@ -55,6 +55,7 @@ rule plot_metrics_by_step:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "metrics by step"},
         ),
+        *figure_copies("outputs/evolution/{variant}/seed{seed}/metrics_by_step.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
@@ -83,6 +84,7 @@ rule plot_heatmaps_before_after:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "heatmaps before/after"},
         ),
+        *figure_copies("outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
@@ -111,6 +113,7 @@ rule plot_similarity_change:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity change"},
         ),
+        *figure_copies("outputs/evolution/{variant}/seed{seed}/similarity_change.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=model_title,

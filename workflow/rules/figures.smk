@@ -1,4 +1,6 @@
 # Figures of one model: geometry across layers, similarity heatmaps, training curves.
+# Every figure rule's outputs: the PNG, then its copies in figures.format (figure_copies).
+from tga.figure_files import figure_copies
 from tga.fingerprint import code_fingerprint
 
 
@@ -13,6 +15,7 @@ rule plot_geometry_layers:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "geometry by layer"},
         ),
+        *figure_copies("outputs/figures/{variant}/seed{seed}/geometry_layers.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_model"),
         title=model_title,
@@ -41,6 +44,7 @@ rule plot_similarity_heatmaps:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity heatmaps"},
         ),
+        *figure_copies("outputs/figures/{variant}/seed{seed}/similarity_heatmaps.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_model"),
         title=model_title,
@@ -69,10 +73,13 @@ rule plot_training_curves:
             subcategory="{variant}",
             labels={"variant": "{variant}", "seed": "{seed}", "figure": "training curves"},
         ),
+        *figure_copies("outputs/figures/{variant}/seed{seed}/training_curves.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_model"),
         title=model_title,
         data_label=config["data"]["label"],
+        # the schedule is drawn from these settings (tga.train.learning_rate_at)
+        training=lambda wildcards: variant_settings(wildcards)["training"],
     log:
         "outputs/logs/plot_training_curves/{variant}/seed{seed}.log",
     benchmark:

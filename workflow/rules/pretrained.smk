@@ -98,6 +98,7 @@ rule pretrained_plot_geometry_layers:
             subcategory="{entry}",
             labels={"variant": "{entry}", "seed": "pretrained", "figure": "geometry by layer"},
         ),
+        *figure_copies("outputs/figures/{entry}/pretrained/geometry_layers.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_model"),
         title=pretrained_title,
@@ -126,6 +127,7 @@ rule pretrained_plot_similarity_heatmaps:
             subcategory="{entry}",
             labels={"variant": "{entry}", "seed": "pretrained", "figure": "similarity heatmaps"},
         ),
+        *figure_copies("outputs/figures/{entry}/pretrained/similarity_heatmaps.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_model"),
         title=pretrained_title,
@@ -156,6 +158,7 @@ rule pretrained_plot_metrics_by_step:
             subcategory="{entry}",
             labels={"variant": "{entry}", "seed": "pretrained", "figure": "metrics by step"},
         ),
+        *figure_copies("outputs/evolution/{entry}/pretrained/metrics_by_step.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=pretrained_title,
@@ -184,6 +187,7 @@ rule pretrained_plot_heatmaps_before_after:
             subcategory="{entry}",
             labels={"variant": "{entry}", "seed": "pretrained", "figure": "heatmaps before/after"},
         ),
+        *figure_copies("outputs/evolution/{entry}/pretrained/heatmaps_before_after.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=pretrained_title,
@@ -213,6 +217,7 @@ rule pretrained_plot_similarity_change:
             subcategory="{entry}",
             labels={"variant": "{entry}", "seed": "pretrained", "figure": "similarity change"},
         ),
+        *figure_copies("outputs/evolution/{entry}/pretrained/similarity_change.png", config["figures"]["format"]),
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=pretrained_title,

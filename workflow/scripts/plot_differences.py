@@ -4,5 +4,5 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     plot_differences_table(
-        snakemake.input.table, snakemake.output[0], snakemake.params.data_label, snakemake.params.diverged
+        snakemake.input.table, list(snakemake.output), snakemake.params.data_label, snakemake.params.diverged
     )

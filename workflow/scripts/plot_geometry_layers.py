@@ -6,5 +6,5 @@ from tga.figures_model import plot_geometry_layers
 
 with logged_job(snakemake.log[0]):
     plot_geometry_layers(
-        pd.read_csv(snakemake.input.summary), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+        pd.read_csv(snakemake.input.summary), list(snakemake.output), snakemake.params.title, snakemake.params.data_label
     )

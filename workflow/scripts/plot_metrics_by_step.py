@@ -7,7 +7,7 @@ from tga.figures_evolution import plot_metrics_by_step
 with logged_job(snakemake.log[0]):
     plot_metrics_by_step(
         pd.read_csv(snakemake.input.summary),
-        snakemake.output[0],
+        list(snakemake.output),
         snakemake.params.title,
         snakemake.params.data_label,
         train_log=pd.read_csv(snakemake.input.log),

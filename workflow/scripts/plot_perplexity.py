@@ -3,4 +3,4 @@ from tga.figures_compare import plot_perplexity_table
 from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
-    plot_perplexity_table(snakemake.input[0], snakemake.output[0], snakemake.params.data_label)
+    plot_perplexity_table(snakemake.input[0], list(snakemake.output), snakemake.params.data_label)

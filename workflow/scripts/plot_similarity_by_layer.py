@@ -4,6 +4,6 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     plot_similarity_by_layer_files(
-        list(snakemake.input), snakemake.params.labels, snakemake.output[0], snakemake.params.data_label,
+        list(snakemake.input), snakemake.params.labels, list(snakemake.output), snakemake.params.data_label,
         snakemake.params.diverged,
     )

@@ -6,5 +6,5 @@ from tga.figures_evolution import plot_similarity_change
 
 with logged_job(snakemake.log[0]):
     plot_similarity_change(
-        pd.read_csv(snakemake.input.metrics), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+        pd.read_csv(snakemake.input.metrics), list(snakemake.output), snakemake.params.title, snakemake.params.data_label
     )

@@ -3,4 +3,4 @@ from tga.joblog import logged_job
 from tga.figures_model import plot_similarity_heatmaps
 
 with logged_job(snakemake.log[0]):
-    plot_similarity_heatmaps(snakemake.input.similarity, snakemake.output[0], snakemake.params.title, snakemake.params.data_label)
+    plot_similarity_heatmaps(snakemake.input.similarity, list(snakemake.output), snakemake.params.title, snakemake.params.data_label)

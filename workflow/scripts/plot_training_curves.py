@@ -6,5 +6,9 @@ from tga.figures_model import plot_training_curves
 
 with logged_job(snakemake.log[0]):
     plot_training_curves(
-        pd.read_csv(snakemake.input.log), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+        pd.read_csv(snakemake.input.log),
+        list(snakemake.output),
+        snakemake.params.title,
+        snakemake.params.data_label,
+        training=snakemake.params.training,
     )

@@ -4,6 +4,6 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     plot_heatmaps_before_after(
-        snakemake.input.similarity, snakemake.output[0], snakemake.params.title, snakemake.params.data_label,
+        snakemake.input.similarity, list(snakemake.output), snakemake.params.title, snakemake.params.data_label,
         before=snakemake.params.before,
     )

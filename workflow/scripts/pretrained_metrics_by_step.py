@@ -6,5 +6,5 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     plot_metrics_by_step(
-        pd.read_csv(snakemake.input.summary), snakemake.output[0], snakemake.params.title, snakemake.params.data_label
+        pd.read_csv(snakemake.input.summary), list(snakemake.output), snakemake.params.title, snakemake.params.data_label
     )

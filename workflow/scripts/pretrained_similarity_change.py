@@ -6,6 +6,6 @@ from tga.joblog import logged_job
 
 with logged_job(snakemake.log[0]):
     plot_similarity_change(
-        pd.read_csv(snakemake.input.metrics), snakemake.output[0], snakemake.params.title, snakemake.params.data_label,
+        pd.read_csv(snakemake.input.metrics), list(snakemake.output), snakemake.params.title, snakemake.params.data_label,
         before=snakemake.params.before,
     )
