@@ -176,7 +176,8 @@ def _add_settings(p: argparse.ArgumentParser, evolve: bool) -> None:
     if evolve:
         overrides.update(
             checkpoint_interval={"default": None,
-                                 "help": "keep a checkpoint every this many steps; default: a fifth of --max-steps"},
+                                 "help": "with --checkpoint-spacing linear, keep a checkpoint every this many steps; "
+                                         "default: a fifth of --max-steps"},
             eval_interval={"default": None, "help": "validate every this many steps; default: the checkpoint interval"})
     flags = {key: _schema_flag(g, "training", key, **overrides.get(key, {})).option_strings[0]
              for key in key_specs("training")}
@@ -268,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_geometry_args(p)
 
     p = command("evolve", _cmd_evolve, "how the geometry evolves during training",
-                "The model-evolution experiment: train one variant with a checkpoint every "
-                "--checkpoint-interval steps, then measure the token geometry at initialization and at every "
+                "The model-evolution experiment: train one variant with checkpoints at steps 1, 2, 4, ... "
+                "(--checkpoint-spacing log) or every --checkpoint-interval steps (linear), then measure the token geometry at initialization and at every "
                 "checkpoint (stages init, step<N>). The model goes to <output-dir>/model/, the geometry files "
                 "and figures to <output-dir>/.")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the model, geometry files and figures")
@@ -549,23 +550,25 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     title = _model_title(args.output_dir.name, model)
     data_label = (f"trained {training['max_steps']} steps (lr {training['learning_rate']:g}) on "
                   f"{args.data_dir / 'train.txt'}; {len(prompts)} prompts from {args.prompts}")
-    made = _evolution_figures(args.output_dir, run_dir, title, data_label, evolution_steps(training))
+    made = _evolution_figures(args.output_dir, run_dir, title, data_label, training)
     print(f"geometry of {len(stages)} stages ({', '.join(stages)}) and {', '.join(made)} -> {args.output_dir}")
     return 0
 
 
-def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, steps: list[int]) -> list[str]:
-    """The per-model figures for init vs the last checkpoint, the training curves, and
-    the workflow's evolution figures; returns their file names."""
+def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, training: dict[str, Any]) -> list[str]:
+    """The per-model figures for init vs the last checkpoint, the training curves (the
+    learning rate from ``training``'s schedule), and the workflow's evolution figures;
+    returns their file names."""
     from tga import plots
 
+    steps = evolution_steps(training)
     summary, log = pd.read_csv(out_dir / "summary.csv"), pd.read_csv(run_dir / "train_log.csv")
     final = f"step{steps[-1]}"
     # plot_geometry_layers draws the stages 'init' and 'trained': show the last checkpoint as
     # 'trained' (its legend still gives the step); only this copy is relabelled.
     last = summary[summary["stage"].isin(["init", final])].replace({"stage": {final: "trained"}})
     plots.plot_geometry_layers(last, out_dir / "geometry_layers.png", title, label)
-    plots.plot_training_curves(log, out_dir / "training_curves.png", title, label)
+    plots.plot_training_curves(log, out_dir / "training_curves.png", title, label, training=training)
     plots.plot_metrics_by_step(summary, out_dir / "metrics_by_step.png", title, label, train_log=log)
     plots.plot_heatmaps_before_after(out_dir / "similarity.npz", out_dir / "heatmaps_before_after.png", title, label)
     plots.plot_similarity_change(pd.read_csv(out_dir / "metrics.csv"), out_dir / "similarity_change.png", title, label)
