@@ -523,7 +523,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_evolve(args: argparse.Namespace) -> int:
-    from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
+    from tga.evolution import analyze_evolution, evolution_stages
 
     with _flag("--geometry-device"):
         resolve_device(args.geometry_device)
@@ -560,6 +560,7 @@ def _evolution_figures(out_dir: Path, run_dir: Path, title: str, label: str, tra
     learning rate from ``training``'s schedule), and the workflow's evolution figures;
     returns their file names."""
     from tga import plots
+    from tga.evolution import evolution_steps
 
     steps = evolution_steps(training)
     summary, log = pd.read_csv(out_dir / "summary.csv"), pd.read_csv(run_dir / "train_log.csv")
