@@ -34,9 +34,11 @@ from tga.evolution import evolution_steps
 from tga.figures_compare import plot_differences_table, plot_perplexity_table, plot_similarity_by_layer_files
 from tga.figures_evolution import plot_heatmaps_before_after, plot_metrics_by_step, plot_similarity_change
 from tga.figures_model import plot_geometry_layers, plot_similarity_heatmaps, plot_training_curves
+from tga.geometry import resolve_exclude_first_token, tokenizer_adds_bos
 from tga.model import ModelConfig, Transformer
 from tga.schema import key_specs
 from tga.settings import resolve_variant
+from tga.tokenizers import CharTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_DIR = ROOT / "workflow" / "report"
@@ -384,6 +386,42 @@ def test_the_layer_zero_check_fails_on_the_old_wording():
     config = {"variants": {"v": {"position_encoding": "rope"}}}
     expected = {"v": embedding_output_has_position("rope")}
     assert layer_zero_claims(render_description(config, old)) != expected
+
+
+# ----------------------------------------------------------------------------- position 0
+
+
+def says_position_zero_dropped(description: str) -> bool:
+    """Whether the Tokens paragraph says position 0 is left out of the metrics (it must
+    say one or the other)."""
+    dropped = "after dropping position 0" in description
+    kept = "position 0 is kept" in description
+    assert dropped != kept, "the Tokens paragraph must say whether position 0 is dropped"
+    return dropped
+
+
+def first_token_config(setting) -> dict:
+    return {"data": {"label": "x"}, "seeds": [0], "geometry": {"exclude_first_token": setting},
+            "model": {"position_encoding": "rope"}, "variants": {"v": {}}}
+
+
+@pytest.mark.parametrize("setting", key_specs("geometry")["exclude_first_token"]["enum"])
+def test_the_tokens_paragraph_says_what_exclude_first_token_resolves_to(setting):
+    """``auto`` is a truthy string, but it keeps position 0 for tga's own tokenizers: the
+    report must say what the geometry does (tga.geometry.resolve_exclude_first_token with
+    the variants' tokenizer), not whether the setting is set."""
+    adds_bos = tokenizer_adds_bos(CharTokenizer(list("ab")))
+    assert adds_bos == Tokenizer.adds_bos  # the GPT-2 tokenizer inherits the base class's
+    expected = resolve_exclude_first_token(setting, adds_bos)
+    assert says_position_zero_dropped(render_description(first_token_config(setting))) == expected
+
+
+def test_the_position_zero_check_fails_on_a_template_that_reads_auto_as_true():
+    """The Tokens paragraph as it read before ``auto``: any truthy setting said 'dropped'."""
+    old = ("**Tokens.** first occurrence only{%- if snakemake.config['geometry']['exclude_first_token'] %}, "
+           "after dropping position 0{% else %}; position 0 is kept{% endif %}.")
+    expected = resolve_exclude_first_token("auto", tokenizer_adds_bos(CharTokenizer(list("ab"))))
+    assert says_position_zero_dropped(render_description(first_token_config("auto"), old)) != expected
 
 
 @pytest.mark.workflow
