@@ -83,12 +83,19 @@ def test_version_is_read_from_the_metadata_on_first_use(monkeypatch):
         tga._version.cache_clear()
 
 
-PER_MODEL_FIGURE_SCRIPTS = sorted(
-    path for path in (ROOT / "workflow" / "scripts").glob("plot_*.py")
+# Every workflow script that draws: it imports one of the tga.figures_* modules.
+FIGURE_SCRIPTS = sorted(
+    path for path in (ROOT / "workflow" / "scripts").glob("*.py") if "tga.figures_" in script_imports(path)
 )
 
 
-@pytest.mark.parametrize("script", PER_MODEL_FIGURE_SCRIPTS, ids=lambda p: p.name)
+def test_the_figure_scripts_are_found():
+    """The selection above must not silently shrink to nothing after a rename."""
+    for module in ("tga.figures_model", "tga.figures_evolution", "tga.figures_compare"):
+        assert any(module in script_imports(path) for path in FIGURE_SCRIPTS), module
+
+
+@pytest.mark.parametrize("script", FIGURE_SCRIPTS, ids=lambda p: p.name)
 def test_figure_jobs_do_not_import_torch(script):
     """A figure reads CSV/NPZ files: torch would add about a second to each of the
     dozens of figure jobs of a run."""
