@@ -10,7 +10,9 @@ how many cores it had and of how busy the machine was, which makes them steadier
 the run's wall time on a shared machine (``cpu_time`` steadier still: it leaves out the
 time a job waited for a core). Snakemake samples ``cpu_time`` every 0.5 s for the first
 15 s of a job and every 30 s after that, so it leaves out up to 30 s of a long job's
-last stretch: for long jobs read it as a lower bound. Benchmarks of several rules in
+last stretch, and each job's last moments (up to 0.5 s): read it as a lower bound, and
+compare runs with different numbers of jobs by the whole run's CPU as well
+(``/usr/bin/time -v snakemake ...``, user + sys, which includes every job). Benchmarks of several rules in
 one folder (``compare/<rule>.tsv``) are summed under that folder's name. With ``--compare`` a second run's folder (e.g. one kept
 from before a change) is printed beside the first, with the difference.
 """
