@@ -5,16 +5,17 @@
 Reads every Snakemake benchmark file under the folder (``<rule>/.../<job>.tsv``, one
 row per repeat; the first path component below the folder names the rule) and prints,
 per rule, the number of jobs and the sum and mean of the wall time (column ``s``) and
-of ``cpu_time``, then the totals. Summed job-seconds say what a run costs regardless of
-how many cores it had and of how busy the machine was, which makes them steadier than
-the run's wall time on a shared machine (``cpu_time`` steadier still: it leaves out the
-time a job waited for a core). Snakemake samples ``cpu_time`` every 0.5 s for the first
-15 s of a job and every 30 s after that, so it leaves out up to 30 s of a long job's
-last stretch, and each job's last moments (up to 0.5 s): read it as a lower bound, and
-compare runs with different numbers of jobs by the whole run's CPU as well
-(``/usr/bin/time -v snakemake ...``, user + sys, which includes every job). Benchmarks of several rules in
-one folder (``compare/<rule>.tsv``) are summed under that folder's name. With ``--compare`` a second run's folder (e.g. one kept
-from before a change) is printed beside the first, with the difference.
+of ``cpu_time``, then the totals. Summed job-seconds say what a run costs whatever the
+number of cores; ``cpu_time`` also leaves out the time a job waited for a core, which
+makes it steadier than wall time on a shared machine.
+
+Snakemake samples ``cpu_time`` every 0.5 s for a job's first 15 s and every 30 s after
+that, so it misses up to 30 s of a long job's last stretch and up to 0.5 s of every
+job: read it as a lower bound, and compare runs with different numbers of jobs by the
+whole run's CPU as well (user + sys of ``/usr/bin/time -v snakemake ...``, which
+includes every job). Benchmarks of several rules in one folder (``compare/<rule>.tsv``)
+are summed under that folder's name. With ``--compare`` a second run's folder (e.g. one
+kept from before a change) is printed beside the first, with the difference.
 """
 
 from __future__ import annotations
