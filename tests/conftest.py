@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tiny_study(tmp_path_factory) -> Path:
     """The ``.test`` folder of a finished run of .test/config/config.yaml: every output of
     rule ``all`` (models, perplexity, geometry, figures, comparisons, evolution), run once
-    per test session (once per xdist worker: its tests share the ``tiny_study`` group).
+    per test session: under pytest-xdist its tests form one group, so one worker runs it.
 
     Read it, never change it: a test that edits files works on ``copy_study(tiny_study, ...)``.
     """
