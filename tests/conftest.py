@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from workflow_runs import make_study, snakemake
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +30,33 @@ def gpt2_files(shared_data_dir: Path) -> dict[str, Path]:
     if missing:
         pytest.skip(f"GPT-2 BPE files missing: {', '.join(missing)}")
     return files
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of the shared study runs Snakemake (marker ``workflow``) and goes to the
+    one xdist worker that runs the study (group ``tiny_study``), so it is run once.
+
+    Under pytest-xdist (``-n``, see pyproject.toml) the ``workflow`` tests come first: each
+    takes seconds to a minute, so started last they would leave one worker running alone
+    at the end. Every worker sorts the same way (xdist requires identical collections).
+    """
+    for item in items:
+        if "tiny_study" in item.fixturenames:
+            item.add_marker(pytest.mark.workflow)
+            item.add_marker(pytest.mark.xdist_group("tiny_study"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("workflow") is None)  # stable: else as collected
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> Path:
+    """The ``.test`` folder of a finished run of .test/config/config.yaml: every output of
+    rule ``all`` (models, perplexity, geometry, figures, comparisons, evolution), run once
+    per test session: under pytest-xdist its tests form one group, so one worker runs it.
+
+    Read it, never change it: a test that edits files works on ``copy_study(tiny_study, ...)``.
+    """
+    study = make_study(tmp_path_factory.mktemp("tiny_study"))
+    snakemake(study)  # --cores 4 on any machine: all variants' jobs at once, as the serial test compares
+    return study

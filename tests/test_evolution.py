@@ -1,11 +1,9 @@
-"""Model evolution: stages from the training settings, the evolution figures, and one
-end-to-end run of one variant's evolution targets plus the HTML report."""
+"""Model evolution: stages from the training settings, the evolution figures, and the
+evolution targets of the shared tiny study (tests/conftest.py) plus the HTML report."""
 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from test_workflow import TINY, make_workdir
 from tga.evolution import analyze_evolution, evolution_stages, evolution_steps
 from tga.geometry import CROSS_PROMPT, summarize_metrics
 from tga.metrics import CROSS_PROMPT_METRICS, METRIC_NAMES, PROMPT_METRICS, GeometryError
@@ -30,6 +27,7 @@ from tga.plots import (
     plot_similarity_change,
 )
 from tga.tokenizers import CharTokenizer
+from workflow_runs import make_study, planned_jobs, snakemake
 
 DATA_LABEL = "synthetic evolution data"
 TITLE = "toy (seed 0)"
@@ -235,32 +233,13 @@ def test_evolution_figure_text_is_inside_readable_and_not_overlapping(figure, tm
 
 # ----------------------------------------------------------------------------- end to end
 
-VARIANT = "llama-preln"
+VARIANT = "llama-preln"  # in the tiny study, with checkpoint_interval 8: a short last interval
 EVOLUTION = [f"outputs/evolution/{VARIANT}/seed0/{name}" for name in
              ("metrics_by_step.png", "heatmaps_before_after.png", "similarity_change.png")]
 
 
-def run_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "tiny.yaml"],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def evolution_run(tmp_path_factory) -> Path:
-    """One variant's evolution targets; its checkpoint_interval leaves a short last interval."""
-    config = {**TINY, "variants": {VARIANT: {"checkpoint_interval": 8}}}  # merged into config.yaml's variants
-    workdir = make_workdir(tmp_path_factory.mktemp("evolution"), config)
-    run_snakemake(workdir, *EVOLUTION)
-    return workdir
-
-
-def test_one_variants_evolution_targets_build_every_stage(evolution_run):
-    out = evolution_run / "outputs"
+def test_one_variants_evolution_targets_build_every_stage(tiny_study, tmp_path):
+    out = tiny_study / "outputs"
     checkpoints = sorted(p.name for p in (out / "models" / VARIANT / "seed0" / "checkpoints").glob("*.pt"))
     assert checkpoints == ["step000008.pt", "step000016.pt"]
     summary = pd.read_csv(out / "evolution" / VARIANT / "seed0" / "summary.csv")
@@ -275,15 +254,18 @@ def test_one_variants_evolution_targets_build_every_stage(evolution_run):
     with np.load(out / "evolution" / VARIANT / "seed0" / "similarity.npz") as npz:
         assert {"init/layer0/prompt0", "step20/layer3/prompt1"} <= set(npz.files)
     for target in EVOLUTION:
-        assert_png(evolution_run / target)
-    assert sorted(p.name for p in (out / "models").iterdir()) == [VARIANT]  # no other variant was trained
+        assert_png(tiny_study / target)
     for log in (out / "logs").rglob("*.log"):
         assert "Traceback" not in log.read_text(), log
+    # One variant's evolution targets, asked for in a fresh folder, train no other variant.
+    jobs = planned_jobs(make_study(tmp_path), *EVOLUTION)
+    assert ("train", VARIANT) in jobs and {variant for _, variant in jobs if variant} == {VARIANT}
 
 
-def test_report_is_self_contained_html(evolution_run):
-    run_snakemake(evolution_run, "--report", "report.html", *EVOLUTION)
-    html = (evolution_run / "report.html").read_text(encoding="utf-8")
+def test_report_is_self_contained_html(tiny_study, tmp_path):
+    report = tmp_path / "report.html"  # outside the shared study
+    snakemake(tiny_study, "--report", str(report), *EVOLUTION)
+    html = report.read_text(encoding="utf-8")
     assert "metrics_by_step.png" in html and "data:image/png" in html
     assert '"evolution"' in html and "All panels share the x axis" in html
     assert 'src="http' not in html  # nothing fetched from the network when opened

@@ -26,6 +26,7 @@ from tga.pretrained_entries import (  # noqa: E402
     final_revision,
     revision_step,
 )
+from workflow_runs import copy_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 50257  # GPT-2's vocabulary: every tiny model is read with the GPT-2 tokenizer
@@ -179,7 +180,7 @@ def test_tokenizer_without_the_needed_tokens_is_named(zoo, tmp_path):
 WORKFLOW = {
     "data": {"source": "text", "train": "resources/wikitext-2-sample/train.txt",
              "validation": "resources/wikitext-2-sample/validation.txt",
-             "test": "resources/wikitext-2-sample/test.txt", "label": "pretrained test run"},
+             "test": "test.txt", "label": "pretrained test run"},  # written by the test: 4 KB
     "tokenizer": {"name": "char"},
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 32, "dropout": 0.0},
     "training": {"max_steps": 2, "batch_size": 2, "warmup_steps": 1, "eval_interval": 2, "eval_batches": 1,
@@ -202,13 +203,16 @@ TARGETS = [
 ]
 
 
+@pytest.mark.workflow
 def test_workflow_measures_pretrained_models_beside_a_variant(zoo, tmp_path):
     """The done criterion: GPT-2, GPT-1, GPT-NeoX (two revisions, from the HF cache,
     offline) and Llama in `pretrained:` get geometry, figures, perplexity, an evolution
     series and comparisons with a trained variant, in one `snakemake --cores 2`."""
-    for name in ("Snakefile", "workflow", "config", "resources"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    copy_workflow(tmp_path)
+    # the sample's test split up to the first line end after 4,000 characters: five models
+    # score it, four of them over GPT-2's 50257 tokens
+    test_text = (ROOT / "resources/wikitext-2-sample/test.txt").read_text(encoding="utf-8")
+    (tmp_path / "test.txt").write_text(test_text[:test_text.index("\n", 4000) + 1], encoding="utf-8")
     (tmp_path / "prompts.txt").write_text("The lobster is a species of clawed lobster found in the sea.\n"
                                           "It may grow to a length of 60 cm and a mass of six kilograms.\n")
     config = dict(WORKFLOW, pretrained={
@@ -248,7 +252,7 @@ def test_workflow_measures_pretrained_models_beside_a_variant(zoo, tmp_path):
     table = pd.read_csv(out / "compare" / "perplexity.csv")
     rows = table.set_index("variant")
     assert set(rows.index) == {"tiny", "gpt2", "gpt1", "neox", "llama"}
-    text_bytes = len((ROOT / "resources/wikitext-2-sample/test.txt").read_bytes())
+    text_bytes = len((tmp_path / "test.txt").read_bytes())
     assert (rows["n_bytes"] == text_bytes).all()  # one split, one byte count, any tokenizer
     assert rows.loc["gpt2", "tokenizer"] != rows.loc["tiny", "tokenizer"]
     assert rows.loc["llama", "block_size"] == 32 and rows.loc["gpt2", "block_size"] == 64

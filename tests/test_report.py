@@ -14,8 +14,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,8 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
+
+from workflow_runs import snakemake
 
 from tga.compare import write_differences
 from tga.evolution import evolution_steps
@@ -42,21 +42,6 @@ from tga.tokenizers import CharTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_DIR = ROOT / "workflow" / "report"
-
-# TEMP: replaced by conftest's tiny_study at merge (and with it the config flags the
-# report is rendered with, which must be the ones the study ran with).
-STUDY_ARGS = ("--replace-workflow-config", "--configfile", "tiny.yaml")
-
-
-@pytest.fixture(scope="session")
-def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:  # TEMP: replaced by conftest's tiny_study at merge
-    """A temporary workdir holding a finished run of the tiny workflow config."""
-    from test_workflow import TINY, make_workdir, snakemake
-
-    workdir = make_workdir(tmp_path_factory.mktemp("tiny_study"), TINY)
-    snakemake(workdir)
-    return workdir
-
 
 # ----------------------------------------------------------------------------- the rendered report
 
@@ -102,9 +87,7 @@ def parse_report(page: str) -> Report:
 @pytest.fixture(scope="module")
 def report(tiny_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Report:
     out = tmp_path_factory.mktemp("report") / "report.html"
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--report", str(out), *STUDY_ARGS],
-                          cwd=tiny_study, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    snakemake(tiny_study, "--report", str(out))  # the study's own config (.test/config/config.yaml)
     return parse_report(out.read_text(encoding="utf-8"))
 
 

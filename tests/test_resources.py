@@ -97,6 +97,7 @@ def _child(spec: dict) -> None:
     print(json.dumps([process_memory_bytes("VmHWM"), base]))
 
 
+@pytest.mark.workflow  # a training run in a fresh process for each case
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_memory_estimate_matches_measured_peak(tmp_path, case):
     model, training, vocab = CASES[case]

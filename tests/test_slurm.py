@@ -12,7 +12,6 @@ import collections
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import yaml
 from slurm_cluster import DEBIAN_PACKAGES, missing_programs, one_node_cluster
 
 from test_workflow import TINY  # the same tiny study the local end-to-end tests run
+from workflow_runs import copy_workflow, make_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_RULES = {"prepare_corpus", "all"}  # run by the submitting Snakemake, not as SLURM jobs
@@ -62,14 +62,8 @@ def _require_plugin() -> None:
 
 
 def _make_workdir(path: Path, config: dict) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "workflow", "config", "resources", "profiles"):
-        source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
-    (path / "tiny_prompts.txt").write_text(
-        "# two short prompts\nThe lobster is a species of clawed lobster.\nIt may grow to a length of 60 cm.\n"
-    )
-    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    make_workdir(path, config)
+    copy_workflow(path, names=("profiles",))
     main = yaml.safe_load((path / "config" / "config.yaml").read_text())
     main.update(variants=VARIANTS, comparisons=[list(VARIANTS)])
     (path / "config" / "config.yaml").write_text(yaml.safe_dump(main, sort_keys=False))
@@ -121,6 +115,7 @@ def test_default_profile_queues_training_jobs_for_one_gpu():
     assert local["resources"] == ["gpu=1"] and local["cores"] == "all"
 
 
+@pytest.mark.workflow
 def test_slurm_profile_is_accepted_by_snakemake_and_the_plugin(tmp_path):
     _require_plugin()
     workdir = _make_workdir(tmp_path / "workflow", CONFIG)
@@ -130,7 +125,9 @@ def test_slurm_profile_is_accepted_by_snakemake_and_the_plugin(tmp_path):
     assert "workflow specific profile profiles/slurm" in proc.stderr
 
 
+@pytest.mark.workflow
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one cluster at a time on this machine
 def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
     started = time.monotonic()
     _require_plugin()
@@ -187,7 +184,9 @@ def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
     print(f"\nSLURM workflow test: {len(submitted)} SLURM jobs, {time.monotonic() - started:.1f}s wall time")
 
 
+@pytest.mark.workflow
 @pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one cluster at a time on this machine
 def test_a_failing_slurm_job_ends_the_run_with_its_error(tmp_path):
     """A training job that fails at once (its window is longer than the training text)
     must end the run with that job's error within a minute or two, on a cluster without

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,85 +14,34 @@ import pytest
 import yaml
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-# Two of the default variants (Pre-LN vs Post-LN), one comparison: the whole DAG at half the jobs.
+from workflow_runs import (
+    ROOT,
+    copy_study,
+    make_study,
+    make_workdir,
+    planned_jobs,
+    snakemake,
+    tiny_config,
+)
+
+# The tiny study (.test/config/config.yaml; the session fixture tiny_study runs it once):
+# two of the default variants (Pre-LN vs Post-LN), one comparison, the whole DAG at half the jobs.
 VARIANTS = ["llama-preln", "llama-postln"]
-
-TINY = {
-    "data": {
-        "source": "text",
-        "train": "resources/wikitext-2-sample/train.txt",
-        "validation": "resources/wikitext-2-sample/validation.txt",
-        "test": "resources/wikitext-2-sample/test.txt",
-        "label": "tiny test run",
-    },
-    "tokenizer": {"name": "char"},
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 2e-3, "warmup_steps": 4,
-                 "eval_interval": 10, "eval_batches": 2, "checkpoint_interval": 10, "checkpoint_spacing": "linear",
-                 "device": "cpu"},
-    "evaluation": {"batch_size": 32, "device": "cpu"},
-    "geometry": {"prompts": "tiny_prompts.txt", "heatmap_layers": [0, -1]},
-    "resources": {"train_threads": 1},
-    "seeds": [0],
-    "variants": {"llama-preln": {"norm_position": "pre", "norm": "rmsnorm", "activation": "swiglu"},
-                 "llama-postln": {"norm_position": "post", "norm": "rmsnorm", "activation": "swiglu"}},
-    "comparisons": [["llama-preln", "llama-postln"]],
-}
+CHECKPOINTS = {"llama-preln": {"step000008.pt", "step000016.pt"},  # checkpoint_interval 8
+               "llama-postln": {"step000010.pt", "step000020.pt"}}
+# The same settings for a test's own workdir (make_workdir), whose variants it names itself.
+TINY = tiny_config()
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, cores: int = 4) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        # tiny.yaml replaces config/config.yaml (the schema fills in the rest), so a test's
-        # variants are exactly the ones it names: a merge would add the four defaults.
-        [sys.executable, "-m", "snakemake", *args, "--cores", str(cores), "--replace-workflow-config",
-         "--configfile", "tiny.yaml"],
-        cwd=workdir, capture_output=True, text=True, timeout=600,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def make_workdir(path: Path, config: dict, source_root: Path = ROOT) -> Path:
-    for name in ("Snakefile", "workflow", "config", "resources"):
-        source = source_root / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, path / name)
-    (path / "tiny_prompts.txt").write_text(
-        "# two short prompts\nThe lobster is a species of clawed lobster.\nIt may grow to a length of 60 cm.\n"
-    )
-    (path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    return path
-
-
-def planned_jobs(workdir: Path, *targets: str) -> list[tuple[str, str]]:
-    """(rule, variant-or-'') of every job a dry run would execute."""
-    out = snakemake(workdir, "--dry-run", *targets).stdout
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", out):
-        rule = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block.strip())
-        if rule:
-            variant = re.search(r"wildcards:.*?variant=([\w.-]+)", block)
-            jobs.append((rule.group(1), variant.group(1) if variant else ""))
-    return jobs
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    workdir = make_workdir(tmp_path_factory.mktemp("workflow"), TINY)
-    snakemake(workdir)
-    return workdir
-
-
-def test_every_declared_output_exists_and_is_sane(finished_run):
-    out = finished_run / "outputs"
+def test_every_declared_output_exists_and_is_sane(tiny_study):
+    out = tiny_study / "outputs"
     for split in ("train", "validation", "test"):
         meta = json.loads((out / "data" / "tokens" / f"{split}.json").read_text())
         assert meta["tokenizer"] == "char" and meta["n_tokens"] > 1000
     vocab = json.loads((out / "data" / "tokens" / "test.json").read_text())["vocab_size"]
     for variant in VARIANTS:
         model = out / "models" / variant / "seed0"
-        assert {p.name for p in (model / "checkpoints").glob("*.pt")} == {"step000010.pt", "step000020.pt"}
+        assert {p.name for p in (model / "checkpoints").glob("*.pt")} == CHECKPOINTS[variant]
         log = pd.read_csv(model / "train_log.csv")
         assert list(log["step"]) == [0, 10, 20] and log["val_loss"].iloc[-1] < log["val_loss"].iloc[0]
         ppl = json.loads((out / "eval" / variant / "seed0" / "perplexity.json").read_text())
@@ -122,13 +69,13 @@ def test_every_declared_output_exists_and_is_sane(finished_run):
     assert any((out / "benchmarks").rglob("*.tsv"))
 
 
-def test_parallel_and_serial_runs_give_identical_outputs(finished_run, tmp_path):
+def test_parallel_and_serial_runs_give_identical_outputs(tiny_study, tmp_path):
     """--cores 4 (all variants at once on this 2-core machine) equals --cores 1, byte for
     byte, except the wall-clock columns of the training logs."""
-    serial = make_workdir(tmp_path, TINY, source_root=finished_run)
+    serial = make_study(tmp_path)
     snakemake(serial, cores=1)
     skip = {"logs", "benchmarks"}
-    parallel_files = sorted(p.relative_to(finished_run) for p in (finished_run / "outputs").rglob("*")
+    parallel_files = sorted(p.relative_to(tiny_study) for p in (tiny_study / "outputs").rglob("*")
                             if p.is_file() and not skip & set(p.parts) and not p.name.startswith(".snakemake"))
     serial_files = sorted(p.relative_to(serial) for p in (serial / "outputs").rglob("*")
                           if p.is_file() and not skip & set(p.parts) and not p.name.startswith(".snakemake"))
@@ -136,24 +83,23 @@ def test_parallel_and_serial_runs_give_identical_outputs(finished_run, tmp_path)
     for rel in parallel_files:
         if rel.name == "train_log.csv":
             timing = ["tokens_per_s", "elapsed_s"]
-            pd.testing.assert_frame_equal(pd.read_csv(finished_run / rel).drop(columns=timing),
+            pd.testing.assert_frame_equal(pd.read_csv(tiny_study / rel).drop(columns=timing),
                                           pd.read_csv(serial / rel).drop(columns=timing))
         else:
-            assert (finished_run / rel).read_bytes() == (serial / rel).read_bytes(), rel
+            assert (tiny_study / rel).read_bytes() == (serial / rel).read_bytes(), rel
 
 
-def test_second_run_has_nothing_to_do(finished_run):
-    assert planned_jobs(finished_run) == []
+def test_second_run_has_nothing_to_do(tiny_study):
+    assert planned_jobs(tiny_study) == []
 
 
-def test_editing_one_variant_reruns_only_its_jobs(finished_run, tmp_path):
-    config = yaml.safe_load((finished_run / "tiny.yaml").read_text())
+def test_editing_one_variant_reruns_only_its_jobs(tiny_study, tmp_path):
+    study = copy_study(tiny_study, tmp_path)
+    config_file = study / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
     config["variants"]["llama-postln"]["learning_rate"] = 1e-3
-    (finished_run / "tiny.yaml").write_text(yaml.safe_dump(config))
-    try:
-        jobs = planned_jobs(finished_run)
-    finally:
-        (finished_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))  # key order is part of the params
+    jobs = planned_jobs(study)
     per_variant = {rule for rule, variant in jobs if variant}
     assert {variant for _, variant in jobs if variant} == {"llama-postln"}
     assert {"train", "evaluate", "geometry"} <= per_variant
@@ -163,6 +109,7 @@ def test_editing_one_variant_reruns_only_its_jobs(finished_run, tmp_path):
     assert not {"prepare_corpus", "tokenize_split", "build_tokenizer"} & {rule for rule, _ in jobs}
 
 
+@pytest.mark.workflow
 def test_one_figure_with_three_seeds_from_the_command_line(tmp_path):
     """Asking for one figure builds only what it needs. `--config 'seeds=[0,1,2]'` arrives
     as strings; the schema's types win, and the difference table carries intervals, raw
@@ -202,6 +149,7 @@ def _with(path: list[str], value):
     return edit
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -232,7 +180,7 @@ FIGURE_RULES = {
 }
 
 
-def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tmp_path):
+def test_library_code_changes_rerun_exactly_the_dependent_rules(tiny_study, tmp_path):
     """A copy of tga/ on PYTHONPATH stands in for an edited checkout: editing one figure
     module reruns only the rules drawing its figures (no table), the shared figure style
     reruns every figure and still no table, the table code reruns the tables and the
@@ -241,14 +189,10 @@ def test_library_code_changes_rerun_exactly_the_dependent_rules(finished_run, tm
     onwards."""
     package = tmp_path / "site" / "tga"
     shutil.copytree(ROOT / "tga", package, ignore=shutil.ignore_patterns("__pycache__"))
-    env = {**__import__("os").environ, "PYTHONPATH": str(package.parent)}
+    env = {**os.environ, "PYTHONPATH": str(package.parent)}
 
-    def planned_rules() -> set[str]:
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "--dry-run", "--cores", "1",
-                               "--replace-workflow-config", "--configfile", "tiny.yaml"], cwd=finished_run, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", proc.stdout, flags=re.M)) - {"all"}
+    def planned_rules() -> set[str]:  # dry runs only: the shared study is not changed
+        return {rule for rule, _ in planned_jobs(tiny_study, env=env)} - {"all"}
 
     def planned_after_editing(module: str) -> set[str]:
         source = package / f"{module}.py"
@@ -286,6 +230,7 @@ def test_every_rule_fingerprints_the_modules_its_script_imports():
             assert declared == imported, f"{smk.name}: {block.split(':')[0]} fingerprints {declared}, runs {imported}"
 
 
+@pytest.mark.workflow
 def test_a_diverged_variant_is_marked_missing_with_keep_going(tmp_path):
     """Divergence is a result in the DAG: the run succeeds, the comparisons mark the
     diverged variant, and only a change of its settings trains it again."""
