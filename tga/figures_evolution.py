@@ -192,7 +192,9 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
     handles = [Line2D([], [], color=color_of[layer], marker="o", ms=3, lw=1.3) for layer in layers]
     labels = [esc(names[layer]) for layer in layers]
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(layers), 8),
-               title=f"layer (colour = depth); each point: mean over {n_prompts} prompts at an analysed checkpoint")
+               title=wrap_to_width(f"layer (colour = depth); each point: mean over {n_prompts} prompts at an analysed "
+                                   f"checkpoint\nanalysed steps ({', '.join(map(str, stage_steps.values()))})",
+                                   PANEL_WIDTH * ncols, 9))
     figure_title(fig, f"{title}: geometry across training", data_label)
     return fig
 
@@ -266,7 +268,8 @@ def _figure_heatmaps_before_after(npz_path: Path | str, title: str, data_label: 
     if mesh_diff is not None:
         fig.colorbar(mesh_diff, ax=axes[2:, :], shrink=0.8, label=f"Δ cosine − mean shift (±{dlim:.1f})")
     suptitle(fig, f"{esc(title)}\n{esc(data_label)}\n"
-                 f"cosine similarity before and after training, prompt {prompt}: {esc(view.description)}\n"
+                 f"cosine similarity before and after training (colour range fixed to [−1, 1]), prompt {prompt}: "
+                 f"{esc(view.description)}\n"
                  "bottom: (after − its mean) − (before − its mean), off-diagonal means; the mean shift removed "
                  "is in each panel's title", fontsize=9)
     return fig
