@@ -431,8 +431,10 @@ def analyze_checkpoints(
     ids_ref: list[list[int]] | None = None
     info_ref: list[dict[str, Any]] = []
     counts: np.ndarray | None = None
+    # Progress only for an evolution series: init + trained take seconds, and `tga analyze`
+    # keeps its stderr to the one error line when the prompts are bad.
     for stage, ckpt in progress(checkpoints.items(), total=len(checkpoints), desc=f"geometry into {out}",
-                                unit="checkpoints"):
+                                unit="checkpoints", enabled=len(checkpoints) > 2):
         if "/" in stage:
             raise GeometryError(f"stage name {stage!r} must not contain '/' (used as the npz key separator)")
         if not Path(ckpt).is_file():
