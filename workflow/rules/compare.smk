@@ -159,6 +159,9 @@ rule plot_differences:
 rule findings:
     input:
         table=rules.difference_table.output[0],
+        # as plot_differences: through the train checkpoint, so a finished study with a
+        # diverged variant plans nothing more
+        statuses=training_statuses,
     output:
         report(
             "outputs/compare/findings.md",
