@@ -203,7 +203,11 @@ def test_norm_effect_follows_the_architecture():
         assert norm_effect(metric, "final_norm", PRE) and not norm_effect(metric, "block2", PRE)
     assert norm_effect("update_norm", "block1", POST) and not norm_effect("update_norm", "block2", POST)
     assert not norm_effect("update_norm", "block1", PRE)
-    assert not norm_effect("mean_cosine", "final_norm", PRE)  # a cosine ignores a token's scale
+    # Every metric at final_norm is read through the final norm's gain (issue 21 item 4),
+    # elsewhere a cosine is the stream's own.
+    assert "gain" in norm_effect("mean_cosine", "final_norm", PRE) and not norm_effect("mean_cosine", "block2", POST)
+    assert "centring" in norm_effect("effective_rank", "final_norm", {"norm_position": "post", "norm": "layernorm"})
+    assert "centring" not in norm_effect("effective_rank", "final_norm", PRE)
     assert "LayerNorm" in norm_effect("token_norm", "final_norm", {"norm_position": "pre", "norm": "layernorm"})
     assert norm_effect("token_norm", "final_norm", None) == ""  # a pretrained entry: not known
 

@@ -102,7 +102,10 @@ def norm_effect(metric: str, layer_name: str, architecture: Mapping[str, Any] | 
     norm produces the layer: ``final_norm``, and in Post-LN every block. The step metrics
     at ``final_norm`` (``update_norm``, ``knn_overlap``) compare the stream before and
     after the final norm, which is all that layer does. Post-LN's first block normalizes
-    the (small, unnormalized) embedding, so its ``update_norm`` holds that rescaling."""
+    the (small, unnormalized) embedding, so its ``update_norm`` holds that rescaling. Every
+    other metric at ``final_norm`` is the last block's stream seen through the final norm's
+    gain (and LayerNorm's centring): labelled too, so a difference there is not read as
+    the stream's."""
     if not architecture:
         return ""
     norm = NORM_NAMES.get(str(architecture.get("norm")), "norm")
@@ -115,6 +118,10 @@ def norm_effect(metric: str, layer_name: str, architecture: Mapping[str, Any] | 
         return f"{metric} at final_norm measures the final {norm}'s own step (its rescaling of the stream)"
     if metric == "update_norm" and post and layer_name == "block1":
         return f"update_norm at block1 includes the Post-LN {norm} rescaling the unnormalized embedding to √d"
+    if layer_name == "final_norm":
+        return (f"{metric} at final_norm is read after the final {norm}, whose gain reweights the channels"
+                + (" and whose centring removes the mean" if norm == "LayerNorm" else "")
+                + "; the last block shows the stream itself")
     return ""
 
 
