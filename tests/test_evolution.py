@@ -21,6 +21,7 @@ from matplotlib.text import Text
 
 from tga import figures_evolution
 from tga.figure_style import centred_change, text_layout_problems, word_matrix, word_spans
+from tga.figures_evolution import EVOLUTION_FIGURES, plot_evolution_figures
 from tga.plots import (
     plot_heatmaps_before_after,
     plot_metrics_by_step,
@@ -170,6 +171,29 @@ def test_plot_heatmaps_before_after(tmp_path):
     assert_rerun_identical(lambda p: plot_heatmaps_before_after(npz, p, TITLE, DATA_LABEL), tmp_path, "heatmaps")
     with pytest.raises(ValueError, match="stage 'step999' not stored"):
         plot_heatmaps_before_after(npz, tmp_path / "bad.png", TITLE, DATA_LABEL, after="step999")
+
+
+def test_evolution_figures_in_one_call_match_the_figures_drawn_one_by_one(tmp_path):
+    """Rule evolution_figures draws the three evolution figures of a model in one process:
+    the same bytes as each drawn alone, every format of each written, and a missing or
+    unknown figure name refused."""
+    metrics, log, npz = make_metrics(n_prompts=4), make_log(), make_npz(tmp_path / "similarity.npz")
+    summary = summarize_metrics(metrics)
+    together = tmp_path / "together"
+    out_paths = {name: [together / f"{name}.png", together / f"{name}.svg"] for name in EVOLUTION_FIGURES}
+    written = plot_evolution_figures(summary, npz, metrics, out_paths, TITLE, DATA_LABEL, train_log=log)
+    assert written == {name: together / f"{name}.png" for name in EVOLUTION_FIGURES}
+    alone = {
+        "metrics_by_step": plot_metrics_by_step(summary, tmp_path / "m.png", TITLE, DATA_LABEL, train_log=log),
+        "heatmaps_before_after": plot_heatmaps_before_after(npz, tmp_path / "h.png", TITLE, DATA_LABEL),
+        "similarity_change": plot_similarity_change(metrics, tmp_path / "c.png", TITLE, DATA_LABEL),
+    }
+    for name in EVOLUTION_FIGURES:
+        assert written[name].read_bytes() == alone[name].read_bytes(), name
+        assert b"<svg" in (together / f"{name}.svg").read_bytes(), name
+    with pytest.raises(ValueError, match=r"given for \['heatmaps_before_after', 'metrics_by_step', 'typo'\]"):
+        plot_evolution_figures(summary, npz, metrics, {**{n: out_paths[n] for n in EVOLUTION_FIGURES[:2]},
+                                                       "typo": tmp_path / "t.png"}, TITLE, DATA_LABEL)
 
 
 def test_plot_similarity_change(tmp_path):

@@ -25,7 +25,13 @@ from tga.figure_style import (
     word_spans,
 )
 from tga.figures_compare import plot_differences, plot_perplexity, plot_similarity_by_layer
-from tga.figures_model import plot_geometry_layers, plot_similarity_heatmaps, plot_training_curves
+from tga.figures_model import (
+    MODEL_FIGURES,
+    plot_geometry_layers,
+    plot_model_figures,
+    plot_similarity_heatmaps,
+    plot_training_curves,
+)
 
 DATA_LABEL = "trained on wiki.valid.raw, evaluated on wiki.test.raw"
 LAYER_NAMES = ["embedding", "block1", "block2", "final_norm"]
@@ -256,6 +262,29 @@ def test_plot_training_curves(tmp_path):
     fig = figures_model._figure_training_curves(log, "v, seed 0", DATA_LABEL, TRAINING)
     train = next(l for l in fig.axes[0].get_lines() if "log interval" in l.get_label())
     assert train.get_drawstyle() == "steps-pre" and list(train.get_xdata()[:2]) == [0, 10]
+
+
+def test_model_figures_in_one_call_match_the_figures_drawn_one_by_one(tmp_path):
+    """Rule model_figures draws the three figures of a model in one process: the same
+    bytes as each drawn alone, every format of each written, and a missing or unknown
+    figure name refused."""
+    summary, npz, log = make_summary(), make_npz(tmp_path / "similarity.npz"), make_log()
+    together = tmp_path / "together"
+    out_paths = {name: [together / f"{name}.png", together / f"{name}.pdf"] for name in MODEL_FIGURES}
+    written = plot_model_figures(summary, npz, log, out_paths, "v, seed 0", DATA_LABEL, training=TRAINING)
+    assert written == {name: together / f"{name}.png" for name in MODEL_FIGURES}
+    alone = {
+        "geometry_layers": plot_geometry_layers(summary, tmp_path / "geometry_layers.png", "v, seed 0", DATA_LABEL),
+        "similarity_heatmaps": plot_similarity_heatmaps(npz, tmp_path / "similarity_heatmaps.png", "v, seed 0",
+                                                        DATA_LABEL),
+        "training_curves": plot_training_curves(log, tmp_path / "training_curves.png", "v, seed 0", DATA_LABEL,
+                                                training=TRAINING),
+    }
+    for name in MODEL_FIGURES:
+        assert written[name].read_bytes() == alone[name].read_bytes(), name
+        assert (together / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
+    with pytest.raises(ValueError, match=r"given for \['geometry_layers', 'similarity_heatmaps'\]"):
+        plot_model_figures(summary, npz, log, {name: out_paths[name] for name in MODEL_FIGURES[:2]}, "v", DATA_LABEL)
 
 
 def test_training_curves_draw_the_schedule_of_the_training_loop(monkeypatch):
@@ -570,7 +599,7 @@ def test_figures_format_makes_every_figure_rule_write_a_copy(tmp_path):
         files = [p.strip() for p in line.split(",")]
         for png in (f for f in files if f.endswith(".png")):
             assert png[:-4] + ".svg" in files, line
-    assert re.search(r"plot_training_curves\s+\d", out)
+    assert re.search(r"model_figures\s+\d", out)
     # and requested by rule all: Snakemake checks only a job's requested outputs, so an SVG
     # that only the rule declared would never be made beside an existing PNG
     requested = next(line for line in out.split("rule all:", 1)[1].splitlines() if line.strip().startswith("input:"))

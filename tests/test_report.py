@@ -48,7 +48,7 @@ REPORT_DIR = ROOT / "workflow" / "report"
 
 @dataclass(frozen=True)
 class Caption:
-    rule: str
+    figure: str  # a PNG's name without .png (one rule may draw several figures), else the file name
     text: str
 
 
@@ -56,7 +56,7 @@ class Caption:
 class Report:
     description: str  # workflow.rst as rendered, tags stripped
     config: dict  # the config the report was rendered with (its JSON block)
-    captions: dict[str, Caption]  # output path -> rule and caption text
+    captions: dict[str, Caption]  # output path -> figure and caption text
 
 
 def _plain(fragment: str) -> str:
@@ -78,7 +78,7 @@ def parse_report(page: str) -> Report:
     config_text = description[description.index("{", description.index("Configuration used")):]
     config = json.JSONDecoder().raw_decode(config_text)[0]
     captions = {
-        path: Caption(entry["job_properties"]["rule"], _plain(entry.get("caption") or ""))
+        path: Caption(Path(path).stem if path.endswith(".png") else Path(path).name, _plain(entry.get("caption") or ""))
         for path, entry in _script_value(page, "results", "results").items()
     }
     return Report(description[: description.index("Configuration used")], config, captions)
@@ -126,7 +126,7 @@ def _two_seed_summaries(study: Path, folder: Path, variants: list[str]) -> tuple
 
 
 def figure_drawings(study: Path, config: dict, folder: Path) -> dict[str, list[Callable[[], object]]]:
-    """Rule -> the calls its script makes, on the study's own files. The figures across
+    """Figure (file name without suffix) -> the calls that draw it, on the study's own files. The figures across
     seeds are drawn a second time from two seeds, so both of their forms are seen."""
     out = study / "outputs"
     variant = sorted(config["variants"])[0]
@@ -141,41 +141,41 @@ def figure_drawings(study: Path, config: dict, folder: Path) -> dict[str, list[C
     two_seed_ppl.to_csv(folder / "perplexity.csv", index=False)
     write_differences(two_seed_paths, two_seed_labels, config["comparisons"], folder / "difference.csv")
     return {
-        "plot_training_curves": [lambda: plot_training_curves(
+        "training_curves": [lambda: plot_training_curves(
             pd.read_csv(out / "models" / run / "train_log.csv"), png, variant, label)],
-        "plot_geometry_layers": [lambda: plot_geometry_layers(
+        "geometry_layers": [lambda: plot_geometry_layers(
             pd.read_csv(out / "geometry" / run / "summary.csv"), png, variant, label)],
-        "plot_similarity_heatmaps": [lambda: plot_similarity_heatmaps(
+        "similarity_heatmaps": [lambda: plot_similarity_heatmaps(
             out / "geometry" / run / "similarity.npz", png, variant, label)],
-        "plot_perplexity": [lambda: plot_perplexity_table(out / "compare" / "perplexity.csv", png, label),
+        "perplexity": [lambda: plot_perplexity_table(out / "compare" / "perplexity.csv", png, label),
                             lambda: plot_perplexity_table(folder / "perplexity.csv", png, label)],
-        "plot_similarity_by_layer": [
+        "similarity_by_layer": [
             lambda: plot_similarity_by_layer_files(
                 [out / "geometry" / v / f"seed{s}" / "summary.csv" for v in variants for s in config["seeds"]],
                 [{"variant": v, "seed": s} for v in variants for s in config["seeds"]], png, label),
             lambda: plot_similarity_by_layer_files(two_seed_paths, two_seed_labels, png, label)],
-        "plot_differences": [lambda: plot_differences_table(out / "compare" / "difference.csv", png, label),
+        "difference": [lambda: plot_differences_table(out / "compare" / "difference.csv", png, label),
                              lambda: plot_differences_table(folder / "difference.csv", png, label)],
-        "plot_metrics_by_step": [lambda: plot_metrics_by_step(
+        "metrics_by_step": [lambda: plot_metrics_by_step(
             pd.read_csv(out / "evolution" / run / "summary.csv"), png, variant, label,
             train_log=pd.read_csv(out / "models" / run / "train_log.csv"))],
-        "plot_heatmaps_before_after": [lambda: plot_heatmaps_before_after(
+        "heatmaps_before_after": [lambda: plot_heatmaps_before_after(
             out / "evolution" / run / "similarity.npz", png, variant, label)],
-        "plot_similarity_change": [lambda: plot_similarity_change(
+        "similarity_change": [lambda: plot_similarity_change(
             pd.read_csv(out / "evolution" / run / "metrics.csv"), png, variant, label)],
     }
 
 
 @pytest.fixture(scope="module")
 def drawn(report: Report, tiny_study: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Rule -> all the text its figure holds, over every drawing of it."""
+    """Figure -> all the text it holds, over every drawing of it."""
     folder = tmp_path_factory.mktemp("figures")
     texts = {}
-    for rule, drawings in figure_drawings(tiny_study, report.config, folder).items():
+    for figure, drawings in figure_drawings(tiny_study, report.config, folder).items():
         with recorded_figure_text() as recorded:
             for draw in drawings:
                 draw()
-        texts[rule] = " ".join(recorded)
+        texts[figure] = " ".join(recorded)
     return texts
 
 
@@ -215,9 +215,9 @@ def _normalise(text: str) -> str:
 
 @pytest.mark.workflow
 def test_every_report_figure_is_drawn_by_a_known_script(report, drawn):
-    """The checks below cover every figure in the report: a new figure rule must be
+    """The checks below cover every figure in the report: a new figure must be
     added to figure_drawings, or its caption goes unchecked."""
-    figures = {c.rule for path, c in report.captions.items() if path.endswith(".png")}
+    figures = {c.figure for path, c in report.captions.items() if path.endswith(".png")}
     assert figures and figures <= set(drawn), sorted(figures - set(drawn))
     for path, caption in report.captions.items():
         assert len(caption.text) > 80, f"{path}: caption missing or too short: {caption.text!r}"
@@ -225,9 +225,9 @@ def test_every_report_figure_is_drawn_by_a_known_script(report, drawn):
 
 @pytest.mark.workflow
 def test_captions_promise_only_what_their_figure_draws(report, drawn):
-    problems = [f"{path} ({c.rule}): {problem}"
-                for path, c in sorted(report.captions.items()) if c.rule in drawn
-                for problem in caption_problems(c.text, drawn[c.rule])]
+    problems = [f"{path} ({c.figure}): {problem}"
+                for path, c in sorted(report.captions.items()) if c.figure in drawn
+                for problem in caption_problems(c.text, drawn[c.figure])]
     assert not problems, "\n".join(problems)
 
 
@@ -236,12 +236,12 @@ def test_the_caption_check_fails_on_the_old_training_caption(report, drawn):
     """The training-curves caption used to promise throughput and wall time."""
     old = ("Right: the learning-rate schedule (linear warmup, then cosine decay), with the "
            "median throughput and wall time.")
-    problems = caption_problems(old, drawn["plot_training_curves"])
+    problems = caption_problems(old, drawn["training_curves"])
     assert any("throughput" in p for p in problems) and any("wall time" in p for p in problems), problems
     # ... and a caption that leaves out the bands a figure draws is caught too
-    similarity = next(c.text for c in report.captions.values() if c.rule == "plot_similarity_by_layer")
+    similarity = next(c.text for c in report.captions.values() if c.figure == "similarity_by_layer")
     without_bands = re.sub(r"95% t-interval|±1 s\.d\.", "band", similarity)
-    assert len(caption_problems(without_bands, drawn["plot_similarity_by_layer"])) == 2
+    assert len(caption_problems(without_bands, drawn["similarity_by_layer"])) == 2
 
 
 def _correction_used(study: Path) -> str:
@@ -265,8 +265,8 @@ def correction_problems(caption: str, correction: str) -> list[str]:
 @pytest.mark.workflow
 def test_the_difference_caption_names_the_correction_the_code_applies(report, tiny_study, drawn):
     correction = _correction_used(tiny_study)
-    assert _normalise(correction) in _normalise(drawn["plot_differences"])  # the figure's legend names it
-    captions = [c.text for c in report.captions.values() if c.rule == "plot_differences"]
+    assert _normalise(correction) in _normalise(drawn["difference"])  # the figure's legend names it
+    captions = [c.text for c in report.captions.values() if c.figure == "difference"]
     assert captions and not correction_problems(captions[0], correction), correction_problems(captions[0], correction)
 
 
@@ -411,8 +411,8 @@ def test_the_position_zero_check_fails_on_a_template_that_reads_auto_as_true():
 def test_the_evolution_figure_lists_the_steps_its_caption_promises(report, drawn):
     """metrics_by_step.rst says the legend lists the analysed steps: those the
     evolution code derives from the training settings."""
-    caption = next(c.text for c in report.captions.values() if c.rule == "plot_metrics_by_step")
+    caption = next(c.text for c in report.captions.values() if c.figure == "metrics_by_step")
     assert "legend under the figure lists their steps" in caption
     variant = sorted(report.config["variants"])[0]
     steps = evolution_steps(resolve_variant(report.config, variant)["training"])
-    assert f"({', '.join(map(str, steps))})" in drawn["plot_metrics_by_step"]
+    assert f"({', '.join(map(str, steps))})" in drawn["metrics_by_step"]

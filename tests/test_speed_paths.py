@@ -102,6 +102,15 @@ def test_figure_jobs_do_not_import_torch(script):
     assert "torch" not in modules_added_by(script_imports(script))
 
 
+@pytest.mark.parametrize("script", ["prepare_corpus.py", "tokenize_split.py"])
+def test_data_jobs_do_not_import_torch(script):
+    """Preparing the corpus and tokenizing a split handle text and numpy arrays: tga.data
+    imports torch only inside the functions that build batches (about a second a job)."""
+    added = modules_added_by(script_imports(ROOT / "workflow" / "scripts" / script))
+    assert "numpy" in added  # the probe sees the job's real imports
+    assert "torch" not in added
+
+
 @pytest.mark.parametrize("script", ["evaluate.py", "geometry.py", "train.py"])
 def test_model_jobs_do_not_import_plotting(script):
     """The jobs that run a model never draw: no matplotlib, seaborn or scipy."""

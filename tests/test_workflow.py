@@ -121,7 +121,7 @@ def test_one_figure_with_three_seeds_from_the_command_line(tmp_path):
     snakemake(workdir, "outputs/compare/difference.png", "--config", "seeds=[0,1,2]")
     # Only what that figure needs was built.
     assert (workdir / "outputs" / "compare" / "difference.png").is_file()
-    assert "evaluate" not in rules and "plot_training_curves" not in rules
+    assert "evaluate" not in rules and "model_figures" not in rules
     assert not (workdir / "outputs" / "eval").exists()
     table = pd.read_csv(workdir / "outputs" / "compare" / "difference.csv")
     for column in ("mean_diff", "ci_low", "ci_high", "n_seeds", "p_value", "p_adjusted", "significant",
@@ -174,9 +174,9 @@ def test_bad_config_stops_before_any_job_with_one_clear_message(tmp_path, edit, 
 
 
 FIGURE_RULES = {
-    "figures_model": {"plot_geometry_layers", "plot_similarity_heatmaps", "plot_training_curves"},
+    "figures_model": {"model_figures"},
     "figures_compare": {"plot_perplexity", "plot_similarity_by_layer", "plot_differences"},
-    "figures_evolution": {"plot_metrics_by_step", "plot_heatmaps_before_after", "plot_similarity_change"},
+    "figures_evolution": {"evolution_figures"},
 }
 
 

@@ -25,13 +25,15 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from tga.atomic import atomic_write_many
 from tga.corpus import BOTH_VALIDATIONS, CORPUS_METADATA, DataError, holdout_split
+
+if TYPE_CHECKING:  # torch is imported where batches are built: tokenizing and the corpus
+    import torch  # need none of it, and its import is about 1 CPU-second per job
 
 __all__ = [
     "CORPUS_METADATA",
@@ -541,6 +543,8 @@ def cached_token_files(
 def tokens_to_tensor(tokens: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """A 1-D int32 tensor on ``device``: uint16 memmaps have no direct torch dtype, and
     int32 halves the memory of int64; batches are widened to int64 when gathered."""
+    import torch
+
     return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
 
 
@@ -553,6 +557,8 @@ def sample_batch(
     by index arithmetic, so with tokens already on the GPU nothing syncs with the
     host. ``generator`` must live on the same device as ``tokens``.
     """
+    import torch
+
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
     n = tokens.numel()
@@ -581,6 +587,8 @@ class RareTokenRelabeler:
     """
 
     def __init__(self, token_counts: torch.Tensor, vocab_size: int, max_count: int, probability: float) -> None:
+        import torch
+
         counts = token_counts[:vocab_size]
         self.pool = torch.nonzero(counts <= max_count).flatten()
         self.rank = torch.full((token_counts.numel(),), -1, dtype=torch.long, device=token_counts.device)
@@ -590,6 +598,8 @@ class RareTokenRelabeler:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         if self.probability <= 0 or self.pool.numel() < 2:
             return x, y  # draws nothing, so a run without relabeling samples as before
         windows = torch.cat([x, y[:, -1:]], dim=1)
@@ -608,6 +618,8 @@ def non_overlapping_windows(tokens: torch.Tensor, block_size: int) -> tuple[torc
     last window is padded with 0; ``mask`` (bool, (K, T)) marks the real targets.
     Padding only sits after real positions, so causal attention never sees it.
     """
+    import torch
+
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
     n = tokens.numel()

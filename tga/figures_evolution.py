@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -52,7 +52,9 @@ from tga.figure_style import (
 from tga.tables import layer_names, stage_order
 
 __all__ = [
+    "EVOLUTION_FIGURES",
     "EVOLUTION_METRICS",
+    "plot_evolution_figures",
     "plot_heatmaps_before_after",
     "plot_metrics_by_step",
     "plot_similarity_change",
@@ -373,3 +375,32 @@ def plot_similarity_change(metrics_df: pd.DataFrame, out_path: Path | str, title
     """
     return save(_figure_similarity_change(metrics_df, title, data_label, before, after, metric), out_path)
 
+
+
+#: The evolution figures of one model, in the order :func:`plot_evolution_figures` draws them.
+EVOLUTION_FIGURES: tuple[str, ...] = ("metrics_by_step", "heatmaps_before_after", "similarity_change")
+
+
+def plot_evolution_figures(summary: pd.DataFrame, npz_path: Path | str, metrics_df: pd.DataFrame,
+                           out_paths: Mapping[str, Path | str | Sequence[Path | str]], title: str, data_label: str,
+                           train_log: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Every evolution figure of one model (:data:`EVOLUTION_FIGURES`) in one call, so the
+    workflow pays the interpreter's, pandas' and matplotlib's start-up once per model, not
+    once per figure.
+
+    ``out_paths`` maps each figure name to its file or files (the PNG plus the
+    ``figures.format`` copy); the figures are the ones :func:`plot_metrics_by_step` (from
+    the evolution ``summary`` and ``train_log``), :func:`plot_heatmaps_before_after` (from
+    ``npz_path``) and :func:`plot_similarity_change` (from ``metrics_df``) draw, with
+    their default stages. Returns {figure name: first file written}.
+    """
+    if set(out_paths) != set(EVOLUTION_FIGURES):
+        raise ValueError(f"evolution figures: output paths given for {sorted(out_paths)}, "
+                         f"expected exactly {list(EVOLUTION_FIGURES)}")
+    return {
+        "metrics_by_step": plot_metrics_by_step(summary, out_paths["metrics_by_step"], title, data_label,
+                                                train_log=train_log),
+        "heatmaps_before_after": plot_heatmaps_before_after(npz_path, out_paths["heatmaps_before_after"], title,
+                                                            data_label),
+        "similarity_change": plot_similarity_change(metrics_df, out_paths["similarity_change"], title, data_label),
+    }

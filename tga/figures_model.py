@@ -42,7 +42,8 @@ from tga.figure_style import (
 )
 from tga.tables import STAGES, layer_names
 
-__all__ = ["plot_geometry_layers", "plot_similarity_heatmaps", "plot_training_curves"]
+__all__ = ["MODEL_FIGURES", "plot_geometry_layers", "plot_model_figures", "plot_similarity_heatmaps",
+           "plot_training_curves"]
 
 
 def _prompt_band_label(df: pd.DataFrame) -> str:
@@ -279,3 +280,30 @@ def plot_training_curves(log: pd.DataFrame, out_path: Path | str | Sequence[Path
     train loss of a row is the mean since the previous row, drawn as a step over that window.
     """
     return save(_figure_training_curves(log, title, data_label, training), out_path)
+
+
+#: The figures of one model, in the order :func:`plot_model_figures` draws them.
+MODEL_FIGURES: tuple[str, ...] = ("geometry_layers", "similarity_heatmaps", "training_curves")
+
+
+def plot_model_figures(summary: pd.DataFrame, npz_path: Path | str, log: pd.DataFrame,
+                       out_paths: Mapping[str, Path | str | Sequence[Path | str]], title: str, data_label: str,
+                       training: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Every figure of one model (:data:`MODEL_FIGURES`) in one call, so the workflow pays
+    the interpreter's, pandas' and matplotlib's start-up once per model, not once per figure.
+
+    ``out_paths`` maps each figure name to its file or files (the PNG plus the
+    ``figures.format`` copy); the figures are the ones :func:`plot_geometry_layers`
+    (from ``summary``), :func:`plot_similarity_heatmaps` (from ``npz_path``) and
+    :func:`plot_training_curves` (from ``log`` and ``training``) draw. Returns
+    {figure name: first file written}.
+    """
+    if set(out_paths) != set(MODEL_FIGURES):
+        raise ValueError(f"model figures: output paths given for {sorted(out_paths)}, "
+                         f"expected exactly {list(MODEL_FIGURES)}")
+    return {
+        "geometry_layers": plot_geometry_layers(summary, out_paths["geometry_layers"], title, data_label),
+        "similarity_heatmaps": plot_similarity_heatmaps(npz_path, out_paths["similarity_heatmaps"], title, data_label),
+        "training_curves": plot_training_curves(log, out_paths["training_curves"], title, data_label,
+                                                training=training),
+    }

@@ -43,90 +43,59 @@ rule evolution_geometry:
         "../scripts/evolution_geometry.py"
 
 
-rule plot_metrics_by_step:
+# The three evolution figures of one model in one job (start-up paid once per model);
+# each figure is still a target of its own.
+rule evolution_figures:
     input:
         summary="outputs/evolution/{variant}/seed{seed}/summary.csv",
+        similarity="outputs/evolution/{variant}/seed{seed}/similarity.npz",
+        metrics="outputs/evolution/{variant}/seed{seed}/metrics.csv",
         log="outputs/models/{variant}/seed{seed}/train_log.csv",
     output:
-        report(
-            "outputs/evolution/{variant}/seed{seed}/metrics_by_step.png",
-            caption="../report/metrics_by_step.rst",
-            category="evolution",
-            subcategory="{variant}",
-            labels={"variant": "{variant}", "seed": "{seed}", "figure": "metrics by step"},
-        ),
-        *figure_copies("outputs/evolution/{variant}/seed{seed}/metrics_by_step.png", config["figures"]["format"]),
+        metrics_by_step=[
+            report(
+                "outputs/evolution/{variant}/seed{seed}/metrics_by_step.png",
+                caption="../report/metrics_by_step.rst",
+                category="evolution",
+                subcategory="{variant}",
+                labels={"variant": "{variant}", "seed": "{seed}", "figure": "metrics by step"},
+            ),
+            *figure_copies("outputs/evolution/{variant}/seed{seed}/metrics_by_step.png", config["figures"]["format"]),
+        ],
+        heatmaps_before_after=[
+            report(
+                "outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png",
+                caption="../report/heatmaps_before_after.rst",
+                category="evolution",
+                subcategory="{variant}",
+                labels={"variant": "{variant}", "seed": "{seed}", "figure": "heatmaps before/after"},
+            ),
+            *figure_copies(
+                "outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png", config["figures"]["format"]
+            ),
+        ],
+        similarity_change=[
+            report(
+                "outputs/evolution/{variant}/seed{seed}/similarity_change.png",
+                caption="../report/similarity_change.rst",
+                category="evolution",
+                subcategory="{variant}",
+                labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity change"},
+            ),
+            *figure_copies("outputs/evolution/{variant}/seed{seed}/similarity_change.png", config["figures"]["format"]),
+        ],
     params:
         code=code_fingerprint("tga.figures_evolution"),
         title=model_title,
         data_label=config["data"]["label"],
     log:
-        "outputs/logs/plot_metrics_by_step/{variant}/seed{seed}.log",
+        "outputs/logs/evolution_figures/{variant}/seed{seed}.log",
     benchmark:
-        "outputs/benchmarks/plot_metrics_by_step/{variant}/seed{seed}.tsv"
+        "outputs/benchmarks/evolution_figures/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
     conda:
         "../envs/tga.yaml"
     script:
-        "../scripts/plot_metrics_by_step.py"
-
-
-rule plot_heatmaps_before_after:
-    input:
-        similarity="outputs/evolution/{variant}/seed{seed}/similarity.npz",
-    output:
-        report(
-            "outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png",
-            caption="../report/heatmaps_before_after.rst",
-            category="evolution",
-            subcategory="{variant}",
-            labels={"variant": "{variant}", "seed": "{seed}", "figure": "heatmaps before/after"},
-        ),
-        *figure_copies("outputs/evolution/{variant}/seed{seed}/heatmaps_before_after.png", config["figures"]["format"]),
-    params:
-        code=code_fingerprint("tga.figures_evolution"),
-        title=model_title,
-        data_label=config["data"]["label"],
-    log:
-        "outputs/logs/plot_heatmaps_before_after/{variant}/seed{seed}.log",
-    benchmark:
-        "outputs/benchmarks/plot_heatmaps_before_after/{variant}/seed{seed}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/tga.yaml"
-    script:
-        "../scripts/plot_heatmaps_before_after.py"
-
-
-rule plot_similarity_change:
-    input:
-        metrics="outputs/evolution/{variant}/seed{seed}/metrics.csv",
-    output:
-        report(
-            "outputs/evolution/{variant}/seed{seed}/similarity_change.png",
-            caption="../report/similarity_change.rst",
-            category="evolution",
-            subcategory="{variant}",
-            labels={"variant": "{variant}", "seed": "{seed}", "figure": "similarity change"},
-        ),
-        *figure_copies("outputs/evolution/{variant}/seed{seed}/similarity_change.png", config["figures"]["format"]),
-    params:
-        code=code_fingerprint("tga.figures_evolution"),
-        title=model_title,
-        data_label=config["data"]["label"],
-    log:
-        "outputs/logs/plot_similarity_change/{variant}/seed{seed}.log",
-    benchmark:
-        "outputs/benchmarks/plot_similarity_change/{variant}/seed{seed}.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-    conda:
-        "../envs/tga.yaml"
-    script:
-        "../scripts/plot_similarity_change.py"
-
+        "../scripts/plot_evolution_figures.py"
