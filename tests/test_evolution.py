@@ -293,3 +293,27 @@ def test_report_is_self_contained_html(tiny_study, tmp_path):
     assert "metrics_by_step.png" in html and "data:image/png" in html
     assert '"evolution"' in html and "All panels share the x axis" in html
     assert 'src="http' not in html  # nothing fetched from the network when opened
+
+
+def test_metrics_by_step_draws_the_twonn_noise_floor(tmp_path):
+    """The TwoNN panel shows its Gaussian floor (issue 21: the figures draw the floor), from
+    summary.csv's null columns, and no other panel gets one; the text still fits."""
+    from tga.figure_style import FLOOR_STYLE, text_layout_problems
+    from tga.figures_evolution import _figure_metrics_by_step
+
+    summary = summarize_metrics(make_metrics())
+    twonn = summary["metric"] == "twonn"
+    summary.loc[twonn, ["null_mean", "null_lo", "null_hi"]] = [27.0, 18.0, 41.0]
+    fig = _figure_metrics_by_step(summary, TITLE, DATA_LABEL, make_log(), ["mean_cosine", "twonn"])
+    floors = {ax.get_title(): [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"
+                               and ln.get_color() == FLOOR_STYLE["color"]] for ax in fig.axes}
+    with_floor = {title: lines for title, lines in floors.items() if lines}
+    assert len(with_floor) == 1 and "TwoNN" in next(iter(with_floor))
+    (line,) = next(iter(with_floor.values()))
+    assert list(line.get_ydata()) == [27.0, 27.0]
+    assert any("noise floor" in t.get_text() for legend in fig.legends for t in legend.get_texts())
+    assert not text_layout_problems(fig)
+    # without the null columns (an old summary.csv) no floor and no legend entry
+    plain = _figure_metrics_by_step(summary.drop(columns=["null_mean", "null_lo", "null_hi", "null_percentile"],
+                                                 errors="ignore"), TITLE, DATA_LABEL, None, ["twonn"])
+    assert not any(ln.get_color() == FLOOR_STYLE["color"] for ax in plain.axes for ln in ax.get_lines())

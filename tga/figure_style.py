@@ -70,6 +70,10 @@ BAND_ALPHA = 0.2
 #: No text in a figure is smaller than this (points): 7 pt is the usual floor of a journal
 #: figure at print size. :func:`text_layout_problems` checks it.
 MIN_FONT_SIZE = 7.0
+#: The Gaussian noise floor of a TwoNN value (the null columns of summary.csv), drawn
+#: alike wherever a figure shows TwoNN.
+FLOOR_STYLE = {"color": "tab:purple", "linestyle": ":", "lw": 1.4}
+FLOOR_LABEL = "isotropic Gaussian of the same N and d (noise floor; band: 95%)"
 #: Base sizes (points) for every tga figure, set once here rather than per call.
 FONT_SIZES = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
               "ytick.labelsize": 8, "legend.fontsize": 8, "legend.title_fontsize": 8, "figure.titlesize": 11}

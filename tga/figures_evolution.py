@@ -27,6 +27,8 @@ from tga.figure_style import (
     BAND_ALPHA,
     CHANGE_CMAP,
     COSINE_CMAP,
+    FLOOR_LABEL,
+    FLOOR_STYLE,
     HEATMAP_WORDS,
     STAGE_STYLE,
     centred_change,
@@ -134,6 +136,21 @@ def _short_label(metric: str) -> str:
     return unit or label
 
 
+def _draw_step_floor(ax: Axes, sub: pd.DataFrame) -> bool:
+    """A TwoNN panel's Gaussian noise floor (summary.csv's null columns), a horizontal
+    line and its 95% band: N and d are the same at every layer and checkpoint, so one
+    floor serves the panel (the mean over its rows). False when the metric has none."""
+    if "null_mean" not in sub.columns:
+        return False
+    has = sub[np.isfinite(sub["null_mean"].to_numpy(dtype=float))]
+    if has.empty:
+        return False
+    ax.axhspan(float(has["null_lo"].mean()), float(has["null_hi"].mean()), color=FLOOR_STYLE["color"], alpha=0.1,
+               linewidth=0)
+    ax.axhline(float(has["null_mean"].mean()), **FLOOR_STYLE)
+    return True
+
+
 def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, train_log: pd.DataFrame | None,
                             metrics: Sequence[str]) -> Figure:
     metrics = list(metrics)
@@ -154,6 +171,7 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
         panel = 1
     counts = summary["n_prompts"] if "n_prompts" in summary.columns else pd.Series(dtype=float)
     n_prompts = fmt_range(counts[counts > 0])  # 0 where a metric is undefined (layer 0)
+    floor_drawn = False
     for metric in metrics:
         ax = flat[panel]
         panel += 1
@@ -172,6 +190,7 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
             ok = np.isfinite(y)
             if ok.any():
                 ax.plot(g["step"].to_numpy(float)[ok], y[ok], marker="o", ms=3, lw=1.3, color=color_of[layer])
+        floor_drawn = _draw_step_floor(ax, sub) or floor_drawn
         undefined = _undefined_layers(sub, names)
         if undefined:
             ax.text(0.98, 0.02, "not defined at " + ", ".join(map(esc, undefined)), transform=ax.transAxes,
@@ -193,6 +212,9 @@ def _figure_metrics_by_step(summary: pd.DataFrame, title: str, data_label: str, 
             column[-1].set_xlabel(STEP_AXIS_LABEL)
     handles = [Line2D([], [], color=color_of[layer], marker="o", ms=3, lw=1.3) for layer in layers]
     labels = [esc(names[layer]) for layer in layers]
+    if floor_drawn:
+        handles.append(Line2D([], [], **FLOOR_STYLE))
+        labels.append(FLOOR_LABEL)
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(layers), 8),
                title=wrap_to_width(f"layer (colour = depth); each point: mean over {n_prompts} prompts at an analysed "
                                    f"checkpoint\nanalysed steps ({', '.join(map(str, stage_steps.values()))})",

@@ -20,6 +20,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from tga.figure_style import (
     BAND_ALPHA,
     COSINE_CMAP,
+    FLOOR_LABEL,
+    FLOOR_STYLE,
     HEATMAP_WORDS,
     STAGE_STYLE,
     esc,
@@ -51,8 +53,6 @@ def _prompt_band_label(df: pd.DataFrame) -> str:
     return f"shaded: ±1 s.d. across {n} prompts"
 
 
-_FLOOR_STYLE = {"color": "tab:purple", "linestyle": ":", "lw": 1.4}
-_FLOOR_LABEL = "isotropic Gaussian of the same N and d (noise floor; band: 95%)"
 _YLABEL_WIDTH = 44  # characters per line: a longer label wraps instead of running into the title
 
 
@@ -76,9 +76,9 @@ def _draw_floor(ax: Axes, sub: pd.DataFrame) -> bool:
     stage = [s for s in STAGES if (has["stage"] == s).any()][-1]
     f = has[has["stage"] == stage].sort_values("layer")
     x = f["layer"].to_numpy(dtype=float)
-    ax.plot(x, f["null_mean"].to_numpy(dtype=float), label=_FLOOR_LABEL, **_FLOOR_STYLE)
+    ax.plot(x, f["null_mean"].to_numpy(dtype=float), label=FLOOR_LABEL, **FLOOR_STYLE)
     ax.fill_between(x, f["null_lo"].to_numpy(dtype=float), f["null_hi"].to_numpy(dtype=float),
-                    color=_FLOOR_STYLE["color"], alpha=0.1, linewidth=0)
+                    color=FLOOR_STYLE["color"], alpha=0.1, linewidth=0)
     return True
 
 
