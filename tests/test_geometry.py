@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from tga import geometry as geo
 from tga import metrics as met
+from tga.figure_style import FLOOR_LABEL
 from tga.metrics import GeometryError
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "config" / "prompts.txt"
@@ -532,7 +533,7 @@ def test_geometry_layers_draws_the_floors_readable_log_axes_and_labels_clear_of_
     fig = figures_model._figure_geometry_layers(summary, "llama-preln, seed 0", "a data label",
                                                 figures_model.GEOMETRY_LAYER_METRICS)
     panels = {ax.get_title().replace("\n", " "): ax for ax in fig.axes if ax.get_title()}
-    floor_lines = {title: [ln for ln in ax.get_lines() if ln.get_label() == figures_model._FLOOR_LABEL]
+    floor_lines = {title: [ln for ln in ax.get_lines() if ln.get_label() == FLOOR_LABEL]
                    for title, ax in panels.items()}
     # the two TwoNN panels carry their Gaussian floor (the null_mean column), the others none
     twonn, pooled = panels[metric_short("twonn")], panels[metric_short("twonn_pooled")]
@@ -542,7 +543,7 @@ def test_geometry_layers_draws_the_floors_readable_log_axes_and_labels_clear_of_
     assert twonn.get_ylim()[0] == 0 and pooled.get_ylim()[1] >= 66.0  # the band fits in the panel
     # the legend (in the free cell) names the floor
     legend_texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert figures_model._FLOOR_LABEL in legend_texts
+    assert FLOOR_LABEL in legend_texts
     # the log axes: plain numbers at several ticks inside the data range, not one or two powers of ten
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
