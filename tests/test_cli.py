@@ -613,6 +613,7 @@ def test_unknown_settings_of_the_library_get_suggestions() -> None:
 # --------------------------------------------------------------------------- snakemake --config
 
 
+@pytest.mark.workflow  # runs Snakemake or fresh processes
 def test_snakemake_config_sets_nested_keys_in_the_documented_form(tmp_path: Path) -> None:
     """`--config 'training={max_steps: 10}'` sets one nested key, merged key by key into
     the config files' section and typed by the schema. The dotted `training.max_steps=10`

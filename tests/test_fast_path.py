@@ -530,7 +530,7 @@ print(counters["inductor"]["fxgraph_cache_hit"], counters["aot_autograd"]["autog
 """
 
 
-@pytest.mark.slow
+@pytest.mark.workflow  # two fresh processes compile with Inductor
 def test_a_second_process_loads_the_compiled_graph_from_the_cache(tmp_path):
     """Two fresh processes compile the same function with Inductor (C++ on this CPU,
     about a minute in all): the first misses both caches, the second hits both."""

@@ -583,6 +583,7 @@ def test_figures_are_written_in_every_requested_format_reproducibly(tmp_path):
     assert not (tmp_path / "f.jpg").exists()
 
 
+@pytest.mark.workflow  # runs Snakemake or fresh processes
 def test_figures_format_makes_every_figure_rule_write_a_copy(tmp_path):
     """With figures.format: svg every figure the workflow plans is a PNG plus an SVG from
     the same job, and both are requested (a dry run, nothing trained)."""
