@@ -36,7 +36,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.image import AxesImage  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from tga.atomic import atomic_write  # noqa: E402
 from tga.figure_files import figure_paths  # noqa: E402
@@ -393,11 +393,18 @@ class _PlainLogFormatter(LogFormatter):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
-def plain_log_ticks(ax: Axes, axis: str = "y") -> None:
+def plain_log_ticks(ax: Axes, axis: str = "y", one_two_five: bool = False) -> None:
     """Log-scale tick labels as plain numbers ('60' and '0.1', not '6×10¹' or '1e-01');
     minor ticks labelled only while the axis spans about a decade, where the major
-    ticks alone are too few."""
+    ticks alone are too few. ``one_two_five`` puts the labelled ticks at 1-2-5 steps
+    instead, for panels compared side by side, where matplotlib's choice would differ
+    from panel to panel."""
     target = ax.yaxis if axis == "y" else ax.xaxis
+    if one_two_five:
+        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(NullFormatter())
+        return
     target.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
     target.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 

@@ -15,7 +15,6 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from tga.figure_style import (
     BAND_ALPHA,
@@ -54,14 +53,6 @@ def _prompt_band_label(df: pd.DataFrame) -> str:
 
 
 _YLABEL_WIDTH = 44  # characters per line: a longer label wraps instead of running into the title
-
-
-def _readable_log_axis(ax: Axes) -> None:
-    """Plain numbers at 1-2-5 steps on a log y axis, where matplotlib's default shows
-    only the one or two powers of ten the range happens to cross."""
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _draw_floor(ax: Axes, sub: pd.DataFrame) -> bool:
@@ -107,7 +98,7 @@ def _geometry_panel(ax: Axes, summary: pd.DataFrame, metric: str) -> bool:
         lo_hi = np.concatenate([(sub["mean"] - sub["std"]).to_numpy(float), sub["mean"].to_numpy(float)])
         label = maybe_log_y(ax, lo_hi, label)
         if ax.get_yscale() == "log":
-            _readable_log_axis(ax)
+            plain_log_ticks(ax, one_two_five=True)
     elif floor:
         ax.set_ylim(bottom=0)
     ax.set_ylabel(textwrap.fill(label, _YLABEL_WIDTH), fontsize=9)
