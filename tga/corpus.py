@@ -7,18 +7,32 @@ Prompts found in the training text are tga/seen_prompts.py's.
   the test split when only one other split exists (config/proxy.yaml).
 * ``CORPUS_METADATA`` names the ``splits.json`` a prepared corpus keeps beside its
   splits (tga.data.prepare_corpus writes it).
+* ``local_data_files`` resolves ``data.data_files`` of a ``source: hf`` corpus read from
+  local files (tga/hf_corpus.py), so the config check can say a file is missing first.
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BOTH_VALIDATIONS", "CORPUS_METADATA", "DataError", "holdout_split"]
+__all__ = ["BOTH_VALIDATIONS", "CORPUS_METADATA", "DataError", "HF_ONLY_KEYS", "LOCAL_BUILDERS",
+           "describe_hf_training_text", "holdout_split", "local_data_files"]
 
 # WikiText's article titles: a level-1 heading line " = Title = " (sections are " = = Section = = ").
 _ARTICLE_HEADING = re.compile(rb"^ = [^=\n][^\n]* = \r?$", re.M)
 CORPUS_METADATA = "splits.json"
+# datasets' packaged builders that read the user's own files (data.data_files).
+LOCAL_BUILDERS = ("json", "parquet", "text", "csv", "arrow")
+# The data keys that only source hf reads (tga.settings refuses them elsewhere).
+HF_ONLY_KEYS = (
+    "dataset", "dataset_config", "dataset_split", "data_files", "revision", "text_column", "streaming",
+    "token_budget", "validation_documents", "test_documents", "num_proc", "shard_documents",
+)
 
 BOTH_VALIDATIONS = (
     "data.validation and data.validation_holdout are both set: the validation split is either that file or held "
@@ -87,3 +101,38 @@ def holdout_split(text: bytes, fraction: Any, what: str = "data.train") -> tuple
         "articles_held_out": sum(s >= cut for s in articles),
     }
     return kept, held_out, info
+
+
+def _patterns(data_files: Any) -> dict[str, list[str]]:
+    """``data_files`` (str, list or mapping split -> str/list) as split -> patterns."""
+    if data_files is None:
+        return {}
+    if isinstance(data_files, Mapping):
+        return {str(k): [v] if isinstance(v, str) else list(v) for k, v in data_files.items()}
+    return {"train": [data_files] if isinstance(data_files, str) else list(data_files)}
+
+
+def local_data_files(data_files: Any) -> dict[str, list[Path]]:
+    """Split -> the local files ``data_files`` names (globs expanded, sorted), with one
+    DataError naming ``data.data_files`` and the pattern that matches no file."""
+    found: dict[str, list[Path]] = {}
+    for split, patterns in _patterns(data_files).items():
+        files: list[Path] = []
+        for pattern in patterns:
+            matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            matched = [m for m in matched if Path(m).is_file()]
+            if not matched:
+                raise DataError(
+                    f"data.data_files: {pattern!r} matches no file (relative paths start at the directory the "
+                    "workflow runs in); give existing json/parquet/text files, a glob, a list or a mapping "
+                    "{train: ..., test: ...}"
+                )
+            files.extend(Path(m) for m in matched)
+        found[split] = files
+    return found
+
+
+def describe_hf_training_text(data: Mapping[str, Any], corpus_train: str | os.PathLike[str]) -> str:
+    """What the prompt warnings call the training text of a ``source: hf`` corpus."""
+    name = data["dataset"] + (f" ({data['dataset_config']})" if data.get("dataset_config") else "")
+    return f"{corpus_train}, the training documents of {name}"

@@ -51,6 +51,8 @@ __all__ = [
     "prepare_corpus",
     "read_token_metadata",
     "sample_batch",
+    "token_bytes",
+    "token_dtype_name",
     "token_file_is_current",
     "tokenize_to_file",
     "tokens_to_tensor",
@@ -351,7 +353,8 @@ def prepare_corpus(data_config: Mapping[str, Any], out_dir: str | os.PathLike[st
         texts = {split: _read_split_file(split, data_config[split]) for split in needed}
         names = {split: str(data_config[split]) for split in needed}
     else:
-        raise DataError(f"unknown data.source {source!r}; valid: wikitext2 (download), text (your own files)")
+        hf = " (source hf is tokenized straight from its dataset: tga.hf_corpus.prepare_hf_corpus)" * (source == "hf")
+        raise DataError(f"unknown data.source {source!r} here; valid: wikitext2 (download), text (your own files){hf}")
 
     origins = {split: _origin(names[split], texts[split]) for split in texts}
     if holdout is not None:
@@ -388,6 +391,25 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def token_dtype_name(vocab_size: int) -> str:
+    """``uint16`` while every id fits (half the bytes), ``uint32`` beyond 65,535 ids
+    (Llama 3's 128K vocabulary): the one rule for every token file tga writes."""
+    return "uint16" if int(vocab_size) <= 65535 else "uint32"
+
+
+def token_bytes(ids: np.ndarray, tokenizer: Any) -> bytes:
+    """``ids`` as a token file's raw little-endian bytes in the dtype of ``tokenizer``'s
+    vocabulary, after checking each lies inside it (a wrong id would wrap silently)."""
+    vocab_size = int(tokenizer.vocab_size)
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise DataError(
+                f"tokenizer {tokenizer.name!r} produced ids in [{lo}, {hi}] outside its vocab of {vocab_size}"
+            )
+    return ids.astype(_DTYPES[token_dtype_name(vocab_size)]).tobytes()
+
+
 def tokenize_to_file(
     text_path: str | os.PathLike[str],
     tokenizer: Any,
@@ -410,16 +432,12 @@ def tokenize_to_file(
         raise DataError(f"text file {text_path} is not valid UTF-8 ({e})") from None
 
     vocab_size = int(tokenizer.vocab_size)
-    dtype_name = "uint16" if vocab_size <= 65535 else "uint32"
-    dtype = _DTYPES[dtype_name]
+    dtype_name = token_dtype_name(vocab_size)
     encode_array = getattr(tokenizer, "encode_array", None)
     ids = np.asarray(encode_array(text, dtype=np.int64) if encode_array else tokenizer.encode(text), dtype=np.int64)
     if ids.ndim != 1 or ids.size < 2:
         raise DataError(f"{text_path} yields {ids.size} tokens; at least 2 are needed to predict anything")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise DataError(f"tokenizer {tokenizer.name!r} produced ids in [{lo}, {hi}] outside its vocab of {vocab_size}")
-    payload = ids.astype(dtype).tobytes()
+    payload = token_bytes(ids, tokenizer)
     meta = {
         "dtype": dtype_name,
         "n_tokens": int(ids.size),

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import yaml
 
-from tga.corpus import BOTH_VALIDATIONS, DataError
+from tga.corpus import BOTH_VALIDATIONS, HF_ONLY_KEYS, LOCAL_BUILDERS, DataError, local_data_files
 from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema, unknown_names_hint
 from tga.seen_prompts import read_prompts, training_text_warnings
 
@@ -137,6 +137,7 @@ def check_config(
     holdout = data.get("validation_holdout")
     if holdout is not None and data.get("validation"):
         raise ConfigError(BOTH_VALIDATIONS)
+    _check_hf_data(data, config["tokenizer"])
     if data["source"] == "text":
         for split in ("train", "validation", "test"):
             if not (split == "validation" and holdout is not None):
@@ -146,8 +147,8 @@ def check_config(
                 check_file(data[split], f"data.{split}", hint)
     elif data["archive"]:
         check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
-    try:
-        for line in training_text_warnings(data, prompts, corpus_dir):
+    try:  # an hf corpus's training text exists only once tokenized: the check_prompts step warns then
+        for line in training_text_warnings(data, prompts, corpus_dir) if data["source"] != "hf" else ():
             _warn(line, SeenPromptWarning, warn, depth=2)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
@@ -168,6 +169,39 @@ def check_config(
             )
 
     _check_resources(config, resolved_variants, this_machine, warn)
+
+
+def _check_hf_data(data: dict[str, Any], tokenizer: dict[str, Any]) -> None:
+    """The ``data`` keys of ``source: hf`` (tga/hf_corpus.py) against the others: one
+    ConfigError naming the key at fault and the fix."""
+    if data["source"] != "hf":
+        defaults = {key: spec.get("default") for key, spec in key_specs("data").items()}
+        changed = [key for key in HF_ONLY_KEYS if data.get(key, defaults[key]) != defaults[key]]
+        if changed:
+            raise ConfigError(f"data.{changed[0]} is only used with data.source: hf (got source "
+                              f"{data['source']!r}); set data.source: hf, or remove data.{changed[0]}")
+        return
+    for key in ("archive", "train", "validation", "test", "validation_holdout"):
+        if data.get(key) is not None:
+            raise ConfigError(
+                f"data.{key} is not used with data.source: hf; remove it (local files go in data.data_files with "
+                "data.dataset: json, parquet or text; held-out splits are data.validation_documents and "
+                "data.test_documents)")
+    if not data.get("dataset"):
+        raise ConfigError("data.source: hf needs data.dataset: a hub dataset id (e.g. HuggingFaceFW/fineweb-edu "
+                          "with data.dataset_config: sample-10BT), or json, parquet or text with data.data_files")
+    if data["dataset"] in LOCAL_BUILDERS:
+        if not data.get("data_files"):
+            raise ConfigError(f"data.dataset: {data['dataset']} reads local files: set data.data_files to them "
+                              "(a path, a glob, a list, or a mapping {train: ..., test: ...})")
+        try:
+            local_data_files(data["data_files"])
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+    if tokenizer["name"] == "char":
+        raise ConfigError(
+            "tokenizer.name: char builds its vocabulary from the training text, which with data.source: hf exists "
+            "only after tokenization; use tokenizer.name gpt2 (or a Hugging Face tokenizer), or data.source: text")
 
 
 class SlowJobWarning(UserWarning):
