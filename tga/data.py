@@ -7,6 +7,8 @@
   saying where each split came from.
 * ``tokenize_to_file`` encodes one split once into a raw ``uint16``/``uint32`` file
   plus a sidecar JSON (docs/design.md); ``load_token_file`` memory-maps it back.
+  ``token_dtype_name``/``token_bytes`` are the one rule for ids on disk, shared with
+  the sharded tokenization of ``data.source: hf`` corpora (tga/hf_corpus.py).
   ``cached_token_files`` keeps such files in a folder and reuses them while they are
   current (the command line's cache; the workflow leaves that to Snakemake).
 * ``sample_batch`` draws random training windows on the tokens'

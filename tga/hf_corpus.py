@@ -418,11 +418,17 @@ def prepare_hf_corpus(
     _init_worker(tokenizer)
     pool = context.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) if num_proc > 1 else None
     try:
-        return _prepare(data, tokenizer, tokens_dir, corpus_dir, num_proc, shard_documents, files, pool, show_progress)
-    finally:
-        if pool is not None:
+        metadata = _prepare(data, tokenizer, tokens_dir, corpus_dir, num_proc, shard_documents, files, pool,
+                            show_progress)
+    except BaseException:
+        if pool is not None:  # stop shards under way: a rerun redoes what has no sidecar
             pool.terminate()
             pool.join()
+        raise
+    if pool is not None:
+        pool.close()
+        pool.join()
+    return metadata
 
 
 def _prepare(

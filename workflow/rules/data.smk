@@ -31,7 +31,7 @@ if HF_SOURCE:
             # which documents each split holds, tokens, bytes, dataset id/revision/fingerprint
             splits="outputs/data/corpus/splits.json",
         params:
-            code=code_fingerprint("tga.hf_corpus", "tga.data", "tga.tokenizers"),
+            code=code_fingerprint("tga.hf_corpus", "tga.tokenizers"),
             # num_proc changes no byte of the outputs, so it is the job's threads only
             data={k: v for k, v in config["data"].items() if k not in ("num_proc", "label")},
         log:
