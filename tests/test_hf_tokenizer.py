@@ -177,7 +177,7 @@ def test_hub_id_records_the_cached_commit(tmp_path: Path, monkeypatch: pytest.Mo
     from huggingface_hub import constants
 
     folder = word_level_folder(tmp_path / "v1", 30)
-    (folder / "config.json").write_text('{"model_type": "llama"}')  # a hub repo has one; AutoTokenizer reads it
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')  # a hub repo has one; AutoTokenizer reads it
     cache_revision(tmp_path / "home", HUB_ID, "v1", folder)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
@@ -203,6 +203,9 @@ def test_offline_hub_id_without_a_copy_says_how_to_use_a_folder(tmp_path: Path,
     message = str(e.value)
     assert message.startswith("tokenizer.path: cannot load the tokenizer 'meta-llama/Llama-3.2-1B'")
     assert "save_pretrained('DIR')" in message and "set tokenizer.path to that local folder" in message
+    # The pretrained section loads through the same function and names its own key.
+    with pytest.raises(TokenizerError, match=r"^pretrained.x \(org/x\): cannot .* set pretrained.x.model to that"):
+        tk.load_hf_tokenizer("org/x", where="pretrained.x (org/x)", key="pretrained.x.model")
     with pytest.raises(TokenizerError, match="local tokenizer folder './missing' does not exist"):
         create_tokenizer("hf", path="./missing")
 

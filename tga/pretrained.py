@@ -333,7 +333,7 @@ def load_pretrained(entry: Mapping[str, Any], name: str, revision: str | None) -
     except OSError as exc:
         raise PretrainedError(f"{where}: cannot load the model: {str(exc).splitlines()[0]}") from None
     try:
-        tokenizer = load_hf_tokenizer(source, revision, where=where)
+        tokenizer = load_hf_tokenizer(source, revision, where=where, key=f"pretrained.{name}.model")
     except TokenizerError as exc:
         raise PretrainedError(str(exc)) from None
     context = _n_positions(hf_config)

@@ -425,12 +425,14 @@ _HF_CUT_CONTEXT = 256
 _HF_CUT_FAILURES = 4
 
 
-def load_hf_tokenizer(path: str, revision: str | None = None, where: str = "tokenizer.path") -> Any:
+def load_hf_tokenizer(path: str, revision: str | None = None, where: str = "tokenizer.path",
+                      key: str | None = None) -> Any:
     """transformers' ``AutoTokenizer`` for a hub id or a local folder (an existing folder,
     or a string shaped like a path: tga.pretrained_entries.is_local_path) at ``revision``;
     transformers' cache, HF_HOME and HF_HUB_OFFLINE apply. The one loader of the ``hf``
     tokenizer and of the ``pretrained:`` models' tokenizers, so both read a name alike.
-    Every failure is one TokenizerError that starts with ``where`` (the key or flag)."""
+    Every failure is one TokenizerError that starts with ``where``; ``key`` (default
+    ``where``) is the setting the offline hint says to point at a local folder."""
     from tga.pretrained_entries import is_local_path
 
     try:
@@ -457,7 +459,7 @@ def load_hf_tokenizer(path: str, revision: str | None = None, where: str = "toke
             f" If this machine is offline (or the hub is out of reach) and {path!r} is not in the Hugging Face "
             "cache (HF_HOME), save the tokenizer where the hub is reachable, "
             f"`python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{path}')"
-            f".save_pretrained('DIR')\"`, copy DIR here and set {where} to that local folder."
+            f".save_pretrained('DIR')\"`, copy DIR here and set {key or where} to that local folder."
         )
         at = f" at revision {revision!r}" if revision else ""
         raise TokenizerError(f"{where}: cannot load the tokenizer {path!r}{at}: {first}.{hint}") from None
