@@ -449,7 +449,7 @@ def load_hf_tokenizer(path: str, revision: str | None = None, where: str = "toke
     if local and revision is not None:
         raise TokenizerError(
             f"{where}: revision {revision!r} given for the local folder {path!r}; a folder holds one revision: "
-            "remove tokenizer.revision, or give a hub id"
+            "remove the revision, or give a hub id"
         )
     try:
         return AutoTokenizer.from_pretrained(source, revision=revision)
