@@ -55,7 +55,7 @@ def gpt2_local(shared_data_dir: Path, gpt2_files: dict[str, Path]) -> tk.GPT2Tok
 def test_char_roundtrip_and_vocab() -> None:
     text = "hello, world!\nÉtude ☃ — done.\n"
     tok = CharTokenizer.from_text(text)
-    assert tok.name == "char"
+    assert tok.name == "char" and tok.eot_token is None  # no document separator id
     assert tok.vocab_size == len(set(text)) + 1
     assert tok.chars == sorted(set(text))
     ids = tok.encode(text)

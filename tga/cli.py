@@ -36,7 +36,7 @@ from tga.metrics import GeometryError
 from tga.model import CheckpointError, Transformer, load_checkpoint
 from tga.resources import ResourceError
 from tga.settings import ConfigError, check_file, check_gpt2_files, coerce_config_types
-from tga.tokenizers import VALID_TOKENIZERS, Tokenizer, TokenizerError, tokenizer_from
+from tga.tokenizers import VALID_TOKENIZERS, HFTokenizer, Tokenizer, TokenizerError, tokenizer_from
 from tga.schema import ModelConfig, SettingError, TrainConfig, defaults, key_specs, unknown_names_hint
 from tga.train import TrainingError, clear_run, run_checkpoint, train_from_settings
 
@@ -101,15 +101,21 @@ def _add_data_dir(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_tokenizer_args(p: argparse.ArgumentParser, **tokenizer: Any) -> None:
-    """--tokenizer (by default a name, one of train's) and the GPT-2 files of bpe."""
+    """--tokenizer (by default a name, one of train's), the GPT-2 files of bpe and the
+    hub id or folder of hf (the config's tokenizer.path and tokenizer.revision)."""
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", **(tokenizer or {
-        "choices": ("tiktoken", "bpe", "char"), "default": "tiktoken",
+        "choices": ("tiktoken", "bpe", "char", "hf"), "default": "tiktoken",
         "help": "tiktoken: GPT-2 BPE through tiktoken (downloads once, or reads TIKTOKEN_CACHE_DIR); "
                 "bpe: the same GPT-2 BPE built from local --encoder-json/--vocab-bpe files; "
-                "char: one id per character of the training split"}))
+                "char: one id per character of the training split; "
+                "hf: a Hugging Face tokenizer (--tokenizer-path; needs the hf extra)"}))
     g.add_argument("--encoder-json", type=Path, default=None, help="GPT-2's encoder.json, for --tokenizer bpe")
     g.add_argument("--vocab-bpe", type=Path, default=None, help="GPT-2's vocab.bpe, for --tokenizer bpe")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="for --tokenizer hf: a Hugging Face hub id or a local folder written by save_pretrained")
+    g.add_argument("--tokenizer-revision", default=None,
+                   help="for --tokenizer hf and a hub id: the branch, tag or commit (default: main)")
 
 
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model folder (its final.pt is used) or a checkpoint file")
     p.add_argument("--init-model", type=Path, default=None,
                    help="checkpoint at initialization; default: init.pt in the trained model's folder, if present")
-    _add_tokenizer_args(p, default=None, help="tokenizer JSON, or a name (tiktoken, bpe, gpt2, char); "
+    _add_tokenizer_args(p, default=None, help="tokenizer JSON, or a name (tiktoken, bpe, gpt2, char, hf); "
                                               "default: tokenizer.json in the model folder")
     _add_data_dir(p, "only read for --tokenizer char (its vocabulary comes from train.txt)")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the geometry files and figures")
@@ -312,8 +318,8 @@ def _require_splits(data_dir: Path, splits: Sequence[str]) -> None:
 
 
 def _tokenizer(args: argparse.Namespace, run_dir: Path | None = None) -> Tokenizer:
-    """``--tokenizer``: a name (built from the GPT-2 file flags, or <data-dir>/train.txt for
-    char), a tokenizer JSON, or unset: the run folder's tokenizer.json."""
+    """``--tokenizer``: a name (built from the GPT-2 file flags, <data-dir>/train.txt for
+    char, --tokenizer-path for hf), a tokenizer JSON, or unset: the run folder's tokenizer.json."""
     value = args.tokenizer
     encoder_json, vocab_bpe = getattr(args, "encoder_json", None), getattr(args, "vocab_bpe", None)
     if value is None:
@@ -322,6 +328,16 @@ def _tokenizer(args: argparse.Namespace, run_dir: Path | None = None) -> Tokeniz
             raise CLIError(f"no tokenizer.json in {run_dir}: pass --tokenizer with the tokenizer JSON the model "
                            "was trained with (for a pipeline model: the tokenizer.json under outputs/data/tokens/)")
     name = value.lower()
+    hf_path, hf_revision = getattr(args, "tokenizer_path", None), getattr(args, "tokenizer_revision", None)
+    if name == "hf" and not Path(value).is_file():
+        if not hf_path:
+            raise CLIError("--tokenizer hf needs --tokenizer-path: a Hugging Face hub id or a local folder "
+                           "written by save_pretrained")
+        return HFTokenizer.load(hf_path, hf_revision, where="--tokenizer-path")
+    if hf_path is not None or hf_revision is not None:
+        flag = "--tokenizer-path" if hf_path is not None else "--tokenizer-revision"
+        raise CLIError(f"{flag} is read by --tokenizer hf only (got --tokenizer {value}): remove it, or give "
+                       "--tokenizer hf")
     if name in VALID_TOKENIZERS and not Path(value).is_file():
         if name == "bpe" and not (encoder_json or vocab_bpe):
             raise CLIError("--tokenizer bpe builds GPT-2 BPE from local files: give --encoder-json and --vocab-bpe "

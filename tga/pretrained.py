@@ -306,9 +306,10 @@ def load_pretrained(entry: Mapping[str, Any], name: str, revision: str | None) -
     """The entry's model at ``revision`` on its device (tga.device.resolve_device, as
     training chooses) in its dtype, and its tokenizer; transformers' cache, HF_HOME and
     HF_HUB_OFFLINE apply. Every failure is one PretrainedError naming the entry."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tga.device import resolve_device
+    from tga.tokenizers import TokenizerError, load_hf_tokenizer
 
     model_id = str(entry["model"])
     source = str(Path(model_id).expanduser()) if is_local_path(model_id) else model_id
@@ -332,9 +333,9 @@ def load_pretrained(entry: Mapping[str, Any], name: str, revision: str | None) -
     except OSError as exc:
         raise PretrainedError(f"{where}: cannot load the model: {str(exc).splitlines()[0]}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError, TypeError) as exc:
-        raise PretrainedError(f"{where}: cannot load its tokenizer: {str(exc).splitlines()[0]}") from None
+        tokenizer = load_hf_tokenizer(source, revision, where=where, key=f"pretrained.{name}.model")
+    except TokenizerError as exc:
+        raise PretrainedError(str(exc)) from None
     context = _n_positions(hf_config)
     block_size = entry.get("block_size") or min(context or CONTEXT_CAP, CONTEXT_CAP)
     if context is not None and block_size > context:

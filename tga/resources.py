@@ -481,8 +481,13 @@ def job_device_type(setting: str, gpus: int = 0, this_machine: bool = True) -> s
 
 
 def vocab_size_for(config: Mapping[str, Any], tokenizer_json: str | Path | None = None) -> int:
-    """The vocabulary the models will have: GPT-2's, the saved char tokenizer's, or the
-    distinct characters of the training text (+ <unk>) before it is built."""
+    """The vocabulary the models will have: GPT-2's, an hf tokenizer's ``len(tokenizer)``,
+    the saved char tokenizer's, or the distinct characters of the training text (+ <unk>)
+    before it is built."""
+    if config["tokenizer"]["name"] == "hf":
+        from tga.tokenizers import hf_vocab_size
+
+        return hf_vocab_size(str(config["tokenizer"]["path"]), config["tokenizer"].get("revision"))
     if config["tokenizer"]["name"] != "char":
         return GPT2_VOCAB
     if tokenizer_json is not None and Path(tokenizer_json).is_file():

@@ -15,6 +15,7 @@ import yaml
 from tga.corpus import BOTH_VALIDATIONS, HF_ONLY_KEYS, LOCAL_BUILDERS, DataError, local_data_files
 from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema, unknown_names_hint
 from tga.seen_prompts import read_prompts, training_text_warnings
+from tga.tokenizers import TokenizerError, TokenizerSpec
 
 MODEL_KEYS = tuple(key_specs("model"))
 TRAINING_KEYS = tuple(key_specs("training"))
@@ -157,6 +158,10 @@ def check_config(
     check_gpt2_files({f"tokenizer.{k}": tokenizer[k] for k in ("encoder_json", "vocab_bpe")},
                      tokenizer["name"] == "gpt2", f"tokenizer.name: gpt2 (got {tokenizer['name']!r})",
                      "give the GPT-2 BPE file, or remove the key to use tiktoken")
+    try:
+        TokenizerSpec.from_config(tokenizer)
+    except TokenizerError as exc:
+        raise ConfigError(str(exc)) from None
 
     depths = [resolved["model"]["n_layer"] for resolved in resolved_variants.values()]
     n_layer_max, n_layer_min = max(depths), min(depths)
@@ -168,7 +173,10 @@ def check_config(
                 + (f" for the shallowest variant (n_layer={n_layer_min})" if n_layer_max != n_layer_min else "")
             )
 
-    _check_resources(config, resolved_variants, this_machine, warn)
+    try:
+        _check_resources(config, resolved_variants, this_machine, warn)
+    except TokenizerError as exc:  # an hf tokenizer is loaded for its vocabulary size
+        raise ConfigError(str(exc)) from None
 
 
 def _check_hf_data(data: dict[str, Any], tokenizer: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Build the tokenizer (the char vocabulary comes from the training split)."""
+"""Build the tokenizer (the char vocabulary comes from the training split; an hf tokenizer is
+loaded by path and revision and its files hashed, docs/tokenizers.md)."""
 from tga.joblog import logged_job
 from tga.tokenizers import build_tokenizer
 
