@@ -155,9 +155,9 @@ def compile_mode_choice(setting: str, device_type: str, batch_tokens: int) -> st
     return "default"
 
 
-# Bytes per logit the full head holds at its peak: the bf16 (or fp32) logits, their fp32
-# upcast for the softmax and the logits' gradient.
-FULL_HEAD_BYTES_PER_LOGIT = 12
+# Bytes per logit the full head holds at its peak (the logits, their fp32 upcast for the
+# softmax and the logits' gradient): declared where the memory estimates count it.
+from tga.resources import FULL_HEAD_BYTES_PER_LOGIT  # noqa: E402
 
 
 def loss_head_choice(setting: str, device_type: str, n_logits: int, device_memory: int) -> str:
