@@ -83,3 +83,26 @@ def test_gpt2_small_recipe_fits_an_80_gb_gpu_per_the_estimate(world_size):
             whole = estimate_training(model, {**config["training"], "micro_batch_size": None}, "cuda",
                                       device_memory=80 * GB)
             assert whole.device_bytes > 80 * GB  # 512 windows in one forward would not fit
+
+
+def test_the_recipe_table_prints_each_variants_jobs_from_the_estimates():
+    """benchmarks/resource_estimates.py --recipe: the table docs/recipe.md shows."""
+    import importlib.util
+
+    from tga.resources import GB, _corpus_tokens, estimate_training
+
+    spec = importlib.util.spec_from_file_location("resource_estimates", ROOT / "benchmarks" / "resource_estimates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.recipe_table([ROOT / "config" / "config.yaml", GPT2_SMALL], [1, 8], 80 * GB)
+    config = recipe()
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and " train | " in line]
+    assert len(rows) == 4  # two architectures (Pre/Post-LN share their estimates) x 1 and 8 GPUs
+    standard = ModelConfig(vocab_size=GPT2_VOCAB, **{**config["model"], **config["variants"]["standard-preln"]})
+    for gpus in (1, 8):
+        estimate = estimate_training(standard, config["training"], "cuda", _corpus_tokens(config), world_size=gpus,
+                                     device_memory=80 * GB)
+        (row,) = [r for r in rows if r[0] == "| standard-preln, standard-postln" and r[2] == str(gpus)]
+        assert row[3] == f"{estimate.device_bytes / GB:.1f} GB" and row[6] == str(estimate.accumulation)
+        assert row[8] == f"{estimate.tokens_per_second:,.0f}"
+    assert "23.8% MFU" in table and "12 runs" in table
