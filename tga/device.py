@@ -15,6 +15,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+# Bytes per logit the full head holds at its peak (the logits, their fp32 upcast for the
+# softmax and the logits' gradient): declared where the memory estimates count it.
+from tga.resources import FULL_HEAD_BYTES_PER_LOGIT
+
 
 class DeviceError(ValueError):
     """A device that was asked for but is not there."""
@@ -155,9 +159,6 @@ def compile_mode_choice(setting: str, device_type: str, batch_tokens: int) -> st
     return "default"
 
 
-# Bytes per logit the full head holds at its peak (the logits, their fp32 upcast for the
-# softmax and the logits' gradient): declared where the memory estimates count it.
-from tga.resources import FULL_HEAD_BYTES_PER_LOGIT  # noqa: E402
 
 
 def loss_head_choice(setting: str, device_type: str, n_logits: int, device_memory: int) -> str:
