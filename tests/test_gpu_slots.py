@@ -167,6 +167,22 @@ def test_the_waiting_message_names_devices_holders_and_the_setting(tmp_path):
     assert f"pid {os.getpid()}" in message  # who holds them, from the lock files
 
 
+def test_the_message_names_only_current_holders(tmp_path):
+    with claim_gpus(1, tmp_path, ["0"]):
+        pass  # "0"'s lock file still names this process, but nobody holds it
+    with claim_gpus(1, tmp_path, ["1"]):
+        holders = gpu_slots._holders(tmp_path, ["0", "1"], 1)
+    assert holders.startswith("1: pid ") and "0: " not in holders
+
+
+def test_an_unusable_lock_folder_is_one_error_naming_the_variable(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(GpuSlotError, match=f"cannot keep GPU claims in {not_a_folder}.*{gpu_slots.LOCK_DIR_ENV}"):
+        with claim_gpus(1, not_a_folder, ["0"]):
+            pass
+
+
 def test_impossible_claims_are_refused_with_the_key_to_change(tmp_path):
     with pytest.raises(GpuSlotError, match="asks for 3 GPUs but sees 2.*resources.train_gpus"):
         with claim_gpus(3, tmp_path, ["0", "1"]):

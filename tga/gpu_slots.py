@@ -113,15 +113,17 @@ def _slot_path(lock_dir: Path, device: str, slot: int) -> Path:
     return lock_dir / f"gpu-{safe}.slot{slot}.lock"
 
 
-def _try_lock(path: Path) -> IO[str] | None:
-    """The open, exclusively locked file, or None when another holder has it."""
+def _try_lock(path: Path, record: bool = True) -> IO[str] | None:
+    """The open, exclusively locked file, or None when another holder has it. With
+    ``record`` the file then says who holds it, for the jobs that queue behind."""
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
-    # who holds it, for the waiting message of the jobs that queue behind it
+    if not record:
+        return handle
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -150,15 +152,20 @@ def _try_claim(n: int, lock_dir: Path, visible: Sequence[str], jobs_per_gpu: int
 
 
 def _holders(lock_dir: Path, visible: Sequence[str], jobs_per_gpu: int) -> str:
-    """'0: pid 12 since ...; 1: ...' from the lock files (best effort, for the message)."""
+    """'0: pid 12 since ...; 1: ...' from the lock files of the slots held now (a free
+    slot's file still names its last holder, so each is tried first; best effort)."""
     lines = []
     for device in visible:
         for slot in range(jobs_per_gpu):
+            path = _slot_path(lock_dir, device, slot)
             try:
-                text = _slot_path(lock_dir, device, slot).read_text().strip()
+                text = path.read_text().strip()
+                free = _try_lock(path, record=False)
             except OSError:
                 continue
-            if text:
+            if free is not None:
+                free.close()
+            elif text:
                 lines.append(f"{device}: {text}")
     return "; ".join(lines) or "unknown holders"
 
@@ -199,7 +206,12 @@ def claim_gpus(
         yield devices[:n]
         return
     folder = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _slot_path(folder, devices[0], 0).touch()
+    except OSError as exc:
+        raise GpuSlotError(f"cannot keep GPU claims in {folder} ({exc.strerror or exc}): set {LOCK_DIR_ENV} to a "
+                           "writable folder on this node that all of its jobs share") from None
     say = on_wait or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.monotonic()
     said = False
