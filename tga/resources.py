@@ -85,7 +85,8 @@ CPU_FLOPS_PER_THREAD = 4e10
 # TF32). 23.8% is what tga's compiled bf16 training step reached on one H200 for the
 # default model at batch 64 x 256 (13.0 ms/step, docs/benchmarks.md); with the per-step
 # overheads below the same constants give 9.6 ms for the config's batch 8 (measured
-# 9.56 ms). Larger models fill the GPU better, so for GPT-2 small this is a cautious
+# 9.56 ms) and 20.7 ms at 64 (where the overheads overlap the arithmetic: measured
+# 13.0). Larger models fill the GPU better, so for GPT-2 small this is a cautious
 # figure (nanoGPT users report 29% MFU for GPT-2 124M on one RTX 4090: nanoGPT issue
 # 182). Another GPU scales the time by its peak: an A100's bf16 peak is 312 TFLOP/s.
 CUDA_PEAK_FLOPS = {"bf16": 989.5e12, "fp32": 494.7e12}
