@@ -172,11 +172,13 @@ def _holders(lock_dir: Path, visible: Sequence[str], jobs_per_gpu: int) -> str:
 
 def waiting_message(n: int, lock_dir: Path, visible: Sequence[str], jobs_per_gpu: int, waited: float) -> str:
     """What a job says while it waits: which devices, held by whom, and what to change."""
-    return (f"tga: waiting {waited:.0f} s for {n} free GPU{'s' if n > 1 else ''}: each of the {len(visible)} "
-            f"visible devices ({', '.join(visible)}) already runs resources.jobs_per_gpu={jobs_per_gpu} "
-            f"job{'s' if jobs_per_gpu > 1 else ''} ({_holders(lock_dir, visible, jobs_per_gpu)}; locks in "
-            f"{lock_dir}). This job starts when one ends. To run more jobs at once, raise "
-            f"resources.jobs_per_gpu; to queue them in Snakemake instead, lower --resources gpu=")
+    busy = (f"each of the {len(visible)} visible devices ({', '.join(visible)}) already runs" if n == 1 else
+            f"fewer than {n} of the {len(visible)} visible devices ({', '.join(visible)}) run less than")
+    return (f"tga: waiting {waited:.0f} s for {n} free GPU{'s' if n > 1 else ''}: {busy} "
+            f"resources.jobs_per_gpu={jobs_per_gpu} job{'s' if jobs_per_gpu > 1 else ''} "
+            f"({_holders(lock_dir, visible, jobs_per_gpu)}; locks in {lock_dir}). This job starts when "
+            f"{'one ends' if n == 1 else 'enough end'}. To run more jobs at once, raise resources.jobs_per_gpu; "
+            "to queue them in Snakemake instead, lower snakemake --resources gpu=N")
 
 
 @contextmanager
