@@ -156,5 +156,96 @@ def test_available_memory_reads_the_machine_and_cgroup():
     assert 0 < have <= total_kb * 1024 and "machine" in where
 
 
+GPT2_SMALL = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
+                         activation="gelu")
+
+
+def test_micro_batches_set_the_activations_and_accumulate_to_the_global_batch():
+    whole = estimate_training(GPT2_SMALL, {"batch_size": 16}, "cuda")
+    micro = estimate_training(GPT2_SMALL, {"batch_size": 512, "micro_batch_size": 16}, "cuda")
+    assert micro.accumulation == 32 and whole.accumulation == 1
+    assert micro.parts["activations"] == whole.parts["activations"]  # one forward of 16 windows either way
+    assert micro.tokens_per_step == 32 * whole.tokens_per_step
+    assert micro.flops_per_step == pytest.approx(32 * whole.flops_per_step)
+    # null micro_batch_size: the global batch split over the processes, no accumulation
+    split = estimate_training(GPT2_SMALL, {"batch_size": 128}, "cuda", world_size=8)
+    assert split.accumulation == 1 and split.parts["activations"] == whole.parts["activations"]
+
+
+def test_ddp_adds_gradient_buckets_and_shares_the_work():
+    one = estimate_training(GPT2_SMALL, {"batch_size": 512, "micro_batch_size": 16}, "cuda", world_size=1)
+    eight = estimate_training(GPT2_SMALL, {"batch_size": 512, "micro_batch_size": 16}, "cuda", world_size=8)
+    from tga.resources import _parameters  # equal to the model's count (test above)
+
+    params = _parameters(GPT2_SMALL)
+    assert one.parts["DDP gradient buckets"] == 0 and eight.parts["DDP gradient buckets"] == 4 * params
+    assert eight.device_bytes - one.device_bytes == 4 * params
+    assert eight.accumulation == 4 and eight.flops_per_step == pytest.approx(one.flops_per_step / 8)
+    assert eight.tokens_per_second > 7 * one.tokens_per_second
+
+
+def test_the_full_head_is_counted_where_training_takes_it():
+    from tga.device import loss_head_choice
+
+    training = {"batch_size": 16}
+    chunked = estimate_training(GPT2_SMALL, training, "cuda")  # GPU memory unknown: the chunked head
+    full = estimate_training(GPT2_SMALL, {**training, "loss_head": "full"}, "cuda")
+    n_logits = 16 * 1024 * GPT2_SMALL.padded_vocab_size
+    assert full.parts["logits"] == n_logits * 12 > 3 * chunked.parts["logits"]
+    for memory in (80 * 2**30, 16 * 2**30):  # auto resolves as training resolves it for that GPU
+        auto = estimate_training(GPT2_SMALL, training, "cuda", device_memory=memory)
+        expected = full if loss_head_choice("auto", "cuda", n_logits, memory) == "full" else chunked
+        assert auto.parts["logits"] == expected.parts["logits"], memory
+    assert estimate_training(GPT2_SMALL, training, "cuda", device_memory=80 * 2**30).parts["logits"] == \
+        full.parts["logits"]
+
+
+def test_a_gpu_job_that_cannot_fit_names_the_micro_batch(monkeypatch):
+    import tga.resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda device_type="cpu", index=None: (8 * 2**30, "the GPU (test)"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ResourceError) as info:
+        resources.check_training_fits(GPT2_SMALL, {"batch_size": 512, "micro_batch_size": 64}, "cuda", warn=print)
+    assert "training.micro_batch_size (64)" in str(info.value) and "8.0 GB" in str(info.value)
+    with pytest.raises(ResourceError) as info:  # no micro-batch: the message suggests one
+        resources.check_training_fits(GPT2_SMALL, {"batch_size": 64}, "cuda", warn=print)
+    assert "training.batch_size (64)" in str(info.value) and "micro_batch_size" in str(info.value)
+
+
+@pytest.mark.parametrize("batch, measured_ms", [(8, 9.56), (64, 13.0)])
+def test_the_cuda_time_model_matches_the_h200_measurements(batch, measured_ms):
+    """docs/benchmarks.md: tga's compiled bf16 step of the default model (llama-preln)
+    on one H200 took 9.56 ms at batch 8 x 256 and 13.0 ms at 64 x 256; the estimate of
+    a step (no validation) is within 2x of each."""
+    default = ModelConfig(vocab_size=50257, block_size=256, n_layer=6, n_head=6, n_embd=384)
+    estimate = estimate_training(default, {"batch_size": batch, "eval_batches": 0}, "cuda")
+    assert 0.5 * measured_ms <= estimate.seconds_per_step * 1000 <= 2 * measured_ms
+
+
+def test_a_datasets_corpus_and_test_windows_size_the_jobs():
+    from tga.resources import HELD_OUT_DOCUMENT_TOKENS, _corpus_tokens, _prompt_shape, _test_tokens
+
+    config = {"data": {"source": "hf", "token_budget": 1000, "validation_documents": 3, "test_documents": 5},
+              "tokenizer": {"name": "gpt2"}}
+    assert _corpus_tokens(config) == 1000 + 3 * HELD_OUT_DOCUMENT_TOKENS
+    assert _test_tokens(config, 0) == 5 * HELD_OUT_DOCUMENT_TOKENS
+    assert _prompt_shape({"test_windows": 256, "length": 1024, "seed": 0}) == (1024, 256)
+
+
+def test_geometry_on_the_gpu_batches_its_forwards_on_the_device():
+    from tga.resources import estimate_geometry
+
+    cpu = estimate_geometry(GPT2_SMALL, 1024, n_prompts=256, device_type="cpu")
+    one = estimate_geometry(GPT2_SMALL, 1024, n_prompts=256, device_type="cuda", batch_size=1)
+    sixteen = estimate_geometry(GPT2_SMALL, 1024, n_prompts=256, device_type="cuda", batch_size=16)
+    assert cpu.device_bytes == 0 and one.device_bytes > 0
+    states = (GPT2_SMALL.n_layer + 2) * 1024 * 768 * 4  # one prompt's hidden states, fp32
+    assert sixteen.parts["logits"] == 16 * one.parts["logits"]
+    assert sixteen.device_bytes - one.device_bytes == 15 * (states + one.parts["logits"])
+    assert one.host_bytes - one.parts["process"] < cpu.host_bytes - cpu.parts["process"]  # logits on the GPU
+    assert sixteen.seconds < one.seconds < cpu.seconds
+
+
 if __name__ == "__main__":
     _child(json.loads(sys.argv[1]))

@@ -15,6 +15,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+# Bytes per logit the full head holds at its peak (the logits, their fp32 upcast for the
+# softmax and the logits' gradient): declared where the memory estimates count it.
+from tga.resources import FULL_HEAD_BYTES_PER_LOGIT
+
 
 class DeviceError(ValueError):
     """A device that was asked for but is not there."""
@@ -37,6 +41,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError(f"device={name!r} was asked for but MPS is not available: use device: auto or cpu")
     return device
+
+
+def job_device(name: str) -> torch.device:
+    """The device a job runs on: :func:`resolve_device`, except that a job whose
+    setting is ``auto`` or ``cuda`` and which sees several GPUs claims one of them for
+    as long as it runs (tga.gpu_slots: a lock-file slot, ``resources.jobs_per_gpu`` per
+    device), so that jobs started side by side on a multi-GPU node each get their own
+    device instead of all running on ``cuda:0``. An explicit ``cuda:N`` is used as
+    given. A rank of a multi-process job (``WORLD_SIZE`` > 1, as torchrun sets it)
+    takes ``cuda:LOCAL_RANK`` of the devices its launcher gave it, and a job whose
+    launcher claimed its devices (``TGA_GPUS_ASSIGNED``) claims nothing."""
+    device = resolve_device(name)
+    if device.type != "cuda" or name not in ("auto", "cuda"):
+        return device
+    from tga import gpu_slots
+
+    visible = gpu_slots.visible_devices()
+    if len(visible) <= 1:
+        return device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+    elif os.environ.get(gpu_slots.ASSIGNED_ENV) == "1":
+        return device
+    else:
+        index = gpu_slots.claim_process_gpu(visible)
+    torch.cuda.set_device(index)  # so code that says plain "cuda" lands there too
+    return torch.device("cuda", index)
 
 
 class PrecisionChoice(NamedTuple):
@@ -128,9 +159,6 @@ def compile_mode_choice(setting: str, device_type: str, batch_tokens: int) -> st
     return "default"
 
 
-# Bytes per logit the full head holds at its peak: the bf16 (or fp32) logits, their fp32
-# upcast for the softmax and the logits' gradient.
-FULL_HEAD_BYTES_PER_LOGIT = 12
 
 
 def loss_head_choice(setting: str, device_type: str, n_logits: int, device_memory: int) -> str:
@@ -222,10 +250,11 @@ class Runtime:
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto", threads: int = 0) -> "Runtime":
         """Also the process-wide settings a job owns: the CPU thread count (0 keeps
-        torch's) and TF32 matmuls on CUDA, where fp32 work otherwise runs far slower."""
+        torch's), TF32 matmuls on CUDA, where fp32 work otherwise runs far slower, and
+        on a node with several GPUs this job's own device (:func:`job_device`)."""
         if threads > 0:
             torch.set_num_threads(threads)
-        resolved = resolve_device(device)
+        resolved = job_device(device)
         if resolved.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

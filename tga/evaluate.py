@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from tga.atomic import atomic_write_text
 from tga.data import load_token_file, non_overlapping_windows, read_token_metadata, tokens_to_tensor
-from tga.device import autocast_context, resolve_device
+from tga.device import autocast_context, job_device
 from tga.model import load_checkpoint
 from tga.progress import progress
 from tga.resources import check_evaluation_fits
@@ -109,7 +109,7 @@ def evaluate_checkpoint(
     """Score one checkpoint on one token file and write the metrics as JSON."""
     if threads > 0:
         torch.set_num_threads(threads)
-    torch_device = resolve_device(device)
+    torch_device = job_device(device)
     model, _ = load_checkpoint(checkpoint, map_location=torch_device)
     model.eval()
     meta = read_token_metadata(token_file)

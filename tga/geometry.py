@@ -493,7 +493,7 @@ def analyze_run(
 ) -> None:
     """:func:`analyze_checkpoints` driven by the workflow's ``geometry`` settings and
     a saved tokenizer, as the pipeline calls it."""
-    from tga.device import resolve_device
+    from tga.device import job_device
     from tga.tokenizers import load_tokenizer
 
     if threads > 0:
@@ -506,6 +506,6 @@ def analyze_run(
         heatmap_layers=list(settings["heatmap_layers"]),
         exclude_first_token=settings["exclude_first_token"],
         knn_k=int(settings["knn_k"]),
-        device=resolve_device(str(settings["device"])),
+        device=job_device(str(settings["device"])),
         train_tokens=train_tokens,
     )

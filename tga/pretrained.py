@@ -303,12 +303,12 @@ def check_tokenizer(tokenizer: HFTokenizer, ids: Sequence[Sequence[int]], texts:
 
 
 def load_pretrained(entry: Mapping[str, Any], name: str, revision: str | None) -> tuple[HFCausalLM, HFTokenizer]:
-    """The entry's model at ``revision`` on its device (tga.device.resolve_device, as
+    """The entry's model at ``revision`` on its device (tga.device.job_device, as
     training chooses) in its dtype, and its tokenizer; transformers' cache, HF_HOME and
     HF_HUB_OFFLINE apply. Every failure is one PretrainedError naming the entry."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tga.device import resolve_device
+    from tga.device import job_device
     from tga.tokenizers import TokenizerError, load_hf_tokenizer
 
     model_id = str(entry["model"])
@@ -316,7 +316,7 @@ def load_pretrained(entry: Mapping[str, Any], name: str, revision: str | None) -
     where = f"pretrained.{name} ({model_id}" + (f" at revision {revision})" if revision else ")")
     if is_local_path(model_id) and not Path(source).is_dir():
         raise PretrainedError(f"pretrained.{name}: local model folder {model_id!r} does not exist")
-    device = resolve_device(str(entry["device"]))
+    device = job_device(str(entry["device"]))
     try:
         hf_config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:

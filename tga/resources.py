@@ -69,12 +69,28 @@ CPU_RUNTIME_BYTES = 90 * MB
 CUDA_HOST_BYTES = 1500 * MB
 # Device memory CUDA keeps outside torch's allocator (context, cuBLAS workspace).
 CUDA_CONTEXT_BYTES = 600 * MB
+# Bytes per logit the full head holds at its peak (training.loss_head: full): the bf16
+# (or fp32) logits, their fp32 upcast for the softmax and the logits' gradient. Also
+# tga.device.loss_head_choice's measure of whether the full head fits.
+FULL_HEAD_BYTES_PER_LOGIT = 12
+# DistributedDataParallel's gradient buckets: a second fp32 copy of the gradients
+# (gradient_as_bucket_view off, torch's default), on every rank of a multi-GPU job.
+DDP_BUCKET_BYTES_PER_WEIGHT = 4
 # Sustained throughput assumed for the time estimates. CPU: the default model trains at
 # ~440 tokens/s per thread in bf16 (README, Scale-out) = 0.18 GFLOP x 440 = ~8e10 per
-# thread; fp32 reaches about half of that. CUDA: one default training job on an
-# H200 takes 32.8 s for 1000 steps = 1.1e13 FLOP/s (small models use a fraction of peak).
+# thread; fp32 reaches about half of that.
 CPU_FLOPS_PER_THREAD = 4e10
-CUDA_FLOPS = 1e13
+# CUDA: a fraction CUDA_MFU of an H100/H200 SXM's dense peak (NVIDIA's datasheet, as
+# tga.bench.PEAK_FLOPS: bf16 989.5 TFLOP/s, TF32 494.7 for fp32 runs, which tga runs as
+# TF32). 23.8% is what tga's compiled bf16 training step reached on one H200 for the
+# default model at batch 64 x 256 (13.0 ms/step, docs/benchmarks.md); with the per-step
+# overheads below the same constants give 9.6 ms for the config's batch 8 (measured
+# 9.56 ms) and 20.7 ms at 64 (where the overheads overlap the arithmetic: measured
+# 13.0). Larger models fill the GPU better, so for GPT-2 small this is a cautious
+# figure (nanoGPT users report 29% MFU for GPT-2 124M on one RTX 4090: nanoGPT issue
+# 182). Another GPU scales the time by its peak: an A100's bf16 peak is 312 TFLOP/s.
+CUDA_PEAK_FLOPS = {"bf16": 989.5e12, "fp32": 494.7e12}
+CUDA_MFU = 0.238
 # Fixed cost per step and layer (kernel launches, Python) that dominates tiny models.
 STEP_OVERHEAD_SECONDS = 2e-3
 LAYER_OVERHEAD_SECONDS = 1e-3
@@ -84,6 +100,10 @@ CHAR_VOCAB_ASSUMED = 1024
 GPT2_VOCAB = 50257
 # WikiText-2 raw, all three splits, in bytes: a bound on its token count before download.
 WIKITEXT2_BYTES = 13_400_000
+# Tokens assumed per held-out document of a ``datasets`` corpus (validation_documents,
+# test_documents): twice FineWeb-Edu's mean (sample-10BT: about 10B GPT-2 tokens in
+# 9.67M documents), as a bound for corpora of longer documents.
+HELD_OUT_DOCUMENT_TOKENS = 2048
 
 
 class ResourceError(RuntimeError):
@@ -106,7 +126,15 @@ class ResourceEstimate:
     # Settings that drive the largest part, as (config key, value), for messages.
     culprits: tuple[tuple[str, Any], ...] = ()
     hint: str = ""
+    # Training: forwards per step and process, processes, and tokens per optimizer step.
+    accumulation: int = 1
+    world_size: int = 1
+    tokens_per_step: int = 0
 
+    @property
+    def tokens_per_second(self) -> float:
+        """Training tokens per second of the whole job (all its processes)."""
+        return self.tokens_per_step / self.seconds_per_step if self.seconds_per_step else 0.0
 
     @property
     def seconds(self) -> float:
@@ -204,8 +232,13 @@ def _precision(device_type: str, precision: str) -> str:
     return precision
 
 
-def _seconds_per_step(flops: float, device_type: str, threads: int, n_layer: int) -> float:
-    rate = CUDA_FLOPS if device_type == "cuda" else CPU_FLOPS_PER_THREAD * max(1, threads)
+def cuda_flops(precision: str = "bf16") -> float:
+    """Sustained FLOP/s assumed for a CUDA job: CUDA_MFU of the H100/H200 peak."""
+    return CUDA_PEAK_FLOPS["bf16" if precision == "bf16" else "fp32"] * CUDA_MFU
+
+
+def _seconds_per_step(flops: float, device_type: str, threads: int, n_layer: int, precision: str = "bf16") -> float:
+    rate = cuda_flops(precision) if device_type == "cuda" else CPU_FLOPS_PER_THREAD * max(1, threads)
     return flops / rate + STEP_OVERHEAD_SECONDS + LAYER_OVERHEAD_SECONDS * n_layer
 
 
@@ -233,39 +266,64 @@ def estimate_training(
     device_type: str = "cpu",
     n_tokens: int = 0,
     threads: int = 0,
+    world_size: int = 1,
+    device_memory: int = 0,
 ) -> ResourceEstimate:
-    """Peak memory and time of ``train_model`` for ``model`` (its real vocab_size) and
-    ``training`` (a TrainConfig or its dict); ``n_tokens``: train + validation tokens.
+    """Peak memory (per process: per GPU in a multi-GPU job) and time of ``train_model``
+    for ``model`` (its real vocab_size) and ``training`` (a TrainConfig or its dict) on
+    ``world_size`` processes; ``n_tokens``: train + validation tokens. ``device_memory``
+    (bytes of the GPU, 0 = unknown) lets ``loss_head: auto`` be resolved as training
+    resolves it; unknown, the chunked head is assumed.
 
+    Each process runs forwards of ``micro_batch_size`` windows (null: batch_size /
+    world_size), accumulating batch_size / (micro x world_size) of them per step.
     Peak = process + weights, gradients and AdamW's two moments (16 bytes a weight in
-    fp32; bf16 autocast adds a 2-byte copy) + the activations the blocks keep +
-    the logits of one chunk of the fused LM head (tga.lm_head: at most
-    LOSS_CHUNK_TOKENS tokens over the padded vocabulary: the fp32 logits, turned into
-    their gradient in place, and log-sum-exp's temporary, 8 bytes a logit; under bf16 the
-    bf16 product and its bf16 gradient add 4), plus the gradients it keeps from its
-    forward for the backward (the weight's, vocabulary x d, and the hidden states', n x d,
-    in fp32) + the attention matrices where the
-    kernel materializes them. Checkpoint saves (one serialized copy of the weights)
-    happen between steps, when the gradients are freed, so they add nothing."""
+    fp32; bf16 autocast adds a 2-byte copy; DDP's gradient buckets 4 more) + the
+    activations the blocks keep for one micro-batch + the output head: the full head's
+    (tokens x padded vocabulary) logits at FULL_HEAD_BYTES_PER_LOGIT, or the logits of
+    one chunk of the fused LM head (tga.lm_head: at most LOSS_CHUNK_TOKENS tokens over
+    the padded vocabulary: the fp32 logits, turned into their gradient in place, and
+    log-sum-exp's temporary, 8 bytes a logit; under bf16 the bf16 product and its bf16
+    gradient add 4), plus the gradients it keeps from its forward for the backward (the
+    weight's, vocabulary x d, and the hidden states', n x d, in fp32) + the attention
+    matrices where the kernel materializes them. The activations are eager PyTorch's:
+    a compiled step (Inductor fuses norms, activations and residual sums, and recomputes
+    some in the backward) keeps fewer, so there this is an upper bound. Checkpoint saves
+    (one serialized copy of the weights) happen between steps, when the gradients are
+    freed, so they add nothing."""
     get = training.get if isinstance(training, Mapping) else lambda k, d=None: getattr(training, k, d)
     batch, steps = int(get("batch_size", 8)), int(get("max_steps", 1000))
+    world = max(1, int(world_size))
+    micro_setting = get("micro_batch_size", None)
+    micro = int(micro_setting) if micro_setting else max(1, math.ceil(batch / world))
+    accumulation = max(1, math.ceil(batch / (micro * world)))
     precision = _precision(device_type, str(get("precision", "auto")))
     threads = int(threads or get("threads", 0) or _threads())
     dropout = model.dropout > 0
     t, d = model.block_size, model.n_embd
     act_bytes = 4 if precision == "fp32" else 3  # bf16 matmul outputs, fp32 norm statistics
-    n = batch * t
+    n = micro * t
     params = _parameters(model)
     weights = params * (16 + (2 if precision == "bf16" else 0))
+    buckets = params * DDP_BUCKET_BYTES_PER_WEIGHT if world > 1 else 0
     layers = model.n_layer * _activation_units(model, dropout) + 2 + (1.25 if dropout else 0) + 2
     activations = int(n * d * layers * act_bytes)
-    logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (8 if precision == "fp32" else 12)
-              + (model.padded_vocab_size + n) * d * 4)
-    attention = _attention_matrix_bytes(model, batch, device_type, dropout)
+    n_logits = n * model.padded_vocab_size
+    head = str(get("loss_head", "auto"))
+    if head == "auto" and device_type == "cuda" and device_memory > 0:
+        from tga.device import loss_head_choice
+
+        head = loss_head_choice(head, device_type, n_logits, device_memory)
+    if head == "full":
+        logits = n_logits * FULL_HEAD_BYTES_PER_LOGIT
+    else:
+        logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (8 if precision == "fp32" else 12)
+                  + (model.padded_vocab_size + n) * d * 4)
+    attention = _attention_matrix_bytes(model, micro, device_type, dropout)
     tokens = _token_bytes(n_tokens)
-    parts = {"weights and optimizer": weights, "activations": activations, "logits": logits,
-             "attention matrices": attention, "token data": tokens}
-    tensors = weights + activations + logits + attention
+    parts = {"weights and optimizer": weights, "DDP gradient buckets": buckets, "activations": activations,
+             "logits": logits, "attention matrices": attention, "token data": tokens}
+    tensors = weights + buckets + activations + logits + attention
     if device_type == "cuda":
         host = _base_bytes("train", device_type) + tokens + 3 * params * 4
         device = tensors + tokens + CUDA_CONTEXT_BYTES
@@ -273,24 +331,28 @@ def estimate_training(
         host = _base_bytes("train", device_type) + tensors + tokens
         device = 0
     parts["process"] = _base_bytes("train", device_type)
-    flops = 3.0 * _forward_flops(model, batch, t)
+    flops = 3.0 * _forward_flops(model, batch, t) / world  # this process's share of a step
     eval_windows = int(get("eval_batches", 20)) * batch
     n_evals = steps // max(1, int(get("eval_interval", 50))) + 2
-    eval_flops_per_step = _forward_flops(model, eval_windows, t) * n_evals / max(1, steps)
-    per_step = _seconds_per_step(flops + eval_flops_per_step, device_type, threads, model.n_layer)
+    eval_flops_per_step = _forward_flops(model, eval_windows, t) * n_evals / max(1, steps) / world
+    per_step = _seconds_per_step(flops + eval_flops_per_step, device_type, threads, model.n_layer, precision)
     largest = max(("activations", activations), ("logits", logits), ("attention matrices", attention),
                   ("weights and optimizer", weights), key=lambda kv: kv[1])[0]
+    batch_key = ("training.micro_batch_size", micro) if micro_setting else ("training.batch_size", batch)
     culprits: tuple[tuple[str, Any], ...]
     if largest == "weights and optimizer":
         culprits = (("model.n_embd", d), ("model.n_layer", model.n_layer))
     elif largest == "attention matrices":
-        culprits = (("model.block_size", t), ("training.batch_size", batch))
+        culprits = (("model.block_size", t), batch_key)
     else:
-        culprits = (("training.batch_size", batch), ("model.block_size", t))
+        culprits = (batch_key, ("model.block_size", t))
     hint = (", or set model.dropout: 0 (with dropout, CPU attention keeps window x window matrices)"
             if largest == "attention matrices" else "")
+    if micro_setting is None and accumulation == 1 and largest in ("activations", "logits"):
+        hint += ", or set training.micro_batch_size to accumulate gradients over smaller forwards"
     return ResourceEstimate("train", device_type, precision, int(host), int(device), parts, flops, steps,
-                            per_step, culprits, hint)
+                            per_step, culprits, hint, accumulation=accumulation, world_size=world,
+                            tokens_per_step=batch * t)
 
 
 def estimate_evaluation(
@@ -330,26 +392,42 @@ def estimate_geometry(
     n_stages: int = 2,
     device_type: str = "cpu",
     job: str = "geometry",
+    batch_size: int = 1,
 ) -> ResourceEstimate:
     """Peak memory and time of the geometry of ``n_stages`` checkpoints (one loaded at
     a time) on prompts of at most ``max_prompt_tokens`` tokens (truncated to the
-    window): per prompt the hidden states of every layer, their float64 copies and
-    unit vectors, and several (layers x T x T) float64 matrices (cosines, distances,
-    neighbour ranks); the forward pass also computes the prompt's logits."""
+    window), ``batch_size`` prompts per forward pass: per forward the hidden states of
+    every layer (and their copy off the device) and the logits; then per prompt, on the
+    CPU, the states' float64 copies and unit vectors and several (layers x T x T) float64
+    matrices (cosines, distances, neighbour ranks). On CUDA the forward passes (and the
+    model, its states and logits) are on the GPU, and the metrics stay on the host."""
     t = max(1, min(model.block_size, max_prompt_tokens))
+    batch = max(1, min(int(batch_size), n_prompts))
     layers = model.n_layer + 2
     params = _parameters(model)
     weights = 2 * params * 4
-    hidden = layers * t * model.n_embd * (4 + 4 + 8 + 8 + 8)
+    states = batch * layers * t * model.n_embd * 4  # one forward's hidden states, fp32
+    metrics = layers * t * model.n_embd * (8 + 8 + 8)
     matrices = layers * t * t * 8 * 4
-    logits = t * model.padded_vocab_size * 4 * 2
+    logits = batch * t * model.padded_vocab_size * 4 * 2
     base = _base_bytes(job, device_type)
-    parts = {"weights": weights, "hidden states": hidden, "token x token matrices": matrices, "logits": logits,
-             "process": base}
-    host = base + weights + hidden + matrices + logits
-    flops = _forward_flops(model, 1, t) + layers * (t * t * model.n_embd * 6 + t * model.n_embd**2 * 4)
-    per_step = _seconds_per_step(flops, "cpu", 1, model.n_layer)
-    return ResourceEstimate(job, "cpu", "fp32", int(host), 0, parts, flops, n_stages * n_prompts, per_step,
+    parts = {"weights": weights, "hidden states": 2 * states + metrics, "token x token matrices": matrices,
+             "logits": logits, "process": base}
+    if device_type == "cuda":
+        host = base + weights + states + metrics + matrices
+        device = params * 4 + states + logits + CUDA_CONTEXT_BYTES
+    else:
+        host = base + weights + 2 * states + metrics + matrices + logits
+        device = 0
+    forward = _forward_flops(model, 1, t)  # per prompt
+    analysis = layers * (t * t * model.n_embd * 6 + t * model.n_embd**2 * 4)
+    if device_type == "cuda":
+        per_step = forward / cuda_flops("fp32") + _seconds_per_step(analysis, "cpu", 1, model.n_layer) \
+            + STEP_OVERHEAD_SECONDS / batch
+    else:
+        per_step = _seconds_per_step(forward + analysis, "cpu", 1, model.n_layer)
+    return ResourceEstimate(job, device_type, "fp32", int(host), int(device), parts, forward + analysis,
+                            n_stages * n_prompts, per_step,
                             (("model.block_size", model.block_size), ("geometry.prompts", f"{t}-token prompts")))
 
 
@@ -441,12 +519,23 @@ def slow_step_warning(estimate: ResourceEstimate, limit: float = STEP_WARNING_SE
 
 
 def check_training_fits(
-    model: ModelConfig, training: Any, device_type: str, n_tokens: int = 0, warn: Callable[[str], None] = print
+    model: ModelConfig,
+    training: Any,
+    device_type: str,
+    n_tokens: int = 0,
+    warn: Callable[[str], None] = print,
+    world_size: int | None = None,
 ) -> None:
     """Before training allocates anything: raise ResourceError if it cannot fit in this
-    machine's (or GPU's) memory; pass ``warn`` one line if a step will be slow."""
-    estimate = estimate_training(model, training, "cuda" if device_type == "cuda" else "cpu", n_tokens)
-    check_fits(estimate)
+    machine's (or GPU's) memory; pass ``warn`` one line if a step will be slow.
+    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 outside torchrun); on a GPU
+    the head is counted as ``loss_head: auto`` will resolve it for this GPU's memory."""
+    device_type = "cuda" if device_type == "cuda" else "cpu"
+    available = available_memory(device_type)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    estimate = estimate_training(model, training, device_type, n_tokens, world_size=world,
+                                 device_memory=available[0] if device_type == "cuda" else 0)
+    check_fits(estimate, available)
     warning = slow_step_warning(estimate)
     if warning:
         warn(warning)
@@ -501,16 +590,37 @@ def vocab_size_for(config: Mapping[str, Any], tokenizer_json: str | Path | None 
 
 
 def _corpus_tokens(config: Mapping[str, Any]) -> int:
-    """A bound on the token count (tokens <= UTF-8 bytes for both tokenizers)."""
+    """A bound on the token count (tokens <= UTF-8 bytes for both tokenizers); for a
+    ``datasets`` corpus (``source: hf``) its training token budget plus the validation
+    documents (0 when the budget is null: the whole corpus, unknown before it is read)."""
     data = config["data"]
+    if data["source"] == "hf":
+        return int(data.get("token_budget") or 0) + _held_out_tokens(data, "validation_documents")
     if data["source"] == "text":
         return sum(Path(data[s]).stat().st_size for s in ("train", "validation", "test")
                    if data.get(s) and Path(data[s]).is_file())
     return WIKITEXT2_BYTES if config["tokenizer"]["name"] == "char" else WIKITEXT2_BYTES // 4
 
 
-def _prompt_shape(path: str | Path) -> tuple[int, int]:
-    """(longest prompt in UTF-8 bytes, number of prompts): bytes bound the token count."""
+def _held_out_tokens(data: Mapping[str, Any], key: str) -> int:
+    return int(data.get(key) or 0) * HELD_OUT_DOCUMENT_TOKENS
+
+
+def _test_tokens(config: Mapping[str, Any], n_tokens: int) -> int:
+    """Tokens of the test split: held-out documents of a ``datasets`` corpus, else
+    about a tenth of the corpus (WikiText-2's share)."""
+    if config["data"]["source"] == "hf":
+        return _held_out_tokens(config["data"], "test_documents")
+    return n_tokens // 10
+
+
+def _prompt_shape(prompts: str | Path | Mapping[str, Any]) -> tuple[int, int]:
+    """(longest prompt in UTF-8 bytes, number of prompts): bytes bound the token count.
+    ``geometry.prompts`` as a mapping ``{test_windows: N, length: L, seed: S}`` is N
+    windows of L tokens."""
+    if isinstance(prompts, Mapping):
+        return max(1, int(prompts.get("length") or 1)), max(1, int(prompts.get("test_windows") or 1))
+    path = prompts
     try:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError):
@@ -532,6 +642,7 @@ def estimate_variant_jobs(
     training = dict(resolved["training"])
     resources = config.get("resources", {})
     gpus = int(resources.get("train_gpus", 0) or 0)
+    world = max(1, gpus) * max(1, int(resources.get("train_nodes", 1) or 1)) if gpus > 1 else 1
     threads = int(resources.get("train_threads", 1) or 1)
     n_tokens = _corpus_tokens(config)
     train_device = job_device_type(str(training.get("device", "auto")), gpus, this_machine)
@@ -539,12 +650,16 @@ def estimate_variant_jobs(
     eval_device = job_device_type(str(evaluation.get("device", "auto")), 0, this_machine)
     geometry = config.get("geometry", {})
     longest, n_prompts = _prompt_shape(geometry.get("prompts", ""))
+    geometry_device = job_device_type(str(geometry.get("device", "cpu")), 0, this_machine)
+    batch = int(geometry.get("batch_size", 1) or 1)
     steps = int(training.get("max_steps", 1000))
     interval = int(training.get("checkpoint_interval", 200))
     n_checkpoints = 1 + steps // max(1, interval) + (0 if steps % max(1, interval) == 0 else 1)
     return {
-        "train": estimate_training(model, training, train_device, n_tokens, threads),
-        "evaluate": estimate_evaluation(model, int(evaluation.get("batch_size", 16)), eval_device, n_tokens // 10),
-        "geometry": estimate_geometry(model, longest, n_prompts, n_stages),
-        "evolution": estimate_geometry(model, longest, n_prompts, max(n_stages, n_checkpoints), job="evolution"),
+        "train": estimate_training(model, training, train_device, n_tokens, threads, world_size=world),
+        "evaluate": estimate_evaluation(model, int(evaluation.get("batch_size", 16)), eval_device,
+                                        _test_tokens(config, n_tokens)),
+        "geometry": estimate_geometry(model, longest, n_prompts, n_stages, geometry_device, batch_size=batch),
+        "evolution": estimate_geometry(model, longest, n_prompts, max(n_stages, n_checkpoints), geometry_device,
+                                       job="evolution", batch_size=batch),
     }

@@ -1,5 +1,6 @@
 # Config validation and the helpers every rule file uses. Nothing imported here may
 # import torch at module level: `snakemake -n` builds the DAG without it.
+import os
 import re
 import sys
 
@@ -9,6 +10,7 @@ from snakemake.utils import validate
 from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages
+from tga.gpu_slots import JOBS_PER_GPU_ENV
 from tga.figure_files import figure_copies
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
@@ -29,6 +31,9 @@ try:
                  warn=lambda line: print(f"tga: warning: {line}", file=sys.stderr))
 except ConfigError as error:
     raise WorkflowError(f"Invalid config: {error}") from None
+# Jobs on a node with several GPUs claim one each (tga/gpu_slots.py); this says how
+# many may share a device. Jobs inherit the variable (locally and through the executors).
+os.environ[JOBS_PER_GPU_ENV] = str(config["resources"]["jobs_per_gpu"])
 
 
 VARIANTS = list(config["variants"])
