@@ -71,6 +71,8 @@ CASES = {
     "arcee-gelu": ({"activation": "gelu", "rope_base": 2000.0}, "ArceeForCausalLM", {"hidden_act": "gelu"}),
     "neox-layernorm-relu-bias": ({"norm": "layernorm", "activation": "relu", "bias": True, "rope_base": 300.0},
                                  "GPTNeoXForCausalLM", {"use_parallel_residual": False, "hidden_act": "relu"}),
+    "stablelm-layernorm-swiglu": ({"norm": "layernorm", "rope_base": 700.0}, "StableLmForCausalLM",
+                                  {"use_parallel_residual": False, "layer_norm_eps": 1e-5}),
     "gpt2-learned": ({"norm": "layernorm", "activation": "gelu", "position_encoding": "learned"},
                      "GPT2LMHeadModel", {"activation_function": "gelu", "n_positions": 32}),
 }
@@ -81,7 +83,8 @@ def test_transformers_opens_the_folder_and_computes_tgas_logits(hf: Any, tmp_pat
     settings, architecture, fields = CASES[case]
     model = tiny_model(**settings)
     out = tmp_path / "hf"
-    export_model(model, out, CHAR_TOKENIZER, verify=False)  # the test's own check, not the export's
+    info = export_model(model, out, CHAR_TOKENIZER)  # with the export's own check, and the test's below
+    assert info["logit_check"]["float64_relative_difference"] <= MAPPING_TOLERANCE
     loaded = hf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(loaded).__name__ == architecture
     for key, value in fields.items():
@@ -143,7 +146,7 @@ def test_a_wrong_mapping_fails_the_logit_check(hf: Any, tmp_path: Path, monkeypa
     ({"residual": False}, ["residual=false"]),
     ({"mlp": False}, ["mlp=false"]),
     ({"position_encoding": "learned"}, ["position_encoding='learned'", "norm='rmsnorm'", "GPT-2"]),
-    ({"norm": "layernorm", "activation": "swiglu"}, ["norm='layernorm'", "activation='swiglu'"]),
+    ({"norm": "layernorm", "bias": True}, ["bias=true", "norm='layernorm'", "activation='swiglu'", "StableLM"]),
 ])
 def test_a_variant_no_class_computes_gets_one_error_naming_it(settings: dict, needles: list[str]) -> None:
     config = ModelConfig(vocab_size=10, **{**defaults("model"), "n_layer": 1, "n_head": 2, "n_embd": 8, **settings})

@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "version, the model's settings, the checkpoint's sha256), so that transformers' "
                 "AutoModelForCausalLM and AutoTokenizer, TransformerLens and nnsight open it. Pre-LN variants "
                 "map onto LlamaForCausalLM (rmsnorm, swiglu, rope), ArceeForCausalLM (rmsnorm, gelu or relu, "
-                "rope), GPTNeoXForCausalLM (layernorm, gelu or relu, rope) or GPT2LMHeadModel (layernorm, gelu "
-                "or relu, learned positions); any other variant (Post-LN, unigram_bias, ...) is an error that "
+                "rope), StableLmForCausalLM (layernorm, swiglu, rope, bias false), GPTNeoXForCausalLM (layernorm, "
+                "gelu or relu, rope) or GPT2LMHeadModel (layernorm, gelu or relu, learned positions); any other variant (Post-LN, unigram_bias, ...) is an error that "
                 "says why (docs/export.md). The folder is loaded back before it is written, and its logits must "
                 "equal tga's to 1e-5.")
     p.add_argument("model", type=Path, metavar="RUN_DIR_or_CHECKPOINT",

@@ -13,6 +13,7 @@ tga (Pre-LN, residual, MLP, no unigram_bias)  class                 notes
 =========================================  ====================  =========================
 rmsnorm, swiglu, rope                      LlamaForCausalLM      bias -> attention/mlp_bias
 rmsnorm, gelu or relu, rope                ArceeForCausalLM      Llama with a plain MLP
+layernorm, swiglu, rope (bias: false)      StableLmForCausalLM   no o_proj/MLP biases
 layernorm, gelu or relu, rope              GPTNeoXForCausalLM    sequential residual
 layernorm, gelu or relu, learned           GPT2LMHeadModel       exact GELU ("gelu")
 =========================================  ====================  =========================
@@ -80,6 +81,8 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "tga-export-v1"
+# Classes whose weights are named as Llama's (model.layers.N.self_attn.q_proj ...).
+LLAMA_LAYOUT = ("LlamaForCausalLM", "ArceeForCausalLM", "StableLmForCausalLM")
 METADATA_FILE = "tga.json"
 # float32 logits of an exported tiny model against tga's (max absolute difference; the tests).
 LOGIT_TOLERANCE = 1e-5
@@ -121,9 +124,15 @@ def hf_architecture(config: ModelConfig) -> str:
     table = {
         ("rmsnorm", True, "rope"): "LlamaForCausalLM",
         ("rmsnorm", False, "rope"): "ArceeForCausalLM",
+        ("layernorm", True, "rope"): "StableLmForCausalLM",
         ("layernorm", False, "rope"): "GPTNeoXForCausalLM",
         ("layernorm", False, "learned"): "GPT2LMHeadModel",
     }
+    if table.get(key) == "StableLmForCausalLM" and config.bias:
+        raise ExportError(
+            "bias=true with norm='layernorm' and activation='swiglu' cannot be exported: the one transformers "
+            "class with LayerNorm, SwiGLU and rotary positions, StableLM, has no bias on the attention output or "
+            "the MLP; train with bias: false, or use norm: rmsnorm (Llama takes biases)")
     if key in table:
         return table[key]
     if config.position_encoding == "learned":
@@ -131,10 +140,7 @@ def hf_architecture(config: ModelConfig) -> str:
             f"position_encoding='learned' with norm={config.norm!r} and activation={config.activation!r} cannot "
             "be exported: the only transformers decoder with a learned position table that tga matches is GPT-2 "
             "(layernorm with gelu or relu); use position_encoding: rope or that combination")
-    raise ExportError(  # layernorm + swiglu + rope
-        f"norm='layernorm' with activation='swiglu' cannot be exported: Llama and Arcee use RMSNorm, GPT-NeoX "
-        "has no gated MLP, and no class exporting it is implemented (StableLM is the nearest, untested); "
-        "use norm: rmsnorm")
+    raise AssertionError(f"unhandled architecture {key}")  # every rope combination is in the table
 
 
 def _hf_config_values(config: ModelConfig, architecture: str, eos_token_id: int | None) -> dict[str, Any]:
@@ -153,6 +159,14 @@ def _hf_config_values(config: ModelConfig, architecture: str, eos_token_id: int 
                 "num_key_value_heads": config.n_head, "hidden_act": "silu" if architecture[0] == "L" else act,
                 "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
                 "rope_parameters": rope, "attention_bias": config.bias, "mlp_bias": config.bias,
+                "attention_dropout": 0.0}
+    if architecture == "StableLmForCausalLM":
+        return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
+                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+                "num_key_value_heads": config.n_head, "hidden_act": "silu",
+                "max_position_embeddings": config.block_size, "layer_norm_eps": config.norm_eps,
+                "rope_parameters": {**rope, "partial_rotary_factor": 1.0}, "use_qkv_bias": False,
+                "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": 0.0,
                 "attention_dropout": 0.0}
     if architecture == "GPTNeoXForCausalLM":
         return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
@@ -193,6 +207,15 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return sd[name] if name in sd else zeros(shape)
 
+    def norms(p: str, h: str, attn_norm: str, mlp_norm: str) -> dict[str, torch.Tensor]:
+        """Block ``p``'s two norms under their names at ``h``; LayerNorm biases only
+        where the class has them (every class with LayerNorm; zero when bias: false)."""
+        pairs = {f"{h}{attn_norm}": f"{p}attn_norm", f"{h}{mlp_norm}": f"{p}mlp_norm"}
+        named = {f"{theirs}.weight": sd[f"{ours}.weight"] for theirs, ours in pairs.items()}
+        if config.norm == "layernorm":
+            named.update({f"{theirs}.bias": get(f"{ours}.bias", (d,)) for theirs, ours in pairs.items()})
+        return named
+
     embedding = sd["token_embedding.weight"][:vocab]  # the padding rows never produce a logit
     scale = model.embedding_multiplier if config.scale_embeddings else 1.0
     order = rope_half_split_order(d // n_head) if config.position_encoding == "rope" else None
@@ -207,16 +230,15 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
                 qb, kb = _per_head(qb, n_head, order), _per_head(kb, n_head, order)
         up_w, up_b = sd[p + "mlp.up.weight"], sd.get(p + "mlp.up.bias")
         layer: dict[str, torch.Tensor | None]
-        if architecture in ("LlamaForCausalLM", "ArceeForCausalLM"):
+        if architecture in LLAMA_LAYOUT:
             h = f"model.layers.{i}."
             layer = {h + "self_attn.q_proj.weight": q, h + "self_attn.k_proj.weight": k,
                      h + "self_attn.v_proj.weight": v, h + "self_attn.o_proj.weight": sd[p + "attn.proj.weight"],
                      h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb, h + "self_attn.v_proj.bias": vb,
                      h + "self_attn.o_proj.bias": sd.get(p + "attn.proj.bias"),
                      h + "mlp.down_proj.weight": sd[p + "mlp.down.weight"], h + "mlp.down_proj.bias": sd.get(p + "mlp.down.bias"),
-                     h + "input_layernorm.weight": sd[p + "attn_norm.weight"],
-                     h + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"]}
-            if architecture == "LlamaForCausalLM":  # SwiGLU: silu(gate) * value, gate first in tga's fused matrix
+                     **norms(p, h, "input_layernorm", "post_attention_layernorm")}
+            if architecture != "ArceeForCausalLM":  # SwiGLU: silu(gate) * value, gate first in tga's fused matrix
                 gate, value = up_w.chunk(2)
                 layer.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": value})
                 if up_b is not None:
@@ -237,9 +259,7 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
             if qkv_b is not None:
                 layer[h + "attention.query_key_value.bias"] = torch.stack(
                     [t.unflatten(0, (n_head, -1)) for t in (qb, kb, vb)], dim=1).flatten()
-            for ours, theirs in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
-                layer[f"{h}{theirs}.weight"] = sd[f"{p}{ours}.weight"]
-                layer[f"{h}{theirs}.bias"] = get(f"{p}{ours}.bias", (d,))
+            layer.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
         else:  # GPT-2: Conv1D weights are (in, out), the transpose of nn.Linear's
             h = f"transformer.h.{i}."
             layer = {h + "attn.c_attn.weight": qkv_w.t(), h + "attn.c_attn.bias": get(p + "attn.qkv.bias", (3 * d,)),
@@ -247,19 +267,16 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
                      h + "attn.c_proj.bias": get(p + "attn.proj.bias", (d,)),
                      h + "mlp.c_fc.weight": up_w.t(), h + "mlp.c_fc.bias": get(p + "mlp.up.bias", (up_w.shape[0],)),
                      h + "mlp.c_proj.weight": sd[p + "mlp.down.weight"].t(),
-                     h + "mlp.c_proj.bias": get(p + "mlp.down.bias", (d,))}
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                layer[f"{h}{theirs}.weight"] = sd[f"{p}{ours}.weight"]
-                layer[f"{h}{theirs}.bias"] = get(f"{p}{ours}.bias", (d,))
+                     h + "mlp.c_proj.bias": get(p + "mlp.down.bias", (d,)), **norms(p, h, "ln_1", "ln_2")}
         out.update({name: t for name, t in layer.items() if t is not None})
-    prefix = {"LlamaForCausalLM": "model.", "ArceeForCausalLM": "model.", "GPTNeoXForCausalLM": "gpt_neox.",
+    prefix = {**dict.fromkeys(LLAMA_LAYOUT, "model."), "GPTNeoXForCausalLM": "gpt_neox.",
               "GPT2LMHeadModel": "transformer."}[architecture]
-    names = {"LlamaForCausalLM": ("embed_tokens", "norm"), "ArceeForCausalLM": ("embed_tokens", "norm"),
+    names = {**dict.fromkeys(LLAMA_LAYOUT, ("embed_tokens", "norm")),
              "GPTNeoXForCausalLM": ("embed_in", "final_layer_norm"), "GPT2LMHeadModel": ("wte", "ln_f")}[architecture]
     # scale_embeddings multiplies the input embedding by sqrt(d); folded into an untied input matrix.
     out[f"{prefix}{names[0]}.weight"] = embedding * scale if scale != 1.0 else embedding
     out[f"{prefix}{names[1]}.weight"] = sd["final_norm.weight"]
-    if architecture in ("GPTNeoXForCausalLM", "GPT2LMHeadModel"):
+    if config.norm == "layernorm":
         out[f"{prefix}{names[1]}.bias"] = get("final_norm.bias", (d,))
     if architecture == "GPT2LMHeadModel":
         out["transformer.wpe.weight"] = sd["position_embedding.weight"] * scale if scale != 1.0 else sd[
