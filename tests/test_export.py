@@ -19,7 +19,7 @@ import tga.export
 from tga.export import LOGIT_TOLERANCE, MAPPING_TOLERANCE, METADATA_FILE, ExportError, export_checkpoint, export_model, hf_architecture
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.schema import defaults, load_schema
-from tga.tokenizers import CharTokenizer, GPT2Tokenizer, gpt2_from_files, gpt2_from_tiktoken
+from tga.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_from_files, gpt2_from_tiktoken
 
 # About 100 ids: letters, digits, punctuation, whitespace.
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()[]{}\n\t@#$%&*_+=<>/|~"))
@@ -186,6 +186,23 @@ def test_gpt2_tokenizer_opens_with_autotokenizer(hf: Any, tmp_path: Path, gpt2_f
         tga.export.hf_tokenizer(without_files, 1024)
 
 
+class WordTokenizer(Tokenizer):
+    """A tokenizer tga.export does not know: the folder holds the model alone."""
+
+    name, vocab_size = "words", CHAR_TOKENIZER.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "words"}
+
+
+def test_a_tokenizer_without_counterpart_is_left_out_and_said(hf: Any, tmp_path: Path) -> None:
+    info = export_model(tiny_model(), tmp_path / "hf", WordTokenizer())
+    assert info["tokenizer_files"].startswith("none: tga's 'words' tokenizer has no transformers counterpart")
+    assert info["tokenizer"] == {"type": "words"}
+    assert not list((tmp_path / "hf").glob("tokenizer*"))
+    assert type(hf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")).__name__ == "LlamaForCausalLM"
+
+
 def test_export_writes_all_or_nothing(hf: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model()
     out = tmp_path / "hf"
@@ -221,7 +238,7 @@ def test_export_checkpoint_records_version_settings_and_source(hf: Any, tmp_path
     assert saved["source_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert saved["tga_version"] == tga.__version__ and saved["architecture"] == "LlamaForCausalLM"
     assert saved["model_config"] == asdict(model.config) and saved["checkpoint_extra"] == {"step": 3, "seed": 1}
-    assert saved["tokenizer"]["chars"] == CHARS
+    assert saved["tokenizer"]["chars"] == CHARS and saved["tokenizer_files"].startswith("TokenizersBackend giving")
     check = saved["logit_check"]
     assert check["float32_max_abs_difference"] <= LOGIT_TOLERANCE
     assert check["float64_relative_difference"] <= MAPPING_TOLERANCE

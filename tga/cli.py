@@ -590,6 +590,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     ckpt, _, _, _, tokenizer = _model(args, args.model, "RUN_DIR_or_CHECKPOINT")
     info = export_checkpoint(ckpt, out, tokenizer, overwrite=args.overwrite)
     check = info["logit_check"]
+    if info["tokenizer_files"].startswith("none"):
+        _note(f"{out} holds no tokenizer files ({info['tokenizer_files'].removeprefix('none: ')})")
     print(f"exported {ckpt} as {architecture} -> {out} (float32 logits within "
           f"{check['float32_max_abs_difference']:.1e} of tga's on {check['tokens']} tokens; open with "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")

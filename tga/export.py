@@ -321,11 +321,13 @@ def _gpt2_files(tokenizer: GPT2Tokenizer) -> tuple[Path, Path]:
     return found["encoder.json"], found["vocab.bpe"]
 
 
-def hf_tokenizer(tokenizer: Tokenizer, block_size: int) -> Any:
+def hf_tokenizer(tokenizer: Tokenizer, block_size: int) -> Any | None:
     """A transformers fast tokenizer giving tga's ids. GPT-2: ``GPT2Tokenizer`` from
     GPT-2's own encoder.json and vocab.bpe. Char: a BPE model without merges over the
     characters, so every character is one token and an unseen one is ``<unk>`` (id 0),
-    as in tga. ``block_size`` becomes ``model_max_length``."""
+    as in tga. A transformers tokenizer wrapped for tga (``.hf``) is itself. Anything
+    else: None (the export then says in tga.json that it holds no tokenizer files).
+    ``block_size`` becomes ``model_max_length``."""
     from transformers import GPT2Tokenizer as HFGPT2Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -343,8 +345,8 @@ def hf_tokenizer(tokenizer: Tokenizer, block_size: int) -> Any:
         rust = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
         rust.decoder = decoders.Fuse()  # characters join without spaces
         return PreTrainedTokenizerFast(tokenizer_object=rust, unk_token=UNK_TOKEN, model_max_length=block_size)
-    raise ExportError(f"tokenizer {tokenizer.name!r} has no transformers counterpart in tga export: "
-                      "export without it (the model files do not depend on it)")
+    wrapped = getattr(tokenizer, "hf", None)  # a transformers tokenizer behind tga's protocol (tga.pretrained)
+    return wrapped if hasattr(wrapped, "save_pretrained") else None
 
 
 # ----------------------------------------------------------------------- checks and files
@@ -459,6 +461,16 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _tokenizer_files_note(tokenizer: Tokenizer | None, hf_tok: Any | None) -> str:
+    """What the folder holds for AutoTokenizer, and why."""
+    if tokenizer is None:
+        return "none: no tokenizer was given to the export"
+    if hf_tok is None:
+        return (f"none: tga's {tokenizer.name!r} tokenizer has no transformers counterpart; the folder holds the "
+                "model only, and tga.json's 'tokenizer' describes the ids it was trained with")
+    return f"{type(hf_tok).__name__} giving the ids of tga's {tokenizer.name!r} tokenizer"
+
+
 def _check_logits(model: Transformer, folder: Path) -> dict[str, Any]:
     """:func:`check_export` of ``folder`` loaded as others will load it."""
     from transformers import AutoModelForCausalLM
@@ -497,7 +509,7 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
                           f"{model.config.vocab_size}: give the tokenizer the model was trained with")
     model = model.float().cpu().eval()
     hf_tok = hf_tokenizer(tokenizer, model.config.block_size) if tokenizer is not None else None
-    eos = getattr(tokenizer, "eot_token", None) if isinstance(tokenizer, GPT2Tokenizer) else None
+    eos = getattr(tokenizer, "eot_token", None)  # the id appended after each training document
     hf_model = _build_hf_model(model, architecture, eos)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in stale_temporaries(out_dir):  # left by a killed export
@@ -516,7 +528,8 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
                 "tied_embeddings": not model.config.scale_embeddings,
                 "rope_layout": ("tga's interleaved pairs, permuted to transformers' half-split"
                                 if model.config.position_encoding == "rope" else None),
-                "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+                "tokenizer": tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else None,
+                "tokenizer_files": _tokenizer_files_note(tokenizer, hf_tok),
                 **(metadata or {}),
             }
             if verify:
