@@ -16,7 +16,8 @@ import torch
 
 import tga
 import tga.export
-from tga.export import LOGIT_TOLERANCE, MAPPING_TOLERANCE, METADATA_FILE, ExportError, export_checkpoint, export_model, hf_architecture
+from tga.export import (LOGIT_TOLERANCE, MAPPING_TOLERANCE, METADATA_FILE, ExportError, export_checkpoint,
+                        export_model, hf_architecture)
 from tga.model import ModelConfig, Transformer, save_checkpoint
 from tga.schema import defaults, load_schema
 from tga.tokenizers import CharTokenizer, GPT2Tokenizer, Tokenizer, gpt2_from_files, gpt2_from_tiktoken

@@ -286,10 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "version, the model's settings, the checkpoint's sha256), so that transformers' "
                 "AutoModelForCausalLM and AutoTokenizer, TransformerLens and nnsight open it. Pre-LN variants "
                 "map onto LlamaForCausalLM (rmsnorm, swiglu, rope), ArceeForCausalLM (rmsnorm, gelu or relu, "
-                "rope), StableLmForCausalLM (layernorm, swiglu, rope, bias false), GPTNeoXForCausalLM (layernorm, "
-                "gelu or relu, rope) or GPT2LMHeadModel (layernorm, gelu or relu, learned positions); any other variant (Post-LN, unigram_bias, ...) is an error that "
-                "says why (docs/export.md). The folder is loaded back before it is written, and its logits must "
-                "equal tga's to 1e-5.")
+                "rope), StableLmForCausalLM (layernorm, swiglu, rope, bias false), GPTNeoXForCausalLM "
+                "(layernorm, gelu or relu, rope) or GPT2LMHeadModel (layernorm, gelu or relu, learned "
+                "positions); any other variant (Post-LN, unigram_bias, ...) is an error that says why "
+                "(docs/export.md). The folder is loaded back and checked against tga's logits before it is "
+                "written.")
     p.add_argument("model", type=Path, metavar="RUN_DIR_or_CHECKPOINT",
                    help="a model folder (its final.pt is exported) or a checkpoint file")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write (must not exist, see --overwrite)")

@@ -6,17 +6,14 @@ checkpoints are its own format. Where a variant's architecture *is* a transforme
 class, the weights are renamed (and, for rotary models, reordered) so that the class
 computes tga's logits; where it is not, one error names the setting and says why.
 
-Which class (docs/export.md has the reasons):
+Which class, for Pre-LN with residuals, an MLP and no unigram_bias (docs/export.md
+has the reasons):
 
-=========================================  ====================  =========================
-tga (Pre-LN, residual, MLP, no unigram_bias)  class                 notes
-=========================================  ====================  =========================
-rmsnorm, swiglu, rope                      LlamaForCausalLM      bias -> attention/mlp_bias
-rmsnorm, gelu or relu, rope                ArceeForCausalLM      Llama with a plain MLP
-layernorm, swiglu, rope (bias: false)      StableLmForCausalLM   no o_proj/MLP biases
-layernorm, gelu or relu, rope              GPTNeoXForCausalLM    sequential residual
-layernorm, gelu or relu, learned           GPT2LMHeadModel       exact GELU ("gelu")
-=========================================  ====================  =========================
+- rmsnorm, swiglu, rope: ``LlamaForCausalLM`` (bias -> attention_bias, mlp_bias)
+- rmsnorm, gelu or relu, rope: ``ArceeForCausalLM`` (Llama with an ungated MLP)
+- layernorm, swiglu, rope, bias false: ``StableLmForCausalLM``
+- layernorm, gelu or relu, rope: ``GPTNeoXForCausalLM`` (sequential residual)
+- layernorm, gelu or relu, learned positions: ``GPT2LMHeadModel`` (exact GELU, "gelu")
 
 Post-LN, no residual, no MLP, ``unigram_bias`` and the other combinations map onto no
 class. ``scale_embeddings`` is folded into untied input embeddings (the output head
@@ -118,8 +115,8 @@ def hf_architecture(config: ModelConfig) -> str:
     if config.unigram_bias:
         raise ExportError(
             "unigram_bias=true cannot be exported: the learned per-token logit bias has no place in the "
-            "bias-free output heads of Llama, Arcee, GPT-NeoX and GPT-2, and a bias cannot be folded into the "
-            "weights after the final norm; train with unigram_bias: false to export")
+            "bias-free output heads of Llama, Arcee, StableLM, GPT-NeoX and GPT-2, and a bias cannot be folded "
+            "into the weights after the final norm; train with unigram_bias: false to export")
     key = (config.norm, config.activation == "swiglu", config.position_encoding)
     table = {
         ("rmsnorm", True, "rope"): "LlamaForCausalLM",
@@ -153,27 +150,22 @@ def _hf_config_values(config: ModelConfig, architecture: str, eos_token_id: int 
               "eos_token_id": eos_token_id, "pad_token_id": None, "dtype": "float32"}
     act = "relu" if config.activation == "relu" else "gelu"  # transformers' "gelu" is the exact erf GELU
     rope = {"rope_type": "default", "rope_theta": float(config.rope_base)}
+    shapes = {"hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
+              "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+              "max_position_embeddings": config.block_size, "attention_dropout": 0.0}
+    whole_head_rope = {**rope, "partial_rotary_factor": 1.0}  # both default to rotating a quarter of each head
     if architecture in ("LlamaForCausalLM", "ArceeForCausalLM"):
-        return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
-                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-                "num_key_value_heads": config.n_head, "hidden_act": "silu" if architecture[0] == "L" else act,
-                "max_position_embeddings": config.block_size, "rms_norm_eps": config.norm_eps,
-                "rope_parameters": rope, "attention_bias": config.bias, "mlp_bias": config.bias,
-                "attention_dropout": 0.0}
+        return {**common, **shapes, "num_key_value_heads": config.n_head,
+                "hidden_act": "silu" if architecture == "LlamaForCausalLM" else act, "rms_norm_eps": config.norm_eps,
+                "rope_parameters": rope, "attention_bias": config.bias, "mlp_bias": config.bias}
     if architecture == "StableLmForCausalLM":
-        return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
-                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-                "num_key_value_heads": config.n_head, "hidden_act": "silu",
-                "max_position_embeddings": config.block_size, "layer_norm_eps": config.norm_eps,
-                "rope_parameters": {**rope, "partial_rotary_factor": 1.0}, "use_qkv_bias": False,
-                "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": 0.0,
-                "attention_dropout": 0.0}
+        return {**common, **shapes, "num_key_value_heads": config.n_head, "hidden_act": "silu",
+                "layer_norm_eps": config.norm_eps, "rope_parameters": whole_head_rope, "use_qkv_bias": False,
+                "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": 0.0}
     if architecture == "GPTNeoXForCausalLM":
-        return {**common, "hidden_size": config.n_embd, "intermediate_size": config.mlp_width,
-                "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head, "hidden_act": act,
-                "max_position_embeddings": config.block_size, "layer_norm_eps": config.norm_eps,
-                "rope_parameters": {**rope, "partial_rotary_factor": 1.0}, "use_parallel_residual": False,
-                "attention_bias": config.bias, "attention_dropout": 0.0, "hidden_dropout": 0.0}
+        return {**common, **shapes, "hidden_act": act, "layer_norm_eps": config.norm_eps,
+                "rope_parameters": whole_head_rope, "use_parallel_residual": False, "attention_bias": config.bias,
+                "hidden_dropout": 0.0}
     return {**common, "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
             "n_inner": config.mlp_width, "n_positions": config.block_size, "activation_function": act,
             "layer_norm_epsilon": config.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
@@ -198,14 +190,13 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
     """tga's weights under ``architecture``'s names and layouts, in float32.
 
     Absent biases (``bias: false``) become zeros where the class always has one
-    (GPT-2 everywhere, GPT-NeoX's LayerNorms and MLP): adding zero is exact."""
+    (GPT-2 everywhere, the LayerNorms of GPT-NeoX and StableLM, GPT-NeoX's MLP):
+    adding zero is exact."""
     config = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     d, vocab, n_head = config.n_embd, config.vocab_size, config.n_head
-    zeros = torch.zeros
-
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return sd[name] if name in sd else zeros(shape)
+        return sd[name] if name in sd else torch.zeros(shape)
 
     def norms(p: str, h: str, attn_norm: str, mlp_norm: str) -> dict[str, torch.Tensor]:
         """Block ``p``'s two norms under their names at ``h``; LayerNorm biases only
@@ -236,7 +227,8 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
                      h + "self_attn.v_proj.weight": v, h + "self_attn.o_proj.weight": sd[p + "attn.proj.weight"],
                      h + "self_attn.q_proj.bias": qb, h + "self_attn.k_proj.bias": kb, h + "self_attn.v_proj.bias": vb,
                      h + "self_attn.o_proj.bias": sd.get(p + "attn.proj.bias"),
-                     h + "mlp.down_proj.weight": sd[p + "mlp.down.weight"], h + "mlp.down_proj.bias": sd.get(p + "mlp.down.bias"),
+                     h + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
+                     h + "mlp.down_proj.bias": sd.get(p + "mlp.down.bias"),
                      **norms(p, h, "input_layernorm", "post_attention_layernorm")}
             if architecture != "ArceeForCausalLM":  # SwiGLU: silu(gate) * value, gate first in tga's fused matrix
                 gate, value = up_w.chunk(2)
@@ -253,7 +245,8 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
             layer = {h + "attention.query_key_value.weight": fused,
                      h + "attention.dense.weight": sd[p + "attn.proj.weight"],
                      h + "attention.dense.bias": sd.get(p + "attn.proj.bias"),
-                     h + "mlp.dense_h_to_4h.weight": up_w, h + "mlp.dense_h_to_4h.bias": get(p + "mlp.up.bias", (up_w.shape[0],)),
+                     h + "mlp.dense_h_to_4h.weight": up_w,
+                     h + "mlp.dense_h_to_4h.bias": get(p + "mlp.up.bias", (up_w.shape[0],)),
                      h + "mlp.dense_4h_to_h.weight": sd[p + "mlp.down.weight"],
                      h + "mlp.dense_4h_to_h.bias": get(p + "mlp.down.bias", (d,))}
             if qkv_b is not None:
@@ -273,14 +266,14 @@ def hf_state_dict(model: Transformer, architecture: str) -> dict[str, torch.Tens
               "GPT2LMHeadModel": "transformer."}[architecture]
     names = {**dict.fromkeys(LLAMA_LAYOUT, ("embed_tokens", "norm")),
              "GPTNeoXForCausalLM": ("embed_in", "final_layer_norm"), "GPT2LMHeadModel": ("wte", "ln_f")}[architecture]
-    # scale_embeddings multiplies the input embedding by sqrt(d); folded into an untied input matrix.
-    out[f"{prefix}{names[0]}.weight"] = embedding * scale if scale != 1.0 else embedding
+    # scale_embeddings multiplies the input embedding by sqrt(d): folded into an untied input
+    # matrix (x 1.0 is exact otherwise). The output head keeps the unscaled matrix.
+    out[f"{prefix}{names[0]}.weight"] = embedding * scale
     out[f"{prefix}{names[1]}.weight"] = sd["final_norm.weight"]
     if config.norm == "layernorm":
         out[f"{prefix}{names[1]}.bias"] = get("final_norm.bias", (d,))
     if architecture == "GPT2LMHeadModel":
-        out["transformer.wpe.weight"] = sd["position_embedding.weight"] * scale if scale != 1.0 else sd[
-            "position_embedding.weight"]
+        out["transformer.wpe.weight"] = sd["position_embedding.weight"] * scale
     out["lm_head.weight"] = embedding
     return {name: t.contiguous() for name, t in out.items()}
 
