@@ -505,7 +505,8 @@ def test_evolve_checks_prompts_and_layers_before_training(study: dict, tmp_path:
 
 # The config sections whose keys each subcommand takes as flags.
 SECTIONS = {"train": ("model", "training"), "evolve": ("model", "training", "geometry"),
-            "evaluate": ("evaluation",), "analyze": ("geometry",), "download": ()}
+            "evaluate": ("evaluation",), "analyze": ("geometry",), "download": (),
+            "export": ()}  # export sets no config key
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
