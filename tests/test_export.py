@@ -219,6 +219,8 @@ def test_export_writes_all_or_nothing(hf: Any, tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(tga.export, "_check_logits", broken)
     with pytest.raises(RuntimeError, match="killed"):
         export_model(model, out, overwrite=True)
+    with pytest.raises(RuntimeError, match="killed"):  # no folder it made is left, parents included
+        export_model(model, tmp_path / "new" / "deeper" / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and [p.name for p in out.iterdir()] == ["mine.txt"]
     monkeypatch.undo()
     export_model(model, out, overwrite=True)

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from tga.atomic import stale_temporaries, temporary_sibling
+from tga.atomic import no_empty_folders_left, stale_temporaries, temporary_sibling
 from tga.data import sha256_file
 from tga.model import Transformer, load_checkpoint
 from tga.schema import ModelConfig
@@ -371,7 +371,7 @@ def rope_table_tolerance(block_size: int) -> float:
 
 
 @torch.no_grad()
-def _tga_rotary_tables(hf_model: Any, model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
+def _hf_rotary_tables_in_tga_layout(hf_model: Any, model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' rotary cos and sin for positions 0..block_size-1, in tga's
     interleaved layout (the sine negated on each pair's first channel)."""
     positions = torch.arange(model.config.block_size).unsqueeze(0)
@@ -415,7 +415,7 @@ def check_export(model: Transformer, hf_model: Any) -> dict[str, Any]:
     rotary = model.config.position_encoding == "rope"
     model.float(), hf_model.float()
     if rotary:
-        cos, signed_sin = _tga_rotary_tables(hf_model, model)
+        cos, signed_sin = _hf_rotary_tables_in_tga_layout(hf_model, model)
         ours = model.blocks[0].attn.rotary
         table_diff = max(float((cos - ours.cos.double()).abs().max()),
                          float((signed_sin - ours.signed_sin.double()).abs().max()))
@@ -491,8 +491,9 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
     """Write ``model`` to ``out_dir`` as a transformers folder (config.json,
     model.safetensors, the tokenizer's files when ``tokenizer`` is given, tga.json) and
     return tga.json's content. ``verify`` loads the folder back with
-    ``AutoModelForCausalLM`` and refuses to publish unless the logits equal tga's within
-    :data:`LOGIT_TOLERANCE`."""
+    ``AutoModelForCausalLM`` and publishes it only if :func:`check_export` passes.
+    ``model`` is put in float32 and eval mode on the CPU, in place. A failed export
+    leaves no folder it created (``out_dir``'s missing parents included)."""
     architecture = hf_architecture(model.config)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -504,29 +505,38 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
     hf_tok = hf_tokenizer(tokenizer, model.config.block_size) if tokenizer is not None else None
     eos = getattr(tokenizer, "eot_token", None)  # the id appended after each training document
     hf_model = _build_hf_model(model, architecture, eos)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_temporaries(out_dir):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
+    info: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "tga_version": _tga_version(),
+        "architecture": architecture,
+        "model_config": asdict(model.config),
+        "tied_embeddings": not model.config.scale_embeddings,
+        "rope_layout": ("tga's interleaved pairs, permuted to transformers' half-split"
+                        if model.config.position_encoding == "rope" else None),
+        "tokenizer": tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else None,
+        "tokenizer_files": _tokenizer_files_note(tokenizer, hf_tok),
+        **(metadata or {}),
+    }
+    with no_empty_folders_left(out_dir.parent):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temporaries(out_dir):  # left by a killed export
+            shutil.rmtree(stale, ignore_errors=True)
+        _write_folder(out_dir, overwrite, hf_model, hf_tok, info, model if verify else None)
+    return info
+
+
+def _write_folder(out_dir: Path, overwrite: bool, hf_model: Any, hf_tok: Any | None, info: dict[str, Any],
+                  verify_against: Transformer | None) -> None:
+    """Save into a temporary sibling, check it (when ``verify_against`` is given), add
+    tga.json (``info``, with the check's figures) and rename it onto ``out_dir``."""
     tmp = temporary_sibling(out_dir)
     try:
         with _quiet_transformers():
             hf_model.save_pretrained(tmp)
             if hf_tok is not None:
                 hf_tok.save_pretrained(tmp)
-            info: dict[str, Any] = {
-                "format": EXPORT_FORMAT,
-                "tga_version": _tga_version(),
-                "architecture": architecture,
-                "model_config": asdict(model.config),
-                "tied_embeddings": not model.config.scale_embeddings,
-                "rope_layout": ("tga's interleaved pairs, permuted to transformers' half-split"
-                                if model.config.position_encoding == "rope" else None),
-                "tokenizer": tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else None,
-                "tokenizer_files": _tokenizer_files_note(tokenizer, hf_tok),
-                **(metadata or {}),
-            }
-            if verify:
-                info["logit_check"] = _check_logits(model, tmp)
+            if verify_against is not None:
+                info["logit_check"] = _check_logits(verify_against, tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
         for path in tmp.iterdir():  # safetensors writes 0600; the folder is for others to open
             path.chmod(0o644)
@@ -535,7 +545,6 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return info
 
 
 def _tga_version() -> str:
