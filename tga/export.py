@@ -504,7 +504,6 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
     model = model.float().cpu().eval()
     hf_tok = hf_tokenizer(tokenizer, model.config.block_size) if tokenizer is not None else None
     eos = getattr(tokenizer, "eot_token", None)  # the id appended after each training document
-    hf_model = _build_hf_model(model, architecture, eos)
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "tga_version": _tga_version(),
@@ -521,22 +520,23 @@ def export_model(model: Transformer, out_dir: str | os.PathLike[str], tokenizer:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         for stale in stale_temporaries(out_dir):  # left by a killed export
             shutil.rmtree(stale, ignore_errors=True)
-        _write_folder(out_dir, overwrite, hf_model, hf_tok, info, model if verify else None)
+        _write_folder(out_dir, overwrite, model, _build_hf_model(model, architecture, eos), hf_tok, info, verify)
     return info
 
 
-def _write_folder(out_dir: Path, overwrite: bool, hf_model: Any, hf_tok: Any | None, info: dict[str, Any],
-                  verify_against: Transformer | None) -> None:
-    """Save into a temporary sibling, check it (when ``verify_against`` is given), add
-    tga.json (``info``, with the check's figures) and rename it onto ``out_dir``."""
+def _write_folder(out_dir: Path, overwrite: bool, model: Transformer, hf_model: Any, hf_tok: Any | None,
+                  info: dict[str, Any], verify: bool) -> None:
+    """Save ``hf_model`` into a temporary sibling, check it against ``model`` (``verify``),
+    add tga.json (``info``, with the check's figures) and rename it onto ``out_dir``."""
     tmp = temporary_sibling(out_dir)
     try:
         with _quiet_transformers():
             hf_model.save_pretrained(tmp)
+            del hf_model  # the check loads the saved copy: one model fewer in memory
             if hf_tok is not None:
                 hf_tok.save_pretrained(tmp)
-            if verify_against is not None:
-                info["logit_check"] = _check_logits(verify_against, tmp)
+            if verify:
+                info["logit_check"] = _check_logits(model, tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
         for path in tmp.iterdir():  # safetensors writes 0600; the folder is for others to open
             path.chmod(0o644)
