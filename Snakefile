@@ -22,6 +22,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/compare.smk"
 include: "workflow/rules/evolution.smk"
 include: "workflow/rules/pretrained.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

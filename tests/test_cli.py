@@ -267,6 +267,8 @@ EXPECTED_FLAGS = {
               "--learning-rate", "--weight-decay", "--dropout", "--eval-interval", "--checkpoint-interval",
               "--eval-batches", "--seed", "--device", "--model-name", "--data-dir", "--output-dir"],
     "evaluate": ["--model", "--data-dir", "--split", "--output", "--tokenizer"],
+    "export": ["RUN_DIR_or_CHECKPOINT", "OUT_DIR", "--tokenizer", "--encoder-json", "--vocab-bpe", "--data-dir",
+               "--overwrite"],
     "analyze": ["--prompts", "--output-dir", "--heatmap-layers", "--geometry-device", "--trained-model",
                 "--init-model", "--tokenizer", "--exclude-first-token"],
     "evolve": ["--max-steps", "--geometry-device", "--learning-rate", "--output-dir", "--prompts",
@@ -440,6 +442,50 @@ def test_evaluate_bad_input(study: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "tokens").exists()
 
 
+def test_export_writes_a_folder_transformers_opens(study: dict, tmp_path: Path) -> None:
+    """`tga export` of the trained run: AutoModelForCausalLM and AutoTokenizer open the
+    folder and give tga's logits and ids; an existing OUT_DIR needs --overwrite."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    code, stdout, err = cli("export", study["model"], out)
+    assert code == 0, err
+    assert "as LlamaForCausalLM" in stdout and str(out) in stdout
+    model, _ = load_checkpoint(study["model"] / "final.pt")
+    tokenizer = load_tokenizer(study["model"] / "tokenizer.json")
+    ids = torch.tensor([tokenizer.encode("Homarus gammarus is a lobster .")])
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert float((model(ids).logits - loaded(input_ids=ids).logits).abs().max()) <= 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(out)("lobster .")["input_ids"] == tokenizer.encode("lobster .")
+    assert json.loads((out / "tga.json").read_text())["source_checkpoint"] == str(study["model"] / "final.pt")
+    before = (out / "model.safetensors").read_bytes()
+    assert_error(cli("export", study["model"], out), f"OUT_DIR {out} already exists", "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before
+    code, _, err = cli("export", study["model"] / "checkpoints" / "step000002.pt", out, "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "tga.json").read_text())["checkpoint_extra"]["step"] == 2
+
+
+def test_export_bad_input_writes_nothing(study: dict, tmp_path: Path) -> None:
+    config = load_checkpoint(study["model"] / "final.pt")[0].config
+    post = tmp_path / "post"
+    save_checkpoint(post / "final.pt", Transformer(ModelConfig.from_dict({**config.__dict__, "norm_position": "post"})))
+    out = tmp_path / "out"
+    assert_error(cli("export", post, out), "Post-LN", "norm_position='post'", "after the residual sum")
+    assert_error(cli("export", tmp_path / "missing", out), "RUN_DIR_or_CHECKPOINT", "does not exist")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(study["model"] / "final.pt", lone / "final.pt")
+    assert_error(cli("export", lone, out), "no tokenizer.json", "--tokenizer")
+    (tmp_path / "file.txt").write_text("mine")
+    assert_error(cli("export", study["model"], tmp_path / "file.txt"), "is a file")
+    assert_error(cli("export", study["model"], out, "--ovewrite"), "did you mean --overwrite?")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "lone", "post"]
+    assert sorted(p.name for p in lone.iterdir()) == ["final.pt"]
+
+
 def test_evolve_checks_prompts_and_layers_before_training(study: dict, tmp_path: Path) -> None:
     out = tmp_path / "evolution"
     short = tmp_path / "short.txt"
@@ -459,7 +505,8 @@ def test_evolve_checks_prompts_and_layers_before_training(study: dict, tmp_path:
 
 # The config sections whose keys each subcommand takes as flags.
 SECTIONS = {"train": ("model", "training"), "evolve": ("model", "training", "geometry"),
-            "evaluate": ("evaluation",), "analyze": ("geometry",), "download": ()}
+            "evaluate": ("evaluation",), "analyze": ("geometry",), "download": (),
+            "export": ()}  # export sets no config key
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:

@@ -25,6 +25,7 @@ from tga.atomic import no_empty_folders_left
 from tga.data import SPLITS, DataError, cached_token_files, prepare_corpus
 from tga.device import DeviceError, resolve_device
 from tga.evaluate import evaluate_checkpoint
+from tga.export import ExportError, export_checkpoint, hf_architecture
 from tga.geometry import (
     analyze_checkpoints,
     analyze_model,
@@ -50,7 +51,8 @@ SwiGLU/GELU) and measure the geometry of their token representations.
   train     -> <output-dir>/<model-name>/ (init.pt, final.pt, train_log.csv, checkpoints/, tokenizer.json)
   evaluate  -> perplexity JSON (token ppl, bits/byte, word ppl)
   analyze   -> geometry CSV/NPZ files and figures, init vs trained
-  evolve    -> train, then the geometry at init and at every checkpoint"""
+  evolve    -> train, then the geometry at init and at every checkpoint
+  export    -> a Hugging Face transformers folder (config.json, model.safetensors, tokenizer, tga.json)"""
 _EPILOG = """\
 example (offline, tiny, character tokenizer):
   tga download --data-dir data --text-train train.txt --text-validation valid.txt --text-test test.txt
@@ -89,7 +91,7 @@ class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 
 _LIBRARY_ERRORS = (CLIError, DataError, TokenizerError, GeometryError, CheckpointError, SettingError, ConfigError,
-                   TrainingError, DeviceError, ResourceError)
+                   TrainingError, DeviceError, ResourceError, ExportError)
 
 
 # --------------------------------------------------------------------------- parser
@@ -284,6 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_args(p)
     _add_settings(p, evolve=True)
     _add_geometry_args(p)
+
+    p = command("export", _cmd_export, "save a trained model as a Hugging Face transformers folder",
+                "Write OUT_DIR with config.json, model.safetensors, the tokenizer's files and tga.json (tga's "
+                "version, the model's settings, the checkpoint's sha256), so that transformers' "
+                "AutoModelForCausalLM and AutoTokenizer, TransformerLens and nnsight open it. Pre-LN variants "
+                "map onto LlamaForCausalLM (rmsnorm, swiglu, rope), ArceeForCausalLM (rmsnorm, gelu or relu, "
+                "rope), StableLmForCausalLM (layernorm, swiglu, rope, bias false), GPTNeoXForCausalLM "
+                "(layernorm, gelu or relu, rope) or GPT2LMHeadModel (layernorm, gelu or relu, learned "
+                "positions); any other variant (Post-LN, unigram_bias, ...) is an error that says why "
+                "(docs/export.md). The folder is loaded back and checked against tga's logits before it is "
+                "written.")
+    p.add_argument("model", type=Path, metavar="RUN_DIR_or_CHECKPOINT",
+                   help="a model folder (its final.pt is exported) or a checkpoint file")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write (must not exist, see --overwrite)")
+    _add_tokenizer_args(p, default=None, help="tokenizer JSON the model was trained with, or a name (tiktoken, "
+                                              "bpe, gpt2, char); default: tokenizer.json in the model folder")
+    _add_data_dir(p, "only read for --tokenizer char (its vocabulary comes from train.txt)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it exists (otherwise an error)")
     return parser
 
 
@@ -568,6 +588,30 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                   f"{args.data_dir / 'train.txt'}; {len(prompts)} prompts from {args.prompts}")
     made = _evolution_figures(args.output_dir, run_dir, title, data_label, training)
     print(f"geometry of {len(stages)} stages ({', '.join(stages)}) and {', '.join(made)} -> {args.output_dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = args.out_dir
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"OUT_DIR {out} is a file: give the path of a folder to create")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"OUT_DIR {out} already exists: choose another folder, or pass --overwrite to replace it")
+    with _flag("RUN_DIR_or_CHECKPOINT"):
+        ckpt, _ = run_checkpoint(args.model)
+        config = load_checkpoint(ckpt, map_location="cpu")[0].config
+    try:  # a variant no transformers class computes fails before the tokenizer is looked for
+        architecture = hf_architecture(config)
+    except ExportError as exc:
+        raise CLIError(f"{ckpt}: {exc}") from None
+    ckpt, _, _, _, tokenizer = _model(args, args.model, "RUN_DIR_or_CHECKPOINT")
+    info = export_checkpoint(ckpt, out, tokenizer, overwrite=args.overwrite)
+    check = info["logit_check"]
+    if info["tokenizer_files"].startswith("none"):
+        _note(f"{out} holds no tokenizer files ({info['tokenizer_files'].removeprefix('none: ')})")
+    print(f"exported {ckpt} as {architecture} -> {out} (float32 logits within "
+          f"{check['float32_max_abs_difference']:.1e} of tga's on {check['tokens']} tokens; open with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
