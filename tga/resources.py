@@ -504,8 +504,11 @@ def _corpus_tokens(config: Mapping[str, Any]) -> int:
     return WIKITEXT2_BYTES if config["tokenizer"]["name"] == "char" else WIKITEXT2_BYTES // 4
 
 
-def _prompt_shape(path: str | Path) -> tuple[int, int]:
-    """(longest prompt in UTF-8 bytes, number of prompts): bytes bound the token count."""
+def _prompt_shape(path: str | Path | Mapping[str, Any]) -> tuple[int, int]:
+    """(longest prompt in UTF-8 bytes, number of prompts): bytes bound the token count.
+    Test windows (``geometry.prompts`` as a mapping) are ``test_windows`` of ``length`` tokens."""
+    if isinstance(path, Mapping):
+        return int(path["length"]), int(path["test_windows"])
     try:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError):

@@ -10,6 +10,7 @@ from tga.schema import SCHEMA_PATH
 from tga.settings import ConfigError, check_config, coerce_config_types, resolve_variant, schema_error_message
 from tga.evolution import evolution_stages
 from tga.figure_files import figure_copies
+from tga.prompt_windows import is_test_windows
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
 
@@ -29,6 +30,21 @@ try:
                  warn=lambda line: print(f"tga: warning: {line}", file=sys.stderr))
 except ConfigError as error:
     raise WorkflowError(f"Invalid config: {error}") from None
+
+
+# Where the geometry's prompts come from: the prompts file, or with test windows
+# (geometry.prompts: {test_windows, length, seed}; tga/prompt_windows.py) the test split's tokens.
+TEST_WINDOWS = is_test_windows(config["geometry"]["prompts"])
+GEOMETRY_PROMPTS = "outputs/data/tokens/test.bin" if TEST_WINDOWS else config["geometry"]["prompts"]
+
+
+def check_prompts_inputs(wildcards):
+    """Rule check_prompts' inputs: the training text and the prompts; test windows are
+    decoded with the tokenizer before they are looked for in the training text."""
+    inputs = {"train": "outputs/data/corpus/train.txt", "prompts": GEOMETRY_PROMPTS}
+    if TEST_WINDOWS:
+        inputs["tokenizer"] = "outputs/data/tokens/tokenizer.json"
+    return inputs
 
 
 VARIANTS = list(config["variants"])
