@@ -600,8 +600,8 @@ def prompt_source(settings: Mapping[str, Any], prompts_path: str | os.PathLike[s
     """What :func:`analyze_checkpoints` takes as prompts under the ``geometry`` settings:
     the prompts file ``prompts_path``; or, when ``geometry.prompts`` is a mapping
     ``{test_windows, length, seed}``, its windows of ``prompts_path``, the test split's
-    token file."""
-    setting = settings["prompts"]
+    token file. Settings without ``prompts`` (the command line's) mean a file."""
+    setting = settings.get("prompts")
     if not is_test_windows(setting):
         return prompts_path
     return read_test_windows(prompts_path, **{k: int(setting[k]) for k in TEST_WINDOW_KEYS})
