@@ -27,7 +27,7 @@ from tga.prompt_windows import (
     window_texts,
 )
 from tga.seen_prompts import write_seen_prompts_table
-from tga.settings import ConfigError, check_config, schema_error_message
+from tga.settings import ConfigError, check_config, coerce_config_types, schema_error_message
 from tga.tokenizers import CharTokenizer
 from test_settings import base_config
 
@@ -213,6 +213,10 @@ def test_schema_error_for_a_bad_mapping_names_the_missing_key_and_both_forms():
     assert message.startswith("Invalid config: geometry.prompts: ")
     assert "'seed' is a required property" in message and "not valid under any" not in message
     assert "Give a prompts file (e.g. config/prompts.txt) or a mapping {test_windows: N" in message
+    # --config hands the mapping's numbers over as strings: the mapping's form decides their type
+    coerced = coerce_config_types({"geometry": {"prompts": {"test_windows": "256", "length": "64", "seed": "0"}}})
+    assert coerced["geometry"]["prompts"] == {"test_windows": 256, "length": 64, "seed": 0}
+    assert not list(Draft202012Validator(load_schema()).iter_errors(coerced))
 
 
 def test_seen_windows_table_flags_a_window_the_training_text_holds(tmp_path):

@@ -336,6 +336,9 @@ def coerce_config_types(value: Any, schema: dict[str, Any] | None = None, root: 
     schema = load_schema() if schema is None else schema
     root = schema if root is None else root
     schema = _resolve_schema(schema, root)
+    forms = [f for f in schema.get("oneOf", []) if isinstance(value, _JSON_TYPES.get(f.get("type"), ()))]
+    if len(forms) == 1:  # a key of several forms (geometry.prompts): the one of the value's type
+        schema = {**schema, **_resolve_schema(forms[0], root)}
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
