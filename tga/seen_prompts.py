@@ -57,7 +57,7 @@ def _warning_lines(prompts_path: str | os.PathLike[str], prompts: list[tuple[int
     messages = []
     for i in seen:
         line, prompt = prompts[i]
-        flat = " ".join(prompt.split())  # a window's newlines would break the one-line warning
+        flat = " ".join(prompt.splitlines())  # a window's newlines would break the one-line warning
         preview = flat if len(flat) <= _PREVIEW_CHARS else flat[:_PREVIEW_CHARS].rstrip() + " ..."
         messages.append(
             f'geometry.prompts: prompt {i} ({unit} {line} of {prompts_path}: "{preview}") appears verbatim in the '
