@@ -235,3 +235,22 @@ def test_seen_windows_table_flags_a_window_the_training_text_holds(tmp_path):
     flagged = [r["prompt"] for r in rows if r["in_training_text"] == "True"]
     assert "1" in flagged and all(texts[int(i)] in train.read_text() for i in flagged)
     assert any(f"prompt 1 (test window at token {windows.starts[1]} of {path}" in line for line in lines)
+
+
+@pytest.mark.workflow
+def test_the_rules_read_the_test_token_file_for_windows(tmp_path):
+    """With test windows the geometry, evolution and check_prompts jobs take the test
+    split's token file (check_prompts also the tokenizer, to decode them); a dry run."""
+    from workflow_runs import make_workdir, snakemake, tiny_config
+
+    config = tiny_config()
+    config["geometry"]["prompts"] = {"test_windows": 50, "length": 16, "seed": 0}
+    work = make_workdir(tmp_path, config)
+    out = snakemake(work, "--dry-run",
+                    "outputs/data/prompts_in_training_text.csv", "outputs/geometry/llama-preln/seed0/metrics.csv",
+                    "outputs/evolution/llama-preln/seed0/metrics.csv").stdout
+    blocks = {b.split(":", 1)[0].split()[-1]: b for b in out.split("\nrule ")[1:] + out.split("\nlocalrule ")[1:]}
+    assert "outputs/data/tokens/test.bin" in blocks["check_prompts"]
+    assert "outputs/data/tokens/tokenizer.json" in blocks["check_prompts"]
+    for rule in ("geometry", "evolution_geometry"):
+        assert "outputs/data/tokens/test.bin" in blocks[rule] and "tiny_prompts.txt" not in blocks[rule]
