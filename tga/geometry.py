@@ -24,6 +24,13 @@ vector's logits through the tied output embedding against the training split's l
 token frequency) as one row at the ``final_norm`` layer, written only when the train
 token file is given.
 
+**Prompts.** A prompts file (one prompt per line), or ``N`` windows of ``L`` tokens of
+the test split (``geometry.prompts: {test_windows, length, seed}``,
+:mod:`tga.prompt_windows`), fed to the model as they are; ``prompts.csv`` then records
+each window's start and the split's sha256, and only the first :data:`HEATMAP_PROMPTS`
+windows keep heatmap matrices. ``geometry.batch_size`` prompts go through one forward
+(:func:`_hidden_states`).
+
 **Null columns.** :data:`NULL_COLUMNS` hold, beside a value that has one, its null
 reference (:class:`tga.metrics.NullBand`): for every TwoNN value the isotropic
 Gaussian of the same number of points and dimensions, for ``mean_logit_freq_corr``
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,6 +68,7 @@ from tga.metrics import (
     twonn_both,
     twonn_null,
 )
+from tga.prompt_windows import TEST_WINDOW_KEYS, TestWindows, is_test_windows, read_test_windows, window_texts
 
 __all__ = [
     "CROSS_PROMPT",
@@ -81,6 +89,10 @@ __all__ = [
     "summarize_metrics",
     "analyze_checkpoints",
     "analyze_run",
+    "prompt_source",
+    "window_prompts",
+    "resolve_batch_size",
+    "HEATMAP_PROMPTS",
 ]
 
 CROSS_PROMPT = -1
@@ -95,6 +107,12 @@ METRICS_COLUMNS: list[str] = _BASE_METRICS_COLUMNS + NULL_COLUMNS
 SUMMARY_COLUMNS: list[str] = ["stage", "step", "layer", "layer_name", "metric", "mean", "std", "n_prompts", *NULL_COLUMNS]
 FIRST_TOKEN_SETTINGS: tuple[object, ...] = ("auto", True, False)
 """Values of ``geometry.exclude_first_token``."""
+HEATMAP_PROMPTS = 8
+"""With test windows, only windows 0-7 keep similarity matrices (and their tokens) in
+``similarity.npz``: the figures draw prompt 0, and a thousand windows' matrices would
+make the file hundreds of MB per stage. A prompts file keeps every prompt's."""
+DEVICE_BATCH_SIZE = 32
+"""Prompts per forward on a GPU when ``geometry.batch_size`` is null."""
 
 
 class _Tokenizer(Protocol):
@@ -265,8 +283,17 @@ def analyze_model(
     token_counts: np.ndarray | None = None,
     adds_bos: bool = False,
     progress_label: str | None = None,
+    batch_size: int = 1,
+    heatmap_prompts: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Run every prompt through ``model`` (one unpadded forward each) and measure all layers.
+    """Run every prompt through ``model`` and measure all layers.
+
+    ``batch_size`` 1 runs one unpadded forward per prompt (the CPU default: the default
+    study's outputs bit for bit); more runs that many prompts per forward
+    (:func:`_hidden_states`: prompts of equal length together, right-padded; exact for a
+    causal model, whose positions never attend to the padding after them). On a CPU the
+    padded batch's float32 sums may differ in the last bits (up to 2.5e-6 measured at
+    6 x 384); equal-length batches (test windows) were bit-identical on the CPU tested.
 
     Metrics use each prompt's :func:`analysed_positions`; the cross-prompt ones pool them
     over all prompts. ``token_counts`` (training-split occurrences per id, see
@@ -278,7 +305,9 @@ def analyze_model(
     ``{f"{stage}/layer{j}/prompt{i}": float32 (T, T)}`` of the requested layers over every
     position (after ``exclude_first_token``), so a heatmap reads as the prompt's text.
     ``progress_label`` names a per-prompt progress display (:func:`tga.progress.progress`),
-    worth it for large pretrained models; None shows none.
+    worth it for large pretrained models; None shows none. ``heatmap_prompts`` keeps the
+    matrices of the first that many prompts only (None: all), so a thousand test windows
+    do not write a thousand heatmaps (:data:`HEATMAP_PROMPTS`).
     """
     from tga.progress import progress
 
@@ -297,31 +326,33 @@ def analyze_model(
     selected_ids: list[list[int]] = []
     mats: dict[str, np.ndarray] = {}
     start = 1 if exclude_first_token else 0
+    if batch_size < 1:
+        raise GeometryError(f"geometry.batch_size must be >= 1, got {batch_size}")
+    positions_of = []
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > block_size:
+            raise GeometryError(
+                f"prompt {i} has {len(ids)} tokens but block_size is {block_size}; "
+                "encode with encode_prompts(..., truncate=True)"
+            )
+        positions = analysed_positions(ids, exclude_first_token)
+        if len(positions) < MIN_TOKENS_TWONN:
+            why = " after excluding the first token" if exclude_first_token else ""
+            raise GeometryError(
+                f"prompt {i} ({len(ids)} tokens) has {len(positions)} distinct token(s){why}; the "
+                f"geometry metrics need at least {MIN_TOKENS_TWONN} (TwoNN needs two neighbours per token)"
+            )
+        positions_of.append(positions)
+    n_heat = len(prompt_ids) if heatmap_prompts is None else heatmap_prompts
     try:
         with torch.inference_mode():
-            shown = progress(prompt_ids, desc=progress_label or "", unit="prompts", enabled=bool(progress_label))
-            for i, ids in enumerate(shown):
-                if len(ids) > block_size:
-                    raise GeometryError(
-                        f"prompt {i} has {len(ids)} tokens but block_size is {block_size}; "
-                        "encode with encode_prompts(..., truncate=True)"
-                    )
-                positions = analysed_positions(ids, exclude_first_token)
-                if len(positions) < MIN_TOKENS_TWONN:
-                    why = " after excluding the first token" if exclude_first_token else ""
-                    raise GeometryError(
-                        f"prompt {i} ({len(ids)} tokens) has {len(positions)} distinct token(s){why}; the "
-                        f"geometry metrics need at least {MIN_TOKENS_TWONN} (TwoNN needs two neighbours per token)"
-                    )
-                idx = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
-                hs = model(idx, return_hidden_states=True).hidden_states
-                if hs is None or len(hs) != n_total:
-                    got = None if hs is None else len(hs)
-                    raise GeometryError(f"model returned {got} hidden states, expected n_layer + 2 = {n_total}")
-                hidden = torch.stack([h[0] for h in hs])  # (L, T, d)
+            shown = progress(_hidden_states(model, prompt_ids, batch_size, n_total, device), total=len(prompt_ids),
+                             desc=progress_label or "", unit="prompts", enabled=bool(progress_label))
+            for i, hidden in enumerate(shown):  # hidden: (L, T, d)
+                positions = positions_of[i]
                 selected.append(hidden[:, positions].to(torch.float64))
-                selected_ids.append([int(ids[p]) for p in positions])
-                if heat:
+                selected_ids.append([int(prompt_ids[i][p]) for p in positions])
+                if heat and i < n_heat:
                     cos = cosine_similarity_matrix(hidden[heat, start:]).to(torch.float32).cpu().numpy()
                     for pos, j in enumerate(heat):
                         mats[f"{stage}/layer{j}/prompt{i}"] = cos[pos]
@@ -360,6 +391,48 @@ def analyze_model(
 _TWONN = ("twonn", "twonn_mle")
 
 
+def _forward_hidden(model: torch.nn.Module, idx: torch.Tensor, n_total: int) -> torch.Tensor:
+    """The ``(L, B, T, d)`` hidden states of a ``(B, T)`` batch of ids."""
+    hs = model(idx, return_hidden_states=True).hidden_states
+    if hs is None or len(hs) != n_total:
+        got = None if hs is None else len(hs)
+        raise GeometryError(f"model returned {got} hidden states, expected n_layer + 2 = {n_total}")
+    return torch.stack(list(hs))
+
+
+def _hidden_states(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], batch_size: int, n_total: int,
+                   device: str | torch.device) -> Iterator[torch.Tensor]:
+    """Each prompt's ``(L, T_i, d)`` hidden states, in prompt order.
+
+    ``batch_size`` 1: one unpadded forward per prompt. More: the prompts sorted by length
+    (stable), ``batch_size`` at a time, each batch right-padded to its longest with id 0.
+    A causal model's position ``t`` attends to positions ``<= t`` only and its position
+    encoding (rotary or learned) depends on ``t`` alone, so a prompt's states do not
+    depend on the padding after it; equal-length prompts (test windows) need none. The
+    states of a batch are held until the prompts before them in order are handed out.
+    """
+    if batch_size == 1:
+        for ids in prompt_ids:
+            idx = torch.as_tensor(list(ids), dtype=torch.long, device=device).unsqueeze(0)
+            yield _forward_hidden(model, idx, n_total)[:, 0]
+        return
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    ready: dict[int, torch.Tensor] = {}
+    next_out = 0
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        longest = max(len(prompt_ids[i]) for i in batch)
+        idx = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, i in enumerate(batch):
+            idx[row, : len(prompt_ids[i])] = torch.as_tensor(list(prompt_ids[i]), dtype=torch.long)
+        hidden = _forward_hidden(model, idx.to(device), n_total)
+        for row, i in enumerate(batch):
+            ready[i] = hidden[:, row, : len(prompt_ids[i])]
+        while next_out in ready:
+            yield ready.pop(next_out)
+            next_out += 1
+
+
 def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and std (ddof=1) across prompts per (stage, step, layer, metric).
 
@@ -388,20 +461,51 @@ def summarize_metrics(df: pd.DataFrame) -> pd.DataFrame:
     return out[SUMMARY_COLUMNS]
 
 
-def prompt_table(prompts: Sequence[str], info: Sequence[Mapping[str, Any]], first_token_excluded: bool) -> pd.DataFrame:
+def prompt_table(prompts: Sequence[str], info: Sequence[Mapping[str, Any]], first_token_excluded: bool,
+                 windows: TestWindows | None = None) -> pd.DataFrame:
     """``prompts.csv``: per prompt the tokens fed to the model, the tokens before
     truncation, whether it was cut to the block size, whether position 0 was left out
-    of the metrics (``geometry.exclude_first_token`` as resolved), and the text."""
-    return pd.DataFrame(
+    of the metrics (``geometry.exclude_first_token`` as resolved), and the text. For
+    test ``windows`` also each window's ``start`` (token offset in the split) and the
+    split's ``split_sha256``; the text is the decoded window."""
+    table = pd.DataFrame(
         [(d["prompt"], d["n_tokens"], d["n_tokens_original"], d["truncated"], bool(first_token_excluded),
           prompts[d["prompt"]]) for d in info],
         columns=["prompt", "n_tokens_input", "n_tokens_original", "truncated", "first_token_excluded", "text"],
     )
+    if windows is not None:
+        table.insert(1, "start", [windows.starts[d["prompt"]] for d in info])
+        table.insert(len(table.columns) - 1, "split_sha256", windows.split_sha256)
+    return table
+
+
+def window_prompts(windows: TestWindows, tokenizer: _Tokenizer, block_size: int
+                   ) -> tuple[list[str], list[list[int]], list[dict[str, Any]]]:
+    """Test windows as prompts: ``(texts, ids, info)`` as :func:`encode_prompts` gives
+    them for a prompts file, the ids being the windows themselves (never re-encoded:
+    decoding and encoding a cut window need not give back its ids)."""
+    if windows.length > block_size:
+        raise GeometryError(
+            f"geometry.prompts: windows of {windows.length} tokens are longer than the model's block_size="
+            f"{block_size}; set length to at most {block_size}"
+        )
+    ids = windows.as_lists()
+    info = [{"prompt": i, "n_tokens": len(w), "n_tokens_original": len(w), "truncated": False}
+            for i, w in enumerate(ids)]
+    return window_texts(windows, tokenizer), ids, info
+
+
+def resolve_batch_size(setting: int | None, device: str | torch.device) -> int:
+    """``geometry.batch_size``: null = 1 prompt per forward on a CPU (the default study's
+    outputs bit for bit), :data:`DEVICE_BATCH_SIZE` on a GPU; a number as given."""
+    if setting is not None:
+        return int(setting)
+    return 1 if torch.device(device).type == "cpu" else DEVICE_BATCH_SIZE
 
 
 def analyze_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike[str]],
-    prompts_path: str | os.PathLike[str],
+    prompts_path: str | os.PathLike[str] | TestWindows,
     tokenizer: _Tokenizer,
     out_dir: str | os.PathLike[str],
     heatmap_layers: Sequence[int],
@@ -409,14 +513,19 @@ def analyze_checkpoints(
     knn_k: int = 5,
     device: str | torch.device = "cpu",
     train_tokens: str | os.PathLike[str] | None = None,
+    batch_size: int = 1,
 ) -> None:
     """Analyse each checkpoint (stage name -> path) on the prompts and write the geometry files.
 
-    Writes ``metrics.csv``, ``summary.csv``, ``similarity.npz`` (docs/design.md) and
-    ``prompts.csv`` (:func:`prompt_table`) into ``out_dir``, each atomically.
-    ``exclude_first_token`` ``auto`` follows the tokenizer (:func:`tokenizer_adds_bos`). A checkpoint's step is ``extra["step"]`` (default 0).
+    ``prompts_path`` is a prompts file, or test windows (:func:`tga.prompt_windows.read_test_windows`):
+    their ids go to the model as they are, and only the first :data:`HEATMAP_PROMPTS`
+    windows keep similarity matrices. Writes ``metrics.csv``, ``summary.csv``,
+    ``similarity.npz`` (docs/design.md) and ``prompts.csv`` (:func:`prompt_table`) into
+    ``out_dir``, each atomically. ``exclude_first_token`` ``auto`` follows the tokenizer
+    (:func:`tokenizer_adds_bos`). A checkpoint's step is ``extra["step"]`` (default 0).
     All stages must see the same token ids (same block size). ``train_tokens`` (the
     training split's token file) adds ``mean_logit_freq_corr`` to every stage.
+    ``batch_size``: prompts per forward pass (:func:`analyze_model`).
     """
     from tga.model import load_checkpoint  # lazy: keeps this module importable on its own
     from tga.progress import progress
@@ -424,7 +533,8 @@ def analyze_checkpoints(
     if not checkpoints:
         raise GeometryError("no checkpoints given to analyse")
     out = Path(out_dir)
-    prompts = load_prompts(prompts_path)
+    windows = prompts_path if isinstance(prompts_path, TestWindows) else None
+    prompts = [] if windows is not None else load_prompts(prompts_path)
     exclude_first_token = resolve_exclude_first_token(exclude_first_token, tokenizer_adds_bos(tokenizer))
     frames: list[pd.DataFrame] = []
     mats: dict[str, np.ndarray] = {}
@@ -440,7 +550,10 @@ def analyze_checkpoints(
         if not Path(ckpt).is_file():
             raise GeometryError(f"checkpoint for stage {stage!r} not found: {ckpt}")
         model, extra = load_checkpoint(ckpt, map_location="cpu")
-        ids, info = encode_prompts(prompts, tokenizer, int(model.config.block_size), truncate=True)
+        if windows is not None:
+            prompts, ids, info = window_prompts(windows, tokenizer, int(model.config.block_size))
+        else:
+            ids, info = encode_prompts(prompts, tokenizer, int(model.config.block_size), truncate=True)
         if ids_ref is None:
             ids_ref, info_ref = ids, info
             if train_tokens is not None:
@@ -455,6 +568,7 @@ def analyze_checkpoints(
         df, m = analyze_model(
             model, ids, stage, step, heatmap_layers,
             exclude_first_token=exclude_first_token, knn_k=knn_k, device=device, token_counts=counts,
+            batch_size=batch_size, heatmap_prompts=None if windows is None else HEATMAP_PROMPTS,
         )
         frames.append(df)
         mats.update(m)
@@ -464,13 +578,13 @@ def analyze_checkpoints(
     if truncated:
         warnings.warn(f"prompts {truncated} were truncated to the model's block size", stacklevel=2)
     start = 1 if exclude_first_token else 0
-    for i, ids in enumerate(ids_ref):
+    for i, ids in enumerate(ids_ref if windows is None else ids_ref[:HEATMAP_PROMPTS]):
         mats[f"tokens/prompt{i}"] = np.array([tokenizer.decode([t]) for t in ids[start:]], dtype=np.str_)
     mats["layer_names"] = np.array(layer_names(int(model_config_layers)), dtype=np.str_)
 
     metrics = pd.concat(frames, ignore_index=True)
     summary = summarize_metrics(metrics)
-    table = prompt_table(prompts, info_ref, exclude_first_token)
+    table = prompt_table(prompts, info_ref, exclude_first_token, windows)
 
     def _npz(p: Path) -> None:
         with open(p, "wb") as f:
@@ -480,6 +594,18 @@ def analyze_checkpoints(
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
     atomic_write(out / "prompts.csv", lambda p: table.to_csv(p, index=False))
     atomic_write(out / "similarity.npz", _npz)
+
+
+def prompt_source(settings: Mapping[str, Any], prompts_path: str | os.PathLike[str]
+                  ) -> str | os.PathLike[str] | TestWindows:
+    """What :func:`analyze_checkpoints` takes as prompts under the ``geometry`` settings:
+    the prompts file ``prompts_path``; or, when ``geometry.prompts`` is a mapping
+    ``{test_windows, length, seed}``, its windows of ``prompts_path``, the test split's
+    token file. Settings without ``prompts`` (the command line's) mean a file."""
+    setting = settings.get("prompts")
+    if not is_test_windows(setting):
+        return prompts_path
+    return read_test_windows(prompts_path, **{k: int(setting[k]) for k in TEST_WINDOW_KEYS})
 
 
 def analyze_run(
@@ -492,20 +618,24 @@ def analyze_run(
     train_tokens: str | os.PathLike[str] | None = None,
 ) -> None:
     """:func:`analyze_checkpoints` driven by the workflow's ``geometry`` settings and
-    a saved tokenizer, as the pipeline calls it."""
+    a saved tokenizer, as the pipeline calls it. ``prompts_path`` is the prompts file,
+    or the test split's token file when ``geometry.prompts`` asks for test windows
+    (:func:`prompt_source`)."""
     from tga.device import job_device
     from tga.tokenizers import load_tokenizer
 
     if threads > 0:
         torch.set_num_threads(threads)
+    device = job_device(str(settings["device"]))
     analyze_checkpoints(
         checkpoints,
-        prompts_path,
+        prompt_source(settings, prompts_path),
         load_tokenizer(tokenizer_path),
         out_dir,
         heatmap_layers=list(settings["heatmap_layers"]),
         exclude_first_token=settings["exclude_first_token"],
         knn_k=int(settings["knn_k"]),
-        device=job_device(str(settings["device"])),
+        device=device,
         train_tokens=train_tokens,
+        batch_size=resolve_batch_size(settings.get("batch_size"), device),
     )

@@ -614,13 +614,11 @@ def _test_tokens(config: Mapping[str, Any], n_tokens: int) -> int:
     return n_tokens // 10
 
 
-def _prompt_shape(prompts: str | Path | Mapping[str, Any]) -> tuple[int, int]:
+def _prompt_shape(path: str | Path | Mapping[str, Any]) -> tuple[int, int]:
     """(longest prompt in UTF-8 bytes, number of prompts): bytes bound the token count.
-    ``geometry.prompts`` as a mapping ``{test_windows: N, length: L, seed: S}`` is N
-    windows of L tokens."""
-    if isinstance(prompts, Mapping):
-        return max(1, int(prompts.get("length") or 1)), max(1, int(prompts.get("test_windows") or 1))
-    path = prompts
+    Test windows (``geometry.prompts`` as a mapping) are ``test_windows`` of ``length`` tokens."""
+    if isinstance(path, Mapping):
+        return int(path["length"]), int(path["test_windows"])
     try:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError):

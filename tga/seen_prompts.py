@@ -51,13 +51,16 @@ def prompts_in_text(prompts: Sequence[str], text: str) -> list[int]:
 
 
 def _warning_lines(prompts_path: str | os.PathLike[str], prompts: list[tuple[int, str]], seen: list[int],
-                   where: str) -> list[str]:
+                   where: str, unit: str = "line") -> list[str]:
+    """One warning per seen prompt, locating it by ``unit`` ("line" of a prompts file,
+    "test window at token" of a token file) and number."""
     messages = []
     for i in seen:
         line, prompt = prompts[i]
-        preview = prompt if len(prompt) <= _PREVIEW_CHARS else prompt[:_PREVIEW_CHARS].rstrip() + " ..."
+        flat = " ".join(prompt.splitlines())  # a window's newlines would break the one-line warning
+        preview = flat if len(flat) <= _PREVIEW_CHARS else flat[:_PREVIEW_CHARS].rstrip() + " ..."
         messages.append(
-            f'geometry.prompts: prompt {i} (line {line} of {prompts_path}: "{preview}") appears verbatim in the '
+            f'geometry.prompts: prompt {i} ({unit} {line} of {prompts_path}: "{preview}") appears verbatim in the '
             f"training text ({where}); the model has read it"
         )
     return messages
@@ -86,19 +89,36 @@ def write_seen_prompts_table(
     train_text: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     where: str,
+    test_windows: Mapping[str, int] | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """``prompt,line,in_training_text,text`` for every prompt (``prompt`` numbered as in
     ``prompts.csv``) against the training split ``train_text``, written atomically to
     ``out_path``, so a geometry result can be read knowing which prompts the model had
-    seen; returns the warning lines of the seen ones (``where`` names the text)."""
-    prompts = read_prompts(prompts_path)
+    seen; returns the warning lines of the seen ones (``where`` names the text).
+
+    With ``test_windows`` (``geometry.prompts`` as a mapping), ``prompts_path`` is the
+    test split's token file, the prompts are its windows decoded by the tokenizer at
+    ``tokenizer_path`` (tga/prompt_windows.py), and the ``line`` column becomes ``start``
+    (the window's token offset)."""
+    if test_windows is None:
+        prompts, unit, column = read_prompts(prompts_path), "line", "line"
+    else:
+        from tga.prompt_windows import TEST_WINDOW_KEYS, read_test_windows, window_texts  # lazy: reads tokens
+        from tga.tokenizers import load_tokenizer
+
+        if tokenizer_path is None:
+            raise ValueError("test windows are decoded by the tokenizer: give tokenizer_path")
+        windows = read_test_windows(prompts_path, **{k: int(test_windows[k]) for k in TEST_WINDOW_KEYS})
+        texts = window_texts(windows, load_tokenizer(tokenizer_path))
+        prompts, unit, column = list(zip(windows.starts, texts)), "test window at token", "start"
     seen = prompts_in_text([p for _, p in prompts], _decoded(Path(train_text).read_bytes()))
     buffer = io.StringIO()
     table = csv.writer(buffer, lineterminator="\n")
-    table.writerow(["prompt", "line", "in_training_text", "text"])
+    table.writerow(["prompt", column, "in_training_text", "text"])
     table.writerows([i, line, i in seen, prompt] for i, (line, prompt) in enumerate(prompts))
     atomic_write_text(out_path, buffer.getvalue())
-    return _warning_lines(prompts_path, prompts, seen, where)
+    return _warning_lines(prompts_path, list(prompts), seen, where, unit)
 
 
 def _prepared_train_text(data: Mapping[str, Any], corpus_dir: Path) -> bytes | None:

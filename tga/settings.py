@@ -14,6 +14,7 @@ import yaml
 
 from tga.corpus import BOTH_VALIDATIONS, HF_ONLY_KEYS, LOCAL_BUILDERS, DataError, local_data_files
 from tga.schema import ModelConfig, SettingError, TrainConfig, key_specs, load_schema, unknown_names_hint
+from tga.prompt_windows import is_test_windows
 from tga.seen_prompts import read_prompts, training_text_warnings
 from tga.tokenizers import TokenizerError, TokenizerSpec
 
@@ -130,9 +131,13 @@ def check_config(
             raise ConfigError(f"comparisons[{index}] compares {pair[0]!r} with itself: name two different variants")
 
     prompts = config["geometry"]["prompts"]
-    check_file(prompts, "geometry.prompts", "give a text file with one prompt per line", utf8=True)
-    if not read_prompts(prompts):
-        raise ConfigError(f"geometry.prompts: {prompts!r} holds no prompt (only blank or # lines): add one prompt per line")
+    windows = is_test_windows(prompts)
+    if windows:
+        _check_test_windows(prompts, resolved_variants, config)
+    else:
+        check_file(prompts, "geometry.prompts", "give a text file with one prompt per line", utf8=True)
+        if not read_prompts(prompts):
+            raise ConfigError(f"geometry.prompts: {prompts!r} holds no prompt (only blank or # lines): add one prompt per line")
 
     data = config["data"]
     holdout = data.get("validation_holdout")
@@ -148,8 +153,10 @@ def check_config(
                 check_file(data[split], f"data.{split}", hint)
     elif data["archive"]:
         check_file(data["archive"], "data.archive", "give the path of wikitext-2-raw-v1.zip, or remove the key")
-    try:  # an hf corpus's training text exists only once tokenized: the check_prompts step warns then
-        for line in training_text_warnings(data, prompts, corpus_dir) if data["source"] != "hf" else ():
+    try:
+        # An hf corpus's training text exists only once tokenized, and test windows are read from
+        # the token file a run makes: the check_prompts job checks both then.
+        for line in [] if windows or data["source"] == "hf" else training_text_warnings(data, prompts, corpus_dir):
             _warn(line, SeenPromptWarning, warn, depth=2)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
@@ -212,6 +219,27 @@ def _check_hf_data(data: dict[str, Any], tokenizer: dict[str, Any]) -> None:
             "only after tokenization; use tokenizer.name gpt2 (or a Hugging Face tokenizer), or data.source: text")
 
 
+def _check_test_windows(prompts: dict[str, Any], resolved_variants: dict[str, dict[str, Any]],
+                        config: dict[str, Any]) -> None:
+    """``geometry.prompts: {test_windows, length, seed}``: every window must fit every
+    variant's context, and the pretrained entries (which encode prompt text with their own
+    tokenizers) take a prompts file only."""
+    length = int(prompts["length"])
+    for variant, resolved in resolved_variants.items():
+        block = int(resolved["model"]["block_size"])
+        if length > block:
+            raise ConfigError(
+                f"geometry.prompts: windows of length {length} do not fit variants.{variant}'s block_size={block}; "
+                f"set length to at most {block}"
+            )
+    if config.get("pretrained"):
+        raise ConfigError(
+            f"geometry.prompts: test windows (a mapping) are tga's test-split token ids, which the pretrained "
+            f"entries ({', '.join(sorted(config['pretrained']))}) cannot read: their tokenizers differ. Give a "
+            "prompts file (e.g. config/prompts.txt) when the config has pretrained entries"
+        )
+
+
 class SlowJobWarning(UserWarning):
     """A job estimated to take very long per step; it still runs."""
 
@@ -269,7 +297,27 @@ def schema_error_message(error: BaseException) -> str:
         message = re.sub(r"^(Unevaluated|Additional) properties are not allowed", "unknown key", message)
         unknown = sorted(set(inner.instance) - allowed) if isinstance(inner.instance, dict) else []
         message += f"; {_dotted_key_hint(unknown, inner.instance, allowed) or unknown_names_hint(unknown, allowed)}"
+    elif inner.validator in ("oneOf", "anyOf") and inner.context:
+        message = _alternatives_message(inner)
     return f"Invalid config: {key}: {message}"
+
+
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool}
+
+
+def _alternatives_message(error: Any) -> str:
+    """A value that matches none of a key's forms (``geometry.prompts``: a path or a
+    mapping): what is wrong with it in the form of its own type, and the key's help,
+    instead of "is not valid under any of the given schemas"."""
+    forms = error.schema.get(error.validator, [])
+    same_type = [i for i, form in enumerate(forms)
+                 if isinstance(error.instance, _JSON_TYPES.get(form.get("type"), ()))]
+    why = sorted({(".".join(map(str, sub.relative_path)) + ": " if sub.relative_path else "") + sub.message
+                  for sub in error.context if sub.schema_path and sub.schema_path[0] in same_type})
+    expected = " or ".join(form.get("type", "?") for form in forms)
+    message = f"{error.instance!r} is not valid: " + ("; ".join(why) if why else f"expected {expected}")
+    hint = error.schema.get("errorMessage")  # the ajv-errors keyword; jsonschema ignores it
+    return message + (f". {hint}" if hint else "")
 
 
 def _dotted_key_hint(unknown: list[str], instance: Any, sections: set[str]) -> str | None:
@@ -331,6 +379,9 @@ def coerce_config_types(value: Any, schema: dict[str, Any] | None = None, root: 
     schema = load_schema() if schema is None else schema
     root = schema if root is None else root
     schema = _resolve_schema(schema, root)
+    forms = [f for f in schema.get("oneOf", []) if isinstance(value, _JSON_TYPES.get(f.get("type"), ()))]
+    if len(forms) == 1:  # a key of several forms (geometry.prompts): the one of the value's type
+        schema = {**schema, **_resolve_schema(forms[0], root)}
     if isinstance(value, dict):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")

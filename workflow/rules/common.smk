@@ -12,6 +12,7 @@ from tga.settings import ConfigError, check_config, coerce_config_types, resolve
 from tga.evolution import evolution_stages
 from tga.gpu_slots import JOBS_PER_GPU_ENV
 from tga.figure_files import figure_copies
+from tga.prompt_windows import is_test_windows
 from tga.resources import estimate_variant_jobs, scheduler_resources, vocab_size_for
 
 
@@ -34,6 +35,21 @@ except ConfigError as error:
 # Jobs on a node with several GPUs claim one each (tga/gpu_slots.py); this says how
 # many may share a device. Jobs inherit the variable (locally and through the executors).
 os.environ[JOBS_PER_GPU_ENV] = str(config["resources"]["jobs_per_gpu"])
+
+
+# Where the geometry's prompts come from: the prompts file, or with test windows
+# (geometry.prompts: {test_windows, length, seed}; tga/prompt_windows.py) the test split's tokens.
+TEST_WINDOWS = is_test_windows(config["geometry"]["prompts"])
+GEOMETRY_PROMPTS = "outputs/data/tokens/test.bin" if TEST_WINDOWS else config["geometry"]["prompts"]
+
+
+def check_prompts_inputs(wildcards):
+    """Rule check_prompts' inputs: the training text and the prompts; test windows are
+    decoded with the tokenizer before they are looked for in the training text."""
+    inputs = {"train": "outputs/data/corpus/train.txt", "prompts": GEOMETRY_PROMPTS}
+    if TEST_WINDOWS:
+        inputs["tokenizer"] = "outputs/data/tokens/tokenizer.json"
+    return inputs
 
 
 VARIANTS = list(config["variants"])

@@ -118,12 +118,12 @@ rule check_prompts:
     # Which geometry prompts the model reads in training (tga/seen_prompts.py): a table to
     # read the geometry by, and a warning per prompt the training split holds verbatim.
     input:
-        train="outputs/data/corpus/train.txt",
-        prompts=config["geometry"]["prompts"],
+        unpack(check_prompts_inputs),
     output:
         "outputs/data/prompts_in_training_text.csv",
     params:
         code=code_fingerprint("tga.seen_prompts"),
+        prompts=config["geometry"]["prompts"],
         where=(describe_hf_training_text if HF_SOURCE else describe_training_text)(
             config["data"], "outputs/data/corpus/train.txt"
         ),

@@ -16,7 +16,8 @@ rule evolution_geometry:
         # the ones its training settings keep (params.stages), never a listing of the folder.
         checkpoints="outputs/models/{variant}/seed{seed}/checkpoints",
         tokenizer="outputs/data/tokens/tokenizer.json",
-        prompts=config["geometry"]["prompts"],
+        # the prompts file, or the test split's token file for test windows
+        prompts=GEOMETRY_PROMPTS,
         # the training split's token counts, for the mean vector's logit-frequency correlation
         train_tokens="outputs/data/tokens/train.bin",
         train_meta="outputs/data/tokens/train.json",

@@ -7,7 +7,8 @@ rule geometry:
         init="outputs/models/{variant}/seed{seed}/init.pt",
         final="outputs/models/{variant}/seed{seed}/final.pt",
         tokenizer="outputs/data/tokens/tokenizer.json",
-        prompts=config["geometry"]["prompts"],
+        # the prompts file, or the test split's token file for test windows
+        prompts=GEOMETRY_PROMPTS,
         # the training split's token counts, for the mean vector's logit-frequency correlation
         train_tokens="outputs/data/tokens/train.bin",
         train_meta="outputs/data/tokens/train.json",
