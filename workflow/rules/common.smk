@@ -80,6 +80,19 @@ def estimated_resources(job, key):
     return resource
 
 
+def analysis_gpus(section):
+    """``resources: gpu=`` of an analysis job (evaluate, geometry, evolution): 1 when its
+    ``<section>.device`` resolves to CUDA, so Snakemake queues it with the training jobs
+    for the node's GPUs (each then claims its own, tga/gpu_slots.py) instead of it waiting
+    on a claimed device; 0 on a CPU, and 0 when ``resources.train_gpus: 0`` lifts the
+    limit for every job."""
+    from tga.resources import job_device_type
+
+    if int(config["resources"]["train_gpus"]) == 0:
+        return 0
+    return int(job_device_type(str(config[section]["device"]), 1, workflow.local_exec) == "cuda")
+
+
 def variant_settings(wildcards):
     """Only this variant's resolved settings, so other variants' edits never rerun it."""
     return resolve_variant(config, wildcards.variant)

@@ -18,6 +18,7 @@ rule evaluate:
         "outputs/benchmarks/evaluate/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
+        gpu=analysis_gpus("evaluation"),
         mem_mb=estimated_resources("evaluate", "mem_mb"),
         runtime=estimated_resources("evaluate", "runtime"),
     conda:

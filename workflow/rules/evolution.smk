@@ -36,6 +36,7 @@ rule evolution_geometry:
         "outputs/benchmarks/evolution_geometry/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
+        gpu=analysis_gpus("geometry"),
         mem_mb=estimated_resources("evolution", "mem_mb"),
         runtime=estimated_resources("evolution", "runtime"),
     conda:

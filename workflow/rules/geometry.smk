@@ -26,6 +26,7 @@ rule geometry:
         "outputs/benchmarks/geometry/{variant}/seed{seed}.tsv"
     threads: 1
     resources:
+        gpu=analysis_gpus("geometry"),
         mem_mb=estimated_resources("geometry", "mem_mb"),
         runtime=estimated_resources("geometry", "runtime"),
     conda:
