@@ -685,3 +685,18 @@ def test_non_overlapping_windows_score_each_target_once(n: int, block: int) -> N
     assert (targets[~mask] == 0).all()
     with pytest.raises(ValueError):
         non_overlapping_windows(torch.arange(1), block)
+
+
+def test_a_large_split_is_copied_in_chunks_into_the_same_tensor(tmp_path, monkeypatch):
+    """Past TOKEN_COPY_CHUNK tokens the split is converted chunk by chunk (no whole int32
+    copy on the host); every token lands where one conversion puts it, the ragged last
+    chunk included."""
+    import tga.data as data
+
+    ids = np.random.default_rng(0).integers(0, 65535, size=1000, dtype=np.uint16)
+    whole = tokens_to_tensor(ids)
+    monkeypatch.setattr(data, "TOKEN_COPY_CHUNK", 64)
+    chunked = tokens_to_tensor(ids)
+    assert chunked.dtype == torch.int32 and chunked.shape == (1000,)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(chunked, torch.from_numpy(ids.astype(np.int64)).to(torch.int32))

@@ -560,12 +560,25 @@ def cached_token_files(
 # --------------------------------------------------------------------------- batches
 
 
+TOKEN_COPY_CHUNK = 1 << 26  # tokens converted on the host at a time (256 MB of int32)
+
+
 def tokens_to_tensor(tokens: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """A 1-D int32 tensor on ``device``: uint16 memmaps have no direct torch dtype, and
-    int32 halves the memory of int64; batches are widened to int64 when gathered."""
+    int32 halves the memory of int64; batches are widened to int64 when gathered.
+
+    A large split is converted ``TOKEN_COPY_CHUNK`` tokens at a time into the tensor on
+    ``device``, so the host never holds a whole int32 copy of it besides (a
+    billions-token corpus, once per DDP rank); the tensor is the same either way."""
     import torch
 
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
+    if len(tokens) <= TOKEN_COPY_CHUNK:
+        return torch.from_numpy(np.asarray(tokens, dtype=np.int32)).to(device)
+    out = torch.empty(len(tokens), dtype=torch.int32, device=device)
+    for start in range(0, len(tokens), TOKEN_COPY_CHUNK):
+        chunk = np.asarray(tokens[start:start + TOKEN_COPY_CHUNK], dtype=np.int32)
+        out[start:start + len(chunk)].copy_(torch.from_numpy(chunk))
+    return out
 
 
 def sample_batch(
