@@ -170,12 +170,11 @@ def barrier(ranks: Ranks) -> None:
 
 def data_parallel(module: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
     """``module`` wrapped in DDP for a distributed job (it broadcasts rank 0's weights
-    and averages gradients); ``module`` itself for one process. Buffers are not
-    broadcast: the model's are derived from its config, the same on every rank."""
+    and averages gradients); ``module`` itself for one process."""
     if not ranks.distributed:
         return module
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def unwrap_data_parallel(module: nn.Module) -> nn.Module:

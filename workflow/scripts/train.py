@@ -23,7 +23,7 @@ out_dir = Path(snakemake.output.final).parent
 diverged = None
 with logged_job(snakemake.log[0]):
     try:
-        nodes = int(snakemake.resources.get("nodes", 1))
+        nodes = int(getattr(snakemake.resources, "nodes", 1))
         launch_training(
             dict(
                 settings=snakemake.params.settings,
