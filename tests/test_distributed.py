@@ -287,3 +287,17 @@ def test_torchrun_commands_for_one_node_and_for_slurm(tmp_path: Path, monkeypatc
     assert "node07:29500" in multi and "123" in multi and multi[multi.index("--nproc_per_node") + 1] == "8"
     assert Ranks.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Ranks(1, 2, 1)
     assert Ranks.from_env({}) == Ranks()
+
+
+def test_memory_estimate_is_that_of_one_micro_batch() -> None:
+    """A global batch that does not fit trains in micro-batches, so the estimate (which
+    refuses jobs) counts one micro-batch's activations and names micro_batch_size."""
+    from tga.resources import estimate_training
+
+    model = ModelConfig(vocab_size=50_257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    whole = estimate_training(model, {"batch_size": 64, "device": "cuda"}, "cuda")
+    micro = estimate_training(model, {"batch_size": 64, "micro_batch_size": 8, "device": "cuda"}, "cuda")
+    assert micro.parts["activations"] * 8 == whole.parts["activations"]
+    assert micro.device_bytes < whole.device_bytes / 4
+    assert micro.flops_per_step == whole.flops_per_step  # a step still trains the whole batch
+    assert ("training.micro_batch_size", 8) in micro.culprits and ("training.batch_size", 64) in whole.culprits

@@ -249,19 +249,20 @@ def estimate_training(
     happen between steps, when the gradients are freed, so they add nothing."""
     get = training.get if isinstance(training, Mapping) else lambda k, d=None: getattr(training, k, d)
     batch, steps = int(get("batch_size", 8)), int(get("max_steps", 1000))
+    micro = int(get("micro_batch_size", None) or batch)  # windows per forward pass (gradient accumulation)
     precision = _precision(device_type, str(get("precision", "auto")))
     threads = int(threads or get("threads", 0) or _threads())
     dropout = model.dropout > 0
     t, d = model.block_size, model.n_embd
     act_bytes = 4 if precision == "fp32" else 3  # bf16 matmul outputs, fp32 norm statistics
-    n = batch * t
+    n = micro * t
     params = _parameters(model)
     weights = params * (16 + (2 if precision == "bf16" else 0))
     layers = model.n_layer * _activation_units(model, dropout) + 2 + (1.25 if dropout else 0) + 2
     activations = int(n * d * layers * act_bytes)
     logits = (min(n, LOSS_CHUNK_TOKENS) * model.padded_vocab_size * (8 if precision == "fp32" else 12)
               + (model.padded_vocab_size + n) * d * 4)
-    attention = _attention_matrix_bytes(model, batch, device_type, dropout)
+    attention = _attention_matrix_bytes(model, micro, device_type, dropout)
     tokens = _token_bytes(n_tokens)
     parts = {"weights and optimizer": weights, "activations": activations, "logits": logits,
              "attention matrices": attention, "token data": tokens}
@@ -281,12 +282,13 @@ def estimate_training(
     largest = max(("activations", activations), ("logits", logits), ("attention matrices", attention),
                   ("weights and optimizer", weights), key=lambda kv: kv[1])[0]
     culprits: tuple[tuple[str, Any], ...]
+    per_pass = ("training.micro_batch_size", micro) if micro != batch else ("training.batch_size", batch)
     if largest == "weights and optimizer":
         culprits = (("model.n_embd", d), ("model.n_layer", model.n_layer))
     elif largest == "attention matrices":
-        culprits = (("model.block_size", t), ("training.batch_size", batch))
+        culprits = (("model.block_size", t), per_pass)
     else:
-        culprits = (("training.batch_size", batch), ("model.block_size", t))
+        culprits = (per_pass, ("model.block_size", t))
     hint = (", or set model.dropout: 0 (with dropout, CPU attention keeps window x window matrices)"
             if largest == "attention matrices" else "")
     return ResourceEstimate("train", device_type, precision, int(host), int(device), parts, flops, steps,

@@ -439,7 +439,10 @@ def _train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: P
     micro_batch = bs // (ranks.world_size * accumulation)
     per_forward = forward_settings(train_config, micro_batch, accumulation, ranks)
     n_tokens = int(meta["n_tokens"]) + int(val_meta["n_tokens"])
-    check_training_fits(model_config, per_forward, rt.device.type, n_tokens, say if ranks.main else lambda _: None)
+    # memory of one micro-batch, time of this process's share of a step
+    per_process = (train_config if not ranks.distributed else
+                   replace(train_config, batch_size=bs // ranks.world_size, micro_batch_size=micro_batch))
+    check_training_fits(model_config, per_process, rt.device.type, n_tokens, say if ranks.main else lambda _: None)
     keep = set(checkpoint_steps(train_config))
     settings = run_settings(model_config, train_config, rt, meta, val_meta, ranks.world_size)
     store = None if resume_dir is None else ResumeStore(resume_dir, settings, keep)
