@@ -316,3 +316,20 @@ def test_resume_dir_lies_outside_the_declared_model_outputs():
     # Another layout still gets a folder that is not inside the model directory.
     resume = resume_dir_for(Path("runs/x"), "v", 0)
     assert Path("runs/x") not in (resume, *resume.parents)
+
+
+def test_fingerprint_records_processes_and_micro_batches_only_when_used(tokens):
+    """A single-process run without micro_batch_size keeps the fingerprint it had before
+    these settings existed (its states still resume); a distributed run's world size
+    and a set micro_batch_size are part of it, so a state never crosses them."""
+    from tga.data import read_token_metadata
+    from tga.device import Runtime
+    from tga.resume import run_settings, settings_fingerprint
+
+    meta = read_token_metadata(tokens[0]), read_token_metadata(tokens[1])
+    runtime = Runtime.resolve("cpu")
+    plain = run_settings(MODEL, config(), runtime, *meta)
+    assert "world_size" not in plain["training"] and "micro_batch_size" not in plain["training"]
+    fingerprints = {settings_fingerprint(run_settings(MODEL, config(**c), runtime, *meta, world_size=w))
+                    for c, w in (({}, 1), ({}, 2), ({"micro_batch_size": 2}, 1), ({"micro_batch_size": 2}, 2))}
+    assert len(fingerprints) == 4

@@ -28,9 +28,12 @@ def summed_loss_over_windows(
     amp: AbstractContextManager | None = None,
     max_windows: int | None = None,
     progress_label: str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, int]:
     """Total negative log-likelihood (nats) and number of scored tokens; with a
     ``progress_label``, the windows done are shown under it (:mod:`tga.progress`).
+    ``shard=(rank, world_size)`` scores every world_size-th of the chosen windows, from
+    the rank-th on: the processes of one distributed job split a validation pass.
 
     Windows are cut without overlap: window k feeds tokens [kT, kT+T) and scores
     [kT+1, kT+T], so each token is predicted once, with between 0 and T-1 tokens of
@@ -43,6 +46,8 @@ def summed_loss_over_windows(
         # harder than the rest (WikiText-2's test split starts 1.5x easier).
         keep = torch.linspace(0, inputs.shape[0] - 1, max_windows, device=inputs.device).round().long()
         inputs, targets, mask = inputs[keep], targets[keep], mask[keep]
+    if shard[1] > 1:
+        inputs, targets, mask = inputs[shard[0]::shard[1]], targets[shard[0]::shard[1]], mask[shard[0]::shard[1]]
     amp = amp or nullcontext()
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)

@@ -56,15 +56,21 @@ def resume_dir_for(out_dir: Path, variant: str, seed: int) -> Path:
 
 def run_settings(
     model_config: ModelConfig, train_config: TrainConfig, runtime: Runtime,
-    train_meta: dict[str, Any], val_meta: dict[str, Any],
+    train_meta: dict[str, Any], val_meta: dict[str, Any], world_size: int = 1,
 ) -> dict[str, Any]:
     """Everything that determines a run's trajectory, as plain JSON-able values.
 
     ``device``/``precision``/``compile`` are stored resolved, so ``auto`` and what it
     picks count as the same setting (RNG states are device-specific, so the type
     matters): a state saved with ``compile: false`` on a CPU resumes under ``auto``.
+    A distributed job's ``world_size`` (one RNG state per rank) and a set
+    ``micro_batch_size`` count too; left at 1 and null they are not recorded, so the
+    states of single-process runs keep their fingerprints.
     """
-    training = {k: v for k, v in asdict(train_config).items() if k not in _NOT_FINGERPRINTED}
+    training = {k: v for k, v in asdict(train_config).items()
+                if k not in _NOT_FINGERPRINTED and not (k == "micro_batch_size" and v is None)}
+    if world_size > 1:
+        training["world_size"] = world_size
     training["device"] = runtime.device.type
     training["precision"] = runtime.precision
     training["compile"] = compile_decision(train_config.compile, runtime.device.type)
@@ -129,10 +135,12 @@ class ResumeStore:
         self.path = self.folder / RESUME_STATE
 
     def save(self, state: TrainState, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, runtime: Runtime) -> None:
+             generator: torch.Generator, runtime: Runtime, rng: dict[str, Any] | None = None) -> None:
         """The live ``state`` with the weights, optimizer and RNGs it goes with, after a
         copy of the checkpoint just written (recorded in ``state.checkpoints``). Fsynced
-        and renamed: a kill at any moment leaves the previous state usable."""
+        and renamed: a kill at any moment leaves the previous state usable. ``rng``:
+        the RNG states to keep (default: this process's; a distributed job passes
+        every rank's)."""
         copy = self.folder / "checkpoints" / checkpoint.name
         atomic_write(copy, lambda tmp: shutil.copyfile(checkpoint, tmp))
         state.checkpoints[checkpoint.name] = sha256_file(copy)
@@ -144,7 +152,8 @@ class ResumeStore:
                        loss_sum=state.loss_sum.detach().cpu(), first_bad_step=int(state.first_bad_step.item()),
                        last_val_loss=float(state.last_val_loss), elapsed_s=float(state.elapsed_s),
                        model={k: v.detach().cpu() for k, v in raw.state_dict().items()},
-                       optimizer=optimizer.state_dict(), rng=runtime.rng_states(), generator=generator.get_state())
+                       optimizer=optimizer.state_dict(), rng=runtime.rng_states() if rng is None else rng,
+                       generator=generator.get_state())
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
@@ -167,9 +176,14 @@ class ResumeStore:
         else:
             problem = self._problem(payload)
         if problem is None:
-            return TrainState(**{f.name: payload[f.name] for f in fields(TrainState)})
+            return _state_of(payload)
         self.discard(problem)
         return None
+
+    def read(self) -> TrainState:
+        """The state as saved, unchecked and never cleared: for the other ranks of a
+        distributed job, after rank 0's :meth:`load` found it usable."""
+        return _state_of(torch.load(self.path, map_location="cpu", weights_only=True))
 
     def discard(self, problem: str) -> None:
         say(f"not resuming from {self.path}: {problem}; starting fresh from step 0")
@@ -215,6 +229,9 @@ class ResumeStore:
         rng = state.get("rng")
         if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
             return "its RNG state is missing"
+        world_size = self.settings["training"].get("world_size", 1)
+        if world_size > 1 and (not isinstance(rng.get("ranks"), list) or len(rng["ranks"]) != world_size):
+            return f"it lacks the RNG states of its {world_size} ranks"
         bad = [k for k in ("loss_sum", "generator") if not isinstance(state.get(k), torch.Tensor)]
         bad += [k for k in (*_COUNTERS, "first_bad_step") if not _is_int(state.get(k))]
         bad += [k for k in _FLOATS if not isinstance(state.get(k), float)]
@@ -238,6 +255,10 @@ class ResumeStore:
             if not path.is_file() or sha256_file(path) != digest:
                 return f"its copy of checkpoint {name} is missing or altered"
         return None
+
+
+def _state_of(payload: dict[str, Any]) -> TrainState:
+    return TrainState(**{f.name: payload[f.name] for f in fields(TrainState)})
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

@@ -248,6 +248,7 @@ class TrainConfig:
 
     max_steps: int
     batch_size: int
+    micro_batch_size: int | None  # per forward and process; tga.distributed.accumulation_steps
     learning_rate: float
     min_lr_ratio: float
     warmup_steps: int
@@ -276,6 +277,12 @@ class TrainConfig:
         if not _strict_integer(None, self.threads) or self.threads < 0:
             raise TrainConfigError(f"training setting threads={self.threads!r} must be an integer >= 0 "
                                    "(0 = torch's default)", "threads")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise TrainConfigError(
+                f"training setting micro_batch_size={self.micro_batch_size} must divide batch_size="
+                f"{self.batch_size} (the global batch is micro_batch_size x processes x accumulation steps)",
+                "micro_batch_size",
+            )
         if not self.warmup_steps <= self.max_steps:
             raise TrainConfigError(
                 f"training setting warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]",

@@ -5,7 +5,9 @@ host at log/eval intervals, so on a GPU the step rate is bound by the arithmetic
 With a ``resume_dir`` it is resumable (:mod:`tga.resume`). A run ends ``ok`` or
 ``diverged`` (:mod:`tga.status`); both leave a complete set of files, so a workflow
 can treat divergence as a result rather than as a failed job. ``run_checkpoint`` finds
-a run's checkpoint from its folder and ``clear_run`` removes what a run wrote.
+a run's checkpoint from its folder and ``clear_run`` removes what a run wrote. Given
+``ranks`` (:mod:`tga.distributed`), one run spans several processes with DDP; with
+``micro_batch_size`` its global batch accumulates over several forward passes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +26,10 @@ from tga.atomic import atomic_write, stale_temporaries
 from tga.data import RareTokenRelabeler, load_token_file, read_token_metadata, sample_batch, tokens_to_tensor
 from tga.device import (Runtime, compile_decision, compile_key, compile_lock, compile_mode_choice,
                         device_memory_bytes, loss_head_choice, optimizer_options, use_compile_cache)
-from tga.evaluate import mean_loss_over_windows
+from tga.distributed import (SINGLE, Ranks, accumulation_steps, all_ranks_agree, data_parallel, end_process_group,
+                             gather_to_main, gradient_sync, mean_over_ranks, rank_seed, rank_slice,
+                             start_process_group, sum_over_ranks, unwrap_data_parallel)
+from tga.evaluate import mean_loss_over_windows, summed_loss_over_windows
 from tga.model import CheckpointError, ModelConfig, Transformer, save_checkpoint
 from tga.progress import progress as progress_display
 from tga.resources import check_training_fits
@@ -158,14 +163,17 @@ def warm_compiled_graphs(run_step: "TrainingStep", evaluate: nn.Module, val_data
     and backward on the first training windows, and a validation pass over one batch.
     Nothing of the run changes: the gradients are dropped, no optimizer steps, and the
     RNG states (dropout draws from them) are put back, so the trajectory is the one
-    without this. It exists to be held under :func:`tga.device.compile_lock`."""
-    model, batch, block = run_step.model, run_step.config.batch_size, run_step.block_size
+    without this. It exists to be held under :func:`tga.device.compile_lock`. It calls
+    the compiled module, not its DDP wrapper: no collective runs while ranks take
+    turns at the lock."""
+    model, batch, block = run_step.model, run_step.micro_batch, run_step.block_size
+    forward = unwrap_data_parallel(run_step.forward)
     rng = runtime.rng_states()
     data = run_step.train_data
     windows = data[torch.arange(block + 1, device=data.device).expand(batch, -1)].long()  # sample_batch's layout
     torch.compiler.cudagraph_mark_step_begin()
     with run_step.amp:
-        loss = run_step.forward(windows[:, :-1], windows[:, 1:], return_logits=False).loss
+        loss = forward(windows[:, :-1], windows[:, 1:], return_logits=False).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     model.eval()
@@ -182,21 +190,32 @@ def train_step(
     y: torch.Tensor,
     amp: Any,
     grad_clip: float,
+    accumulation: int = 1,
 ) -> torch.Tensor:
-    """One optimizer step; returns the loss without synchronising with the host.
-    ``forward_model`` may be the compiled wrapper of ``model``. The loss comes from the
-    model's training head (``return_logits=False``: chunked or full, see
-    :func:`tga.device.loss_head_choice`)."""
-    if forward_model is not model:
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays may reuse buffers
-    with amp:
-        loss = forward_model(x, y, return_logits=False).loss
-    loss.backward()
+    """One optimizer step; returns the (mean) loss without synchronising with the host.
+    ``forward_model`` may be the compiled or DDP wrapper of ``model``. The loss comes
+    from the model's training head (``return_logits=False``: chunked or full, see
+    :func:`tga.device.loss_head_choice`).
+
+    With ``accumulation`` > 1 the windows are cut into that many equal micro-batches;
+    each micro loss is divided by ``accumulation`` before its backward pass, so the
+    summed gradient is the mean loss's over all windows, and a DDP wrapper all-reduces
+    only on the last (``no_sync`` before)."""
+    total = None
+    for index, (x_micro, y_micro) in enumerate(zip(x.chunk(accumulation), y.chunk(accumulation))):
+        if forward_model is not model:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays may reuse buffers
+        with gradient_sync(forward_model, index == accumulation - 1):
+            with amp:
+                loss = forward_model(x_micro, y_micro, return_logits=False).loss
+            (loss if accumulation == 1 else loss / accumulation).backward()
+        loss = loss.detach()
+        total = loss if total is None else total + loss
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return total if accumulation == 1 else total / accumulation
 
 
 @dataclass
@@ -205,7 +224,11 @@ class TrainingStep:
     training rule runs it and ``tga.bench`` times exactly it: the learning rate of the
     schedule, a batch drawn on the device, rare-token relabeling (where configured),
     the optimizer step, and the on-device bookkeeping (loss sum, first NaN/inf step).
-    Nothing in it waits for the host; the loop syncs only when it logs."""
+    Nothing in it waits for the host; the loop syncs only when it logs.
+
+    In a distributed job every rank draws the same global batch and trains on its own
+    slice (:func:`tga.distributed.rank_slice`); the recorded loss is the mean over the
+    ranks, so each rank's bookkeeping, divergence included, is the same."""
 
     model: Transformer
     forward: nn.Module  # ``model`` or its compiled wrapper (:func:`compile_for_training`)
@@ -216,6 +239,13 @@ class TrainingStep:
     config: TrainConfig
     block_size: int
     amp: Any
+    ranks: Ranks = SINGLE
+    accumulation: int = 1  # forward/backward passes per optimizer step in each process
+
+    @property
+    def micro_batch(self) -> int:
+        """Windows per forward pass."""
+        return self.config.batch_size // (self.ranks.world_size * self.accumulation)
 
     def __call__(self, state: TrainState, step: int) -> float:
         """Run optimizer step ``step`` (0-based) and record it in ``state``; returns its
@@ -225,7 +255,10 @@ class TrainingStep:
             group["lr"] = lr
         batch = sample_batch(self.train_data, self.config.batch_size, self.block_size, self.generator)
         x, y = self.relabel(*batch, self.generator)
-        loss = train_step(self.forward, self.model, self.optimizer, x, y, self.amp, self.config.grad_clip)
+        x, y = rank_slice(x, self.ranks), rank_slice(y, self.ranks)
+        loss = train_step(self.forward, self.model, self.optimizer, x, y, self.amp, self.config.grad_clip,
+                          self.accumulation)
+        loss = mean_over_ranks(loss, self.ranks)
         bad = (state.first_bad_step < 0) & ~torch.isfinite(loss)
         state.first_bad_step = torch.where(bad, torch.full_like(state.first_bad_step, step + 1), state.first_bad_step)
         state.loss_sum += loss
@@ -309,23 +342,40 @@ def new_training_parts(model_config: ModelConfig, train_config: TrainConfig, dev
     return model, make_optimizer(model, train_config, device), generator
 
 
-def _start(build: Callable[[], Built], store: ResumeStore | None, runtime: Runtime) -> tuple[Built, TrainState | None]:
+def _start(build: Callable[[], Built], store: ResumeStore | None, runtime: Runtime,
+           ranks: Ranks = SINGLE) -> tuple[Built, TrainState | None]:
     """A fresh model, optimizer and batch generator, restored from the store's state
-    when it holds a usable one; one that fails to restore is dropped for a fresh start."""
+    when it holds a usable one; one that fails to restore is dropped for a fresh start.
+    In a distributed job rank 0 judges the state (and alone clears a bad one); the
+    others read the same file, and all resume only if every rank restored it."""
     built = build()
-    state = store.load() if store is not None else None
-    if state is None:
+    state = None
+    if store is not None:
+        state = store.load() if ranks.main else None
+        if all_ranks_agree(state is not None or not ranks.main, ranks, runtime.device) and not ranks.main:
+            state = store.read()
+    if not all_ranks_agree(state is not None, ranks, runtime.device):
         return built, None
     model, optimizer, generator = built
+    problem = None
     try:
         model.load_state_dict(state.model)
         restore_optimizer(optimizer, state.optimizer)
         generator.set_state(state.generator)
-        runtime.set_rng_states(state.rng)  # last: everything above may still fail
+        runtime.set_rng_states(rank_rng_states(state.rng, ranks))  # last: everything above may still fail
     except Exception as exc:
-        store.discard(f"it cannot be restored ({type(exc).__name__}: {str(exc)[:200]})")
-        return build(), None
-    return built, state
+        problem = f"it cannot be restored ({type(exc).__name__}: {str(exc)[:200]})"
+    if all_ranks_agree(problem is None, ranks, runtime.device):
+        return built, state
+    if ranks.main:
+        store.discard(problem or "another rank could not restore it")
+    return build(), None
+
+
+def rank_rng_states(saved: dict[str, Any], ranks: Ranks) -> dict[str, Any]:
+    """This rank's RNG states from a resume state (a distributed job saves every
+    rank's under ``ranks``, for dropout draws differ between ranks)."""
+    return saved["ranks"][ranks.rank] if ranks.distributed else saved
 
 
 def train_model(
@@ -338,6 +388,7 @@ def train_model(
     show_progress: bool = True,
     resume_dir: Path | None = None,
     compile_cache: Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Train one variant with one seed; writes ``init.pt``, ``checkpoints/step*.pt``,
     ``train_log.csv``, ``final.pt`` and, last, ``status.json`` under ``out_dir``.
@@ -347,48 +398,98 @@ def train_model(
     the run continues from a saved state of the same settings (:mod:`tga.resume`).
     With ``compile_cache`` a compiled step's graphs are kept in and loaded from that
     folder, and jobs compiling the same graph take turns (:func:`warm_compiled_graphs`);
-    an eager run leaves it alone.
+    an eager run leaves it alone. With ``ranks`` of a torchrun-started job (see
+    :mod:`tga.distributed`) this process joins the job's process group for the run:
+    it trains on its slice of each global batch and only rank 0 writes files.
     """
-    out_dir = _prepare(Path(out_dir))
+    if not ranks.distributed:
+        return _train(model_config, train_config, train_tokens, val_tokens, Path(out_dir), run_name, show_progress,
+                      resume_dir, compile_cache, ranks, train_config.device)
+    device = start_process_group(ranks, train_config.device)
+    try:
+        return _train(model_config, train_config, train_tokens, val_tokens, Path(out_dir), run_name,
+                      show_progress and ranks.main, resume_dir, compile_cache, ranks, device)
+    finally:
+        end_process_group()
+
+
+def forward_settings(train_config: TrainConfig, micro_batch: int, accumulation: int, ranks: Ranks) -> TrainConfig:
+    """The settings of one forward pass (what memory, the loss head and the compiler
+    see): ``micro_batch`` windows. ``compile_mode: auto`` leaves CUDA graphs out when
+    gradients accumulate or ranks all-reduce, where replays would overwrite buffers
+    that the next micro-step or DDP's hooks still read."""
+    if micro_batch == train_config.batch_size:
+        return train_config
+    mode = train_config.compile_mode
+    if mode == "auto" and (accumulation > 1 or ranks.distributed):
+        mode = "default"
+    return replace(train_config, batch_size=micro_batch, micro_batch_size=None, compile_mode=mode)
+
+
+def _train(model_config: ModelConfig, train_config: TrainConfig, train_tokens: Path, val_tokens: Path, out_dir: Path,
+           run_name: str, show_progress: bool, resume_dir: Path | None, compile_cache: Path | None, ranks: Ranks,
+           device: str) -> dict[str, Any]:
+    """:func:`train_model` in one process of ``ranks``, on ``device``."""
+    if ranks.main:
+        _prepare(out_dir)
     model_config, meta, val_meta = _token_metadata(model_config, train_tokens, val_tokens)
-    rt = Runtime.resolve(train_config.device, train_config.precision, train_config.threads)
+    rt = Runtime.resolve(device, train_config.precision, train_config.threads)
+    seed, bs, block = train_config.seed, train_config.batch_size, model_config.block_size
+    accumulation = accumulation_steps(bs, train_config.micro_batch_size, ranks.world_size)
+    micro_batch = bs // (ranks.world_size * accumulation)
+    per_forward = forward_settings(train_config, micro_batch, accumulation, ranks)
     n_tokens = int(meta["n_tokens"]) + int(val_meta["n_tokens"])
-    check_training_fits(model_config, train_config, rt.device.type, n_tokens, say)
+    # memory of one micro-batch (and DDP's buckets), time of this process's share of a step
+    per_forward_batch = replace(train_config, micro_batch_size=micro_batch) if ranks.distributed else train_config
+    check_training_fits(model_config, per_forward_batch, rt.device.type, n_tokens,
+                        say if ranks.main else lambda _: None, world_size=ranks.world_size)
     keep = set(checkpoint_steps(train_config))
-    settings = run_settings(model_config, train_config, rt, meta, val_meta)
+    settings = run_settings(model_config, train_config, rt, meta, val_meta, ranks.world_size)
     store = None if resume_dir is None else ResumeStore(resume_dir, settings, keep)
     train_data, val_data = load_tokens_to_device(train_tokens, rt.device), load_tokens_to_device(val_tokens, rt.device)
     counts, relabel = token_counts_and_relabeler(train_data, model_config.vocab_size, train_config)
-    seed, bs, block = train_config.seed, train_config.batch_size, model_config.block_size
 
     def build() -> Built:
-        """Seeded init, saved as ``init.pt``."""
-        built = new_training_parts(model_config, train_config, rt.device, counts)
-        save_checkpoint(out_dir / "init.pt", built[0], {"step": 0, "seed": seed, "run": run_name})
+        """Seeded init, saved as ``init.pt``; in a distributed job each rank then draws
+        its dropout masks from its own seed."""
+        built = new_training_parts(model_config, per_forward, rt.device, counts)
+        if ranks.main:
+            save_checkpoint(out_dir / "init.pt", built[0], {"step": 0, "seed": seed, "run": run_name})
+        if ranks.distributed:
+            torch.manual_seed(rank_seed(seed, ranks.rank))
         return built
 
     def validate() -> float:
         """Eval mode and no sampling: validation draws from no RNG, so it cannot make a
-        resumed run's random stream differ from an uninterrupted one's."""
+        resumed run's random stream differ from an uninterrupted one's. The ranks of a
+        distributed job score every world_size-th window each and add up."""
         model.eval()
-        loss = mean_loss_over_windows(evaluate, val_data, block, bs, rt.amp, max_windows=train_config.eval_batches * bs)
+        windows = train_config.eval_batches * bs
+        if ranks.distributed:
+            total, count = summed_loss_over_windows(evaluate, val_data, block, micro_batch, rt.amp, windows,
+                                                    shard=(ranks.rank, ranks.world_size))
+            total, count = sum_over_ranks([total, count], ranks, rt.device)
+            loss = total / count
+        else:
+            loss = mean_loss_over_windows(evaluate, val_data, block, micro_batch, rt.amp, max_windows=windows)
         model.train()
         return loss
 
-    (model, optimizer, generator), state = _start(build, store, rt)
-    run_step = TrainingStep(model, compile_for_training(model, train_config, rt.device.type), optimizer, train_data,
-                            generator, relabel, train_config, block, rt.amp)
-    evaluate = evaluation_model(model, run_step.forward)
-    if compile_cache is not None and run_step.forward is not model:
-        key = compile_key(model=asdict(model_config), batch=bs, device=str(rt.device), precision=rt.precision,
-                          mode=train_config.compile_mode, head=model.loss_head)
+    (model, optimizer, generator), state = _start(build, store, rt, ranks)
+    compiled = compile_for_training(model, per_forward, rt.device.type)
+    run_step = TrainingStep(model, data_parallel(compiled, ranks, rt.device), optimizer, train_data, generator,
+                            relabel, train_config, block, rt.amp, ranks, accumulation)
+    evaluate = evaluation_model(model, compiled)
+    if compile_cache is not None and compiled is not model:
+        key = compile_key(model=asdict(model_config), batch=micro_batch, device=rt.device.type,
+                          precision=rt.precision, mode=per_forward.compile_mode, head=model.loss_head)
         with compile_lock(use_compile_cache(compile_cache), key):
             warm_compiled_graphs(run_step, evaluate, val_data, rt)
     log_path = out_dir / "train_log.csv"
     if state is None:
         state = TrainState(last_val_loss=validate())
         state.rows.append(_row(0, learning_rate_at(0, train_config), None, state.last_val_loss, None, 0.0))
-    else:
+    elif ranks.main:
         store.restore_checkpoints(state, out_dir / "checkpoints")
         _write_log(log_path, state.rows)
         say(f"resuming {run_name} from step {state.step} of {train_config.max_steps} (state in {store.path})")
@@ -414,7 +515,8 @@ def train_model(
             state.last_val_loss = validate()
             tokens_per_s = timed_steps * bs * block / max(now - last_time, 1e-9)
             state.rows.append(_row(done, lr, train_loss, state.last_val_loss, tokens_per_s, now - start))
-            _write_log(log_path, state.rows)
+            if ranks.main:
+                _write_log(log_path, state.rows)
             progress.set_postfix(train_loss=f"{train_loss:.3f}", val_ppl=f"{math.exp(state.last_val_loss):.1f}")
             state.loss_sum.zero_()
             state.steps_since_log = timed_steps = 0
@@ -422,35 +524,43 @@ def train_model(
             last_time = time.perf_counter()
         if done in keep:
             checkpoint = out_dir / "checkpoints" / f"step{done:06d}.pt"
-            save_checkpoint(checkpoint, model, {"step": done, "seed": seed, "run": run_name})
+            if ranks.main:
+                save_checkpoint(checkpoint, model, {"step": done, "seed": seed, "run": run_name})
             if store is not None:
-                state.elapsed_s = time.perf_counter() - start
-                store.save(state, checkpoint, model, optimizer, generator, rt)
+                rng = gather_to_main(rt.rng_states(), ranks)  # every rank takes part
+                if ranks.main:
+                    state.elapsed_s = time.perf_counter() - start
+                    store.save(state, checkpoint, model, optimizer, generator, rt,
+                               rng={**rng[0], "ranks": rng} if ranks.distributed else None)
     progress.close()
-    return _finish(out_dir, model, state, diverged_at, run_name, seed, store)
+    return _finish(out_dir, model, state, diverged_at, run_name, seed, store, write=ranks.main)
 
 
 def _finish(out_dir: Path, model: nn.Module, state: TrainState, diverged_at: int | None, run_name: str, seed: int,
-            store: ResumeStore | None) -> dict[str, Any]:
+            store: ResumeStore | None, write: bool = True) -> dict[str, Any]:
     """``final.pt``, then ``status.json`` (its presence means the run ended), then the
     resume state goes: an ended run, ok or diverged, is never resumed. A diverged
     run's ``final.pt`` holds the model as it stopped, its metadata says ``diverged``
-    and where: every file a workflow declares exists, and none pretends to be trained."""
+    and where: every file a workflow declares exists, and none pretends to be trained.
+    Only with ``write`` (rank 0 of a distributed job) are files written."""
     log_path = out_dir / "train_log.csv"
-    _write_log(log_path, state.rows)
+    if write:
+        _write_log(log_path, state.rows)
     if diverged_at is None:
         summary = {"step": state.step, "seed": seed, "run": run_name, "final_val_loss": float(state.last_val_loss),
                    "final_val_ppl": math.exp(state.last_val_loss)}
-        save_checkpoint(out_dir / "final.pt", model, summary)
-        write_status(out_dir / STATUS_FILE, OK, **summary)
+        if write:
+            save_checkpoint(out_dir / "final.pt", model, summary)
+            write_status(out_dir / STATUS_FILE, OK, **summary)
     else:
         summary = {"step": diverged_at, "seed": seed, "run": run_name, "last_logged_step": state.last_logged_step,
                    "message": f"training of {run_name} diverged: the loss became NaN/inf at step {diverged_at} "
                               f"(seed {seed}); lower learning_rate or raise warmup_steps. The log up to step "
                               f"{state.last_logged_step} is in {log_path}"}
-        save_checkpoint(out_dir / "final.pt", model, {**summary, "status": DIVERGED})
-        write_status(out_dir / STATUS_FILE, DIVERGED, **summary)
-    if store is not None:
+        if write:
+            save_checkpoint(out_dir / "final.pt", model, {**summary, "status": DIVERGED})
+            write_status(out_dir / STATUS_FILE, DIVERGED, **summary)
+    if store is not None and write:
         store.clear()
     if diverged_at is not None:
         raise TrainingDiverged(summary["message"], run_name, seed, diverged_at, state.last_logged_step)
@@ -468,13 +578,14 @@ def train_from_settings(
     resume_dir: Path | None = None,
     show_progress: bool = True,
     compile_cache: Path | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Train from a resolved variant (``{"model": {...}, "training": {...}}``, as
     :func:`tga.settings.resolve_variant` makes it); see :func:`train_model`."""
     model_config = ModelConfig.from_dict({"vocab_size": 1, **settings["model"]})
     train_config = TrainConfig.from_dict({**settings["training"], "seed": seed, "threads": threads})
     return train_model(model_config, train_config, Path(train_tokens), Path(val_tokens), Path(out_dir), run_name,
-                       show_progress=show_progress, resume_dir=resume_dir, compile_cache=compile_cache)
+                       show_progress=show_progress, resume_dir=resume_dir, compile_cache=compile_cache, ranks=ranks)
 
 
 def run_checkpoint(path: Path) -> tuple[Path, Path]:

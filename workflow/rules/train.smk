@@ -3,6 +3,18 @@
 from tga.fingerprint import code_fingerprint
 
 
+def multi_node_resources():
+    """SLURM resources of a training job spanning resources.train_nodes > 1 nodes: the
+    nodes, one task per node (srun starts one torchrun on each), and `mpi`, which makes
+    the SLURM plugin run this job's script in the allocation itself rather than in a
+    one-task job step, so that the script's own srun reaches every node
+    (tga.distributed.torchrun_command). Nothing for one node."""
+    nodes = config["resources"].get("train_nodes", 1)
+    if nodes <= 1:
+        return {}
+    return {"nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+
+
 checkpoint train:
     input:
         train="outputs/data/tokens/train.bin",
@@ -28,7 +40,9 @@ checkpoint train:
         "outputs/benchmarks/train/{variant}/seed{seed}.tsv"
     threads: config["resources"]["train_threads"]
     resources:
-        gpu=config["resources"]["train_gpus"],
+        # all the job's GPUs: train_gpus on each of train_nodes nodes (N > 1: DDP via torchrun)
+        gpu=config["resources"]["train_gpus"] * config["resources"].get("train_nodes", 1),
+        **multi_node_resources(),
         mem_mb=estimated_resources("train", "mem_mb"),
         runtime=estimated_resources("train", "runtime"),
     conda:

@@ -1,5 +1,7 @@
 """Train one variant with one seed, resumably; a divergence is a result, not a failure.
 
+With resources.train_gpus > 1 (or train_nodes > 1) tga.distributed.launch_training
+starts torchrun and the job trains on all its GPUs with DDP; otherwise it trains here.
 The resume state lives in ``outputs/.resume/...``, outside this job's declared
 outputs, because Snakemake deletes those when the job fails or is killed. A diverged
 run ends this job successfully with ``status.json`` saying where, and says so on the
@@ -11,7 +13,8 @@ from pathlib import Path
 
 from tga.joblog import logged_job
 from tga.resume import resume_dir_for
-from tga.train import TrainingDiverged, train_from_settings
+from tga.distributed import launch_training
+from tga.train import TrainingDiverged
 
 variant = snakemake.wildcards.variant
 seed = int(snakemake.wildcards.seed)
@@ -20,16 +23,21 @@ out_dir = Path(snakemake.output.final).parent
 diverged = None
 with logged_job(snakemake.log[0]):
     try:
-        train_from_settings(
-            snakemake.params.settings,
-            seed=seed,
-            threads=snakemake.threads,
-            train_tokens=snakemake.input.train,
-            val_tokens=snakemake.input.validation,
-            out_dir=out_dir,
-            run_name=f"{variant}/seed{seed}",
-            resume_dir=resume_dir_for(out_dir, variant, seed),
-            compile_cache=snakemake.params.compile_cache,
+        nodes = int(getattr(snakemake.resources, "nodes", 1))
+        launch_training(
+            dict(
+                settings=snakemake.params.settings,
+                seed=seed,
+                threads=snakemake.threads,
+                train_tokens=snakemake.input.train,
+                val_tokens=snakemake.input.validation,
+                out_dir=out_dir,
+                run_name=f"{variant}/seed{seed}",
+                resume_dir=resume_dir_for(out_dir, variant, seed),
+                compile_cache=snakemake.params.compile_cache,
+            ),
+            gpus_per_node=int(snakemake.resources.gpu) // nodes,
+            nodes=nodes,
         )
     except TrainingDiverged as exc:
         print(f"tga train: {exc}", file=sys.stderr)
