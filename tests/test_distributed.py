@@ -23,6 +23,7 @@ import csv
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,13 @@ def test_two_gloo_processes_train_as_one_process_does(tmp_path: Path, monkeypatc
     record_windows(single_windows)
     train_model(MODEL, TrainConfig(**TRAIN), *tokens, tmp_path / "single", show_progress=False)
 
-    torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path), free_ports(4)), nprocs=2, join=True)
+    spawned = torch.multiprocessing.spawn(_rank_main, args=(str(tmp_path), free_ports(4)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180  # a hung collective fails the test instead of the CI run
+    while not spawned.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in spawned.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 180 s (a hung collective)")
 
     rank_windows = [json.loads((tmp_path / f"windows{r}.json").read_text()) for r in (0, 1)]
     steps = TRAIN["max_steps"]

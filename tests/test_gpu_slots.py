@@ -253,3 +253,45 @@ def test_jobs_per_gpu_reaches_jobs_through_the_environment(fake_gpus, monkeypatc
     monkeypatch.setenv(gpu_slots.JOBS_PER_GPU_ENV, "0")
     with pytest.raises(GpuSlotError, match="resources.jobs_per_gpu"):
         gpu_slots.jobs_per_gpu_setting()
+
+
+def test_a_multi_gpu_launcher_claims_its_devices_for_its_ranks(fake_gpus, tmp_path):
+    """torchrun's ranks of a 2-GPU job on a 4-GPU node see two claimed devices, held
+    while they run; a CPU job, an explicit device and an assigned launcher claim none."""
+    with claim_gpus(1, tmp_path, ["0", "1", "2", "3"]) as (busy,):
+        with gpu_slots.launcher_environment("auto", 2) as env:
+            mine = env["CUDA_VISIBLE_DEVICES"].split(",")
+            assert len(set(mine)) == 2 and busy not in mine and env[gpu_slots.ASSIGNED_ENV] == "1"
+            assert gpu_slots._try_claim(1, tmp_path, mine, 1) == []  # held while the ranks run
+    assert len(gpu_slots._try_claim(2, tmp_path, mine, 1)) == 2  # released after
+    for setting in ("cpu", "cuda:1"):
+        with gpu_slots.launcher_environment(setting, 2) as env:
+            assert env is None
+
+
+def test_launch_training_gives_torchrun_the_claimed_environment(fake_gpus, tmp_path, monkeypatch):
+    """The launcher passes the claimed CUDA_VISIBLE_DEVICES to torchrun (here a stand-in
+    that records its environment and fails, so no training runs)."""
+    from tga import distributed
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, command, env=None, **kwargs):
+            seen["env"] = env
+            self.stdout = iter(())
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Recorder)
+    job = {"settings": {"training": {"device": "auto"}}, "out_dir": tmp_path / "run", "threads": 2}
+    with pytest.raises(distributed.DistributedError):
+        distributed.launch_training(job, gpus_per_node=2)
+    assert seen["env"] is not None and len(seen["env"]["CUDA_VISIBLE_DEVICES"].split(",")) == 2

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tga.atomic import atomic_write_text
+from tga.gpu_slots import launcher_environment
 from tga.device import resolve_device
 from tga.schema import TrainConfigError
 
@@ -250,12 +251,19 @@ def launch_training(job: dict[str, Any], gpus_per_node: int, nodes: int = 1) -> 
     job_file = out_dir / ".distributed-job.json"
     atomic_write_text(job_file, json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in job.items()}))
     command = torchrun_command(job_file, per_node, nodes)
-    print(f"tga train: {' '.join(command)}", file=sys.stderr, flush=True)
+    # On one node with more GPUs than the job's, it claims its own (tga.gpu_slots); the
+    # ranks see exactly those. On several nodes SLURM's allocation is the job's.
+    device_setting = str(job["settings"]["training"].get("device", "auto")) if nodes == 1 else "cpu"
     try:
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout:
-                sys.stderr.write(line)
-            code = proc.wait()
+        with launcher_environment(device_setting, per_node) as env:
+            if env is not None:
+                print(f"tga train: on GPUs {env['CUDA_VISIBLE_DEVICES']} (claimed)", file=sys.stderr, flush=True)
+            print(f"tga train: {' '.join(command)}", file=sys.stderr, flush=True)
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=env) as proc:
+                for line in proc.stdout:
+                    sys.stderr.write(line)
+                code = proc.wait()
     finally:
         job_file.unlink(missing_ok=True)
     if code != 0:

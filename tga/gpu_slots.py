@@ -53,6 +53,7 @@ __all__ = [
     "claim_process_gpu",
     "default_lock_dir",
     "jobs_per_gpu_setting",
+    "launcher_environment",
     "release_process_gpu",
     "visible_devices",
 ]
@@ -240,6 +241,26 @@ def assigned_environment(devices: Sequence[str], environ: dict[str, str] | None 
     env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     env[ASSIGNED_ENV] = "1"
     return env
+
+
+@contextmanager
+def launcher_environment(setting: str, n: int) -> Iterator[dict[str, str] | None]:
+    """The environment for the ``n`` processes a launcher starts on this node (torchrun's
+    ranks of a multi-GPU training job), held while the block runs: with a device setting
+    of ``auto`` or ``cuda`` and several visible GPUs, ``n`` claimed devices
+    (:func:`claim_gpus`, ``resources.jobs_per_gpu`` per device) as
+    :func:`assigned_environment`; otherwise None (the children inherit this process's
+    environment: a CPU job, an explicit ``cuda:N``, a node where the job sees only its
+    own GPUs, or devices a launcher above already assigned)."""
+    if setting not in ("auto", "cuda") or os.environ.get(ASSIGNED_ENV) == "1":
+        yield None
+        return
+    visible = visible_devices()
+    if len(visible) <= 1:
+        yield None
+        return
+    with claim_gpus(n, visible=visible, jobs_per_gpu=jobs_per_gpu_setting()) as devices:
+        yield assigned_environment(devices)
 
 
 # One claim per process, held until it exits: a job's process is the job.

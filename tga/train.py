@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -409,6 +410,13 @@ def train_model(
     try:
         return _train(model_config, train_config, train_tokens, val_tokens, Path(out_dir), run_name,
                       show_progress and ranks.main, resume_dir, compile_cache, ranks, device)
+    except BaseException as exc:
+        # The traceback keeps _train's locals, DDP's reducer among them, and the reducer
+        # holds the process group: freed only after destroy_process_group, the group's
+        # destructor joins its gloo threads while holding the GIL they wait for (a hang seen
+        # in tests/test_distributed.py). Free them now, while the group is still registered.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         end_process_group()
 
