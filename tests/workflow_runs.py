@@ -88,13 +88,19 @@ def snakemake(workdir: Path, *args: str, check: bool = True, cores: int = 4,
     return proc
 
 
-def planned_jobs(workdir: Path, *targets: str, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
-    """(rule, variant-or-'') of every job a dry run would execute."""
-    out = snakemake(workdir, "--dry-run", *targets, env=env).stdout
+def listed_jobs(log: str) -> list[tuple[str, str]]:
+    """(rule, variant-or-'') of every job block in Snakemake's output: a dry run's plan
+    (stdout) or the jobs a real run executed (stderr)."""
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", out):
+    for block in re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:)", log):
         rule = re.match(r"(?:local)?(?:rule|checkpoint) (\w+):", block.strip())
         if rule:
             variant = re.search(r"wildcards:.*?variant=([\w.-]+)", block)
             jobs.append((rule.group(1), variant.group(1) if variant else ""))
     return jobs
+
+
+def planned_jobs(workdir: Path, *targets: str, env: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(rule, variant-or-'') of every job a dry run would execute; ``targets`` may end
+    with Snakemake options (``--config seeds=[0,1]``)."""
+    return listed_jobs(snakemake(workdir, "--dry-run", *targets, env=env).stdout)
