@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import yaml
 from slurm_cluster import DEBIAN_PACKAGES, SlurmCluster, missing_programs, one_node_cluster
 
 from test_workflow import TINY  # the same tiny study the local end-to-end tests run
-from workflow_runs import copy_workflow, make_workdir
+from workflow_runs import copy_workflow, make_workdir, run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_RULES = {"prepare_corpus", "all"}  # run by the submitting Snakemake, not as SLURM jobs
@@ -74,8 +73,7 @@ def _make_workdir(path: Path, config: dict) -> Path:
 
 
 def _snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", "tiny.yaml"],
-                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_snakemake([*args, "--configfile", "tiny.yaml"], workdir, env=env, timeout=timeout)
 
 
 def _planned_rules(workdir: Path, *targets: str) -> list[str]:
