@@ -10,6 +10,10 @@ workflow/, config/, resources/):
 - a *workdir* made by ``make_workdir`` for a test's own config: ``tiny.yaml`` replaces
   config/config.yaml (the schema fills in the rest), so the variants are exactly the
   ones the test names.
+
+A test that needs a run beside the study's (more seeds, another variant) works on
+``copy_study(tiny_study, ...)``: Snakemake then runs only the jobs the change adds.
+Every call goes through ``run_snakemake`` (below), which skips Snakemake's start-up.
 """
 
 from __future__ import annotations
