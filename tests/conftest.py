@@ -32,6 +32,10 @@ def gpt2_files(shared_data_dir: Path) -> dict[str, Path]:
     return files
 
 
+# Tests of the study whose Snakemake runs one job at a time: last in the study's group (below).
+ONE_CORE_STUDY_TESTS = {"test_parallel_and_serial_runs_give_identical_outputs"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of the shared study runs Snakemake (marker ``workflow``) and goes to the
@@ -40,13 +44,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     Under pytest-xdist (``-n``, see pyproject.toml) the ``workflow`` tests come first: each
     takes seconds to a minute, so started last they would leave one worker running alone
     at the end. Every worker sorts the same way (xdist requires identical collections).
+    xdist hands out the largest groups first: the study's to one worker, the SLURM tests'
+    (tests/test_slurm.py) to the other, which mostly waits on the cluster for a minute or
+    two. The study's runs on every core fill that wait; its one-core run comes last.
     """
     for item in items:
         if "tiny_study" in item.fixturenames:
             item.add_marker(pytest.mark.workflow)
             item.add_marker(pytest.mark.xdist_group("tiny_study"))
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("workflow") is None)  # stable: else as collected
+        items.sort(key=lambda item: (item.get_closest_marker("workflow") is None,  # stable: else as collected
+                                     getattr(item, "originalname", item.name) in ONE_CORE_STUDY_TESTS))
 
 
 @pytest.fixture(scope="session")

@@ -225,11 +225,12 @@ def test_compiled_training_is_fullgraph_so_a_graph_break_fails_loudly():
         compiled(torch.ones(2))
 
 
-def pipeline_step(config: TrainConfig, **model_overrides) -> TrainingStep:
+def pipeline_step(config: TrainConfig, loss_chunk_tokens: int = 8, **model_overrides) -> TrainingStep:
     """The pipeline's training step on a tiny seeded model and random tokens, compiled
-    (aot_eager) where ``config.compile`` says so on a CPU."""
+    (aot_eager) where ``config.compile`` says so on a CPU. The traced graph holds one
+    piece per loss chunk: a larger ``loss_chunk_tokens`` traces faster."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**TINY, **model_overrides}), loss_chunk_tokens=8)
+    model = Transformer(ModelConfig(**{**TINY, **model_overrides}), loss_chunk_tokens=loss_chunk_tokens)
     data = torch.randint(0, VOCAB, (500,), dtype=torch.int32)
     _, relabel = token_counts_and_relabeler(data, VOCAB, config)
     forward = compile_for_training(model, config, "cpu", backend="aot_eager")
@@ -414,7 +415,7 @@ def test_warming_the_compiled_graphs_leaves_the_run_as_it_was(batch_size):
     from tga.train import evaluation_model, warm_compiled_graphs
 
     config = TrainConfig(batch_size=batch_size, compile=True, device="cpu")
-    step = pipeline_step(config, dropout=0.2)
+    step = pipeline_step(config, loss_chunk_tokens=256, dropout=0.2)  # the warm-up, not the chunking, is tested
     runtime, val_tokens = Runtime.resolve("cpu"), torch.randint(0, VOCAB, (100,))
     rng, params = torch.get_rng_state(), [p.detach().clone() for p in step.model.parameters()]
     warm_compiled_graphs(step, evaluation_model(step.model, step.forward), val_tokens, runtime)

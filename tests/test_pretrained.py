@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +24,7 @@ from tga.pretrained_entries import (  # noqa: E402
     final_revision,
     revision_step,
 )
-from workflow_runs import copy_workflow  # noqa: E402
+from workflow_runs import copy_workflow, run_snakemake  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 50257  # GPT-2's vocabulary: every tiny model is read with the GPT-2 tokenizer
@@ -224,11 +222,11 @@ def test_workflow_measures_pretrained_models_beside_a_variant(zoo, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HOME": str(zoo["hf_home"]), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run(
+    proc = run_snakemake(
         # the pretrained entries' outputs and the comparisons (not the variant's own figures: time)
-        [sys.executable, "-m", "snakemake", *TARGETS, "--cores", "2", "--replace-workflow-config",
+        [*TARGETS, "--cores", "2", "--replace-workflow-config",
          "--configfile", "run.yaml"],  # targets first: --configfile takes every word after it
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        tmp_path, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = tmp_path / "outputs"

@@ -12,18 +12,20 @@ import collections
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
 
-from slurm_cluster import DEBIAN_PACKAGES, missing_programs, one_node_cluster
+from slurm_cluster import DEBIAN_PACKAGES, SlurmCluster, missing_programs, one_node_cluster
 
 from test_workflow import TINY  # the same tiny study the local end-to-end tests run
-from workflow_runs import copy_workflow, make_workdir
+from workflow_runs import copy_workflow, make_workdir, run_snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_RULES = {"prepare_corpus", "all"}  # run by the submitting Snakemake, not as SLURM jobs
@@ -71,8 +73,7 @@ def _make_workdir(path: Path, config: dict) -> Path:
 
 
 def _snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", "tiny.yaml"],
-                          cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_snakemake([*args, "--configfile", "tiny.yaml"], workdir, env=env, timeout=timeout)
 
 
 def _planned_rules(workdir: Path, *targets: str) -> list[str]:
@@ -125,34 +126,65 @@ def test_slurm_profile_is_accepted_by_snakemake_and_the_plugin(tmp_path):
     assert "workflow specific profile profiles/slurm" in proc.stderr
 
 
-@pytest.mark.workflow
-@pytest.mark.slurm
-@pytest.mark.xdist_group("slurm")  # one cluster at a time on this machine
-def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
-    started = time.monotonic()
+def _require_cluster() -> None:
     _require_plugin()
     missing = missing_programs()
     _require(not missing, f"SLURM/munge programs missing: {', '.join(missing)} "
                           f"(apt-get install --no-install-recommends {DEBIAN_PACKAGES})")
     _require(os.geteuid() == 0, "the one-node SLURM cluster needs root (slurmd starts the jobs)")
 
-    workdir = _make_workdir(tmp_path / "workflow", CONFIG)
-    planned = _planned_rules(workdir, *TARGETS)
-    expected = collections.Counter(rule for rule in planned if rule not in LOCAL_RULES)
-    assert expected["train"] == 2 and "prepare_corpus" in planned
 
-    with one_node_cluster(tmp_path / "slurm", gpus=1) as cluster:
-        env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
-        try:
-            proc = _snakemake(workdir, "--workflow-profile", "slurm", *TEST_OPTIONS, *TARGETS, env=env, timeout=210)
-        except subprocess.TimeoutExpired as error:
-            output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
-                             for part in (error.stdout or "", error.stderr or ""))
-            pytest.fail(f"snakemake on SLURM took over {error.timeout}s:\n{output[-5000:]}\n{cluster.log_tails()}")
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"snakemake failed:\n{log[-6000:]}\n{cluster.log_tails()}"
-        finished = cluster.finished_jobs()
-        gpus = cluster.gpus_by_job()
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """One cluster for this file's runs (starting one takes seconds): a node with one
+    (fake) GPU, which the training jobs of the first run ask for and the second's do not."""
+    _require_cluster()
+    with one_node_cluster(tmp_path_factory.mktemp("slurm"), gpus=1) as running:
+        yield running
+
+
+@dataclass
+class SlurmRun:
+    workdir: Path
+    expected: collections.Counter
+    planned: list[str]
+    log: str = ""
+    returncode: int | None = None
+    failure: str = ""  # why there is no result: the run timed out
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> SlurmRun:
+    """The tiny workflow's TARGETS run as SLURM jobs: the test below checks it, and the
+    failing-job test starts from its token files."""
+    workdir = _make_workdir(tmp_path_factory.mktemp("slurm_run") / "workflow", CONFIG)
+    planned = _planned_rules(workdir, *TARGETS)
+    run = SlurmRun(workdir, collections.Counter(rule for rule in planned if rule not in LOCAL_RULES), planned)
+    env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
+    started = time.monotonic()
+    try:
+        proc = _snakemake(workdir, "--workflow-profile", "slurm", *TEST_OPTIONS, *TARGETS, env=env, timeout=210)
+    except subprocess.TimeoutExpired as error:
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                         for part in (error.stdout or "", error.stderr or ""))
+        run.failure = f"snakemake on SLURM took over {error.timeout}s:\n{output[-5000:]}\n{cluster.log_tails()}"
+        return run
+    run.log, run.returncode = proc.stdout + proc.stderr, proc.returncode
+    print(f"\nSLURM workflow run: {time.monotonic() - started:.1f}s wall time")
+    return run
+
+
+@pytest.mark.workflow
+@pytest.mark.slurm
+@pytest.mark.xdist_group("slurm")  # one cluster at a time on this machine
+def test_tiny_workflow_runs_as_slurm_jobs(cluster, slurm_run):
+    if slurm_run.failure:
+        pytest.fail(slurm_run.failure)
+    workdir, expected, log = slurm_run.workdir, slurm_run.expected, slurm_run.log
+    assert expected["train"] == 2 and "prepare_corpus" in slurm_run.planned
+    assert slurm_run.returncode == 0, f"snakemake failed:\n{log[-6000:]}\n{cluster.log_tails()}"
+    finished = cluster.finished_jobs()
+    gpus = cluster.gpus_by_job()
 
     # Every non-local job was one sbatch submission ...
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", log, flags=re.M)
@@ -181,47 +213,45 @@ def test_tiny_workflow_runs_as_slurm_jobs(tmp_path):
         assert (model / "train_log.csv").read_text().splitlines()[-1].startswith("20,"), model
     for rule_log in (workdir / "outputs" / "logs").rglob("*.log"):
         assert "Traceback" not in rule_log.read_text(), rule_log
-    print(f"\nSLURM workflow test: {len(submitted)} SLURM jobs, {time.monotonic() - started:.1f}s wall time")
+    print(f"\nSLURM workflow test: {len(submitted)} SLURM jobs")
 
 
 @pytest.mark.workflow
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")  # one cluster at a time on this machine
-def test_a_failing_slurm_job_ends_the_run_with_its_error(tmp_path):
+def test_a_failing_slurm_job_ends_the_run_with_its_error(cluster, slurm_run, tmp_path):
     """A training job that fails at once (its window is longer than the training text)
     must end the run with that job's error within a minute or two, on a cluster without
     accounting (no slurmdbd: sacct is installed but answers nothing), with the status
     command left to profiles/slurm."""
-    _require_plugin()
-    missing = missing_programs()
-    _require(not missing, f"SLURM/munge programs missing: {', '.join(missing)} "
-                          f"(apt-get install --no-install-recommends {DEBIAN_PACKAGES})")
-    _require(os.geteuid() == 0, "the one-node SLURM cluster needs root (slurmd starts the jobs)")
     config = {**CONFIG, "resources": {"train_threads": 1, "train_gpus": 0}}
-    workdir = _make_workdir(tmp_path / "workflow", config)
+    # A copy of the first run's folder: its tokenizer and token files are there, so the
+    # one SLURM job is the failing one.
+    workdir = Path(shutil.copytree(slurm_run.workdir, tmp_path / "workflow", symlinks=True))
+    shutil.rmtree(workdir / ".snakemake" / "locks", ignore_errors=True)  # left by a run that timed out
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
     main = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
     train_chars = len((workdir / config["data"]["train"]).read_text(encoding="utf-8"))
     main["variants"]["a"] = {"norm_position": "pre", "block_size": train_chars + 1000, "batch_size": 1, "dropout": 0.0}
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(main, sort_keys=False))
-    # The tokenizer and token files locally first, so the one SLURM job is the failing one.
     tokens = [f"outputs/data/tokens/{split}.bin" for split in ("train", "validation")]
-    local = _snakemake(workdir, "--workflow-profile", "none", "--cores", "2", *tokens)
-    assert local.returncode == 0, local.stderr[-3000:]
+    if not all((workdir / token).is_file() for token in tokens):  # the first run failed: make them here
+        local = _snakemake(workdir, "--workflow-profile", "none", "--cores", "2", *tokens)
+        assert local.returncode == 0, local.stderr[-3000:]
 
-    with one_node_cluster(tmp_path / "slurm", gpus=0) as cluster:
-        accounting = cluster.run("sacct", "--noheader", "-X", check=False)
-        assert accounting.returncode != 0 or not accounting.stdout.strip(), accounting  # sacct cannot help here
-        profile = _parse_profile(ROOT / "profiles" / "slurm" / "config.yaml", SLURM_CONF=str(cluster.conf),
-                                 PATH=cluster.env["PATH"])
-        assert profile["slurm-status-command"] == "squeue", profile  # chosen by the profile: no accounting here
-        env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
-        started = time.monotonic()
-        proc = _snakemake(workdir, "--workflow-profile", "slurm", "--slurm-init-seconds-before-status-checks", "1",
-                          "--slurm-no-account", "--latency-wait", "5", "outputs/models/a/seed0/final.pt",
-                          env=env, timeout=240)
-        waited = time.monotonic() - started
-        log = proc.stdout + proc.stderr
-        finished = cluster.finished_jobs()
+    accounting = cluster.run("sacct", "--noheader", "-X", check=False)
+    assert accounting.returncode != 0 or not accounting.stdout.strip(), accounting  # sacct cannot help here
+    profile = _parse_profile(ROOT / "profiles" / "slurm" / "config.yaml", SLURM_CONF=str(cluster.conf),
+                             PATH=cluster.env["PATH"])
+    assert profile["slurm-status-command"] == "squeue", profile  # chosen by the profile: no accounting here
+    env = {**cluster.env, "TGA_SLURM_PARTITION": cluster.partition}
+    started = time.monotonic()
+    proc = _snakemake(workdir, "--workflow-profile", "slurm", "--slurm-init-seconds-before-status-checks", "1",
+                      "--slurm-no-account", "--latency-wait", "5", "outputs/models/a/seed0/final.pt",
+                      env=env, timeout=240)
+    waited = time.monotonic() - started
+    log = proc.stdout + proc.stderr
+    finished = cluster.finished_jobs()
 
     assert proc.returncode != 0, log[-4000:]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)

@@ -17,6 +17,7 @@ from PIL import Image
 from workflow_runs import (
     ROOT,
     copy_study,
+    listed_jobs,
     make_study,
     make_workdir,
     planned_jobs,
@@ -109,21 +110,25 @@ def test_editing_one_variant_reruns_only_its_jobs(tiny_study, tmp_path):
     assert not {"prepare_corpus", "tokenize_split", "build_tokenizer"} & {rule for rule, _ in jobs}
 
 
-@pytest.mark.workflow
-def test_one_figure_with_three_seeds_from_the_command_line(tmp_path):
+def test_one_figure_with_three_seeds_from_the_command_line(tiny_study, tmp_path):
     """Asking for one figure builds only what it needs. `--config 'seeds=[0,1,2]'` arrives
     as strings; the schema's types win, and the difference table carries intervals, raw
-    and adjusted p-values and the flags."""
-    config = {**TINY, "variants": {"a": {"norm_position": "pre"}, "b": {"norm_position": "post"}},
-              "comparisons": [["a", "b"]]}
-    workdir = make_workdir(tmp_path, config)
-    rules = {rule for rule, _ in planned_jobs(workdir, "outputs/compare/difference.png")}
-    snakemake(workdir, "outputs/compare/difference.png", "--config", "seeds=[0,1,2]")
-    # Only what that figure needs was built.
-    assert (workdir / "outputs" / "compare" / "difference.png").is_file()
-    assert "evaluate" not in rules and "model_figures" not in rules
-    assert not (workdir / "outputs" / "eval").exists()
-    table = pd.read_csv(workdir / "outputs" / "compare" / "difference.csv")
+    and adjusted p-values and the flags. On a copy of the tiny study: seed 0 is trained,
+    so the run trains and measures seeds 1 and 2 and redraws the comparison."""
+    study = copy_study(tiny_study, tmp_path)
+    out = study / "outputs"
+    figure = out / "compare" / "difference.png"
+    figure.unlink()  # built again from three seeds
+    run = snakemake(study, "outputs/compare/difference.png", "--config", "seeds=[0,1,2]")
+    # Only what that figure needs was built, and nothing of seed 0 again.
+    jobs = listed_jobs(run.stderr)
+    assert {("train", variant) for variant in VARIANTS} <= set(jobs), run.stderr[-3000:]
+    rules = {rule for rule, _ in jobs}
+    assert "evaluate" not in rules and "model_figures" not in rules and "evolution_geometry" not in rules, rules
+    assert len([job for job in jobs if job[0] == "train"]) == 4  # seeds 1 and 2 of two variants
+    assert figure.is_file()
+    assert not [path for path in (out / "eval").rglob("*") if "seed0" not in path.parts and path.is_file()]
+    table = pd.read_csv(out / "compare" / "difference.csv")
     for column in ("mean_diff", "ci_low", "ci_high", "n_seeds", "p_value", "p_adjusted", "significant",
                    "effect_size", "correction", "n_tests"):
         assert column in table.columns, column
@@ -135,7 +140,7 @@ def test_one_figure_with_three_seeds_from_the_command_line(tmp_path):
         assert (family["p_adjusted"] >= family["p_value"] - 1e-12).all()
     assert table["significant"].tolist() == (table["p_adjusted"] < 0.05).tolist()
     for seed in (0, 1, 2):
-        assert (workdir / "outputs" / "geometry" / "a" / f"seed{seed}" / "summary.csv").is_file()
+        assert (out / "geometry" / VARIANTS[0] / f"seed{seed}" / "summary.csv").is_file()
 
 
 def _with(path: list[str], value):
@@ -230,37 +235,46 @@ def test_every_rule_fingerprints_the_modules_its_script_imports():
             assert declared == imported, f"{smk.name}: {block.split(':')[0]} fingerprints {declared}, runs {imported}"
 
 
-@pytest.mark.workflow
-def test_a_diverged_variant_is_marked_missing_with_keep_going(tmp_path):
+def test_a_diverged_variant_is_marked_missing_with_keep_going(tiny_study, tmp_path):
     """Divergence is a result in the DAG: the run succeeds, the comparisons mark the
-    diverged variant, and only a change of its settings trains it again."""
-    config = {**TINY, "variants": {"steady": {"norm_position": "pre"},
-                                   "wild": {"norm_position": "post", "learning_rate": 1.0e6, "grad_clip": 0.0}},
-              "comparisons": [["steady", "wild"]]}
-    workdir = make_workdir(tmp_path, config)
-    first = snakemake(workdir, "--keep-going")
+    diverged variant, and only a change of its settings trains it again. On a copy of the
+    tiny study with a variant added that diverges; the steady variant's evolution is
+    removed first, so the run that trains the diverging one also builds it."""
+    study = copy_study(tiny_study, tmp_path)
+    out = study / "outputs"
+    config_file = study / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    steady = "llama-preln"
+    config["variants"]["wild"] = {"norm_position": "post", "learning_rate": 1.0e6, "grad_clip": 0.0}
+    config["comparisons"] = [[steady, "wild"]]
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))  # key order is part of the params
+    shutil.rmtree(out / "evolution" / steady)
+    first = snakemake(study, "--keep-going")
     assert re.search(r"warning: training of wild/seed0 diverged: the loss became NaN/inf at step \d+ \(seed 0\)",
                      first.stderr), first.stderr[-3000:]
-    status = json.loads((workdir / "outputs" / "models" / "wild" / "seed0" / "status.json").read_text())
+    jobs = listed_jobs(first.stderr)
+    assert ("train", "wild") in jobs and ("evolution_geometry", steady) in jobs, jobs
+    status = json.loads((out / "models" / "wild" / "seed0" / "status.json").read_text())
     assert status["status"] == "diverged" and status["step"] > status["last_logged_step"]
-    assert json.loads((workdir / "outputs" / "models" / "steady" / "seed0" / "status.json").read_text())["status"] == "ok"
+    assert json.loads((out / "models" / steady / "seed0" / "status.json").read_text())["status"] == "ok"
     # nothing downstream of the diverged model ran; everything of the steady one did
-    assert not (workdir / "outputs" / "eval" / "wild").exists() and not (workdir / "outputs" / "geometry" / "wild").exists()
-    assert not (workdir / "outputs" / "evolution" / "wild").exists()
-    assert (workdir / "outputs" / "evolution" / "steady" / "seed0" / "metrics_by_step.png").is_file()
-    table = pd.read_csv(workdir / "outputs" / "compare" / "perplexity.csv")
+    assert not (out / "eval" / "wild").exists() and not (out / "geometry" / "wild").exists()
+    assert not (out / "evolution" / "wild").exists()
+    assert (out / "evolution" / steady / "seed0" / "metrics_by_step.png").is_file()
+    table = pd.read_csv(out / "compare" / "perplexity.csv")
     wild = table[table["variant"] == "wild"].iloc[0]
     assert wild["status"] == f"diverged at step {status['step']}" and math.isnan(wild["token_ppl"])
-    assert table.set_index("variant").loc["steady", "status"] == "ok"
-    differences = pd.read_csv(workdir / "outputs" / "compare" / "difference.csv")
+    assert table.set_index("variant").loc[steady, "status"] == "ok"
+    differences = pd.read_csv(out / "compare" / "difference.csv")
     assert differences["missing"].dropna().eq("wild").all() and differences["missing"].notna().any()
     for figure in ("difference.png", "similarity_by_layer.png", "perplexity.png"):
-        assert (workdir / "outputs" / "compare" / figure).is_file()
+        assert (out / "compare" / figure).is_file()
     assert not re.search(r"Traceback|onerror", first.stderr)
 
     # The outcome is recorded, so the next invocation has nothing to do ...
-    assert planned_jobs(workdir) == []
+    assert planned_jobs(study) == []
     # ... until the diverged variant's settings change: then Snakemake trains it again.
     config["variants"]["wild"]["learning_rate"] = 2e-3
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
-    assert ("train", "wild") in planned_jobs(workdir) and ("train", "steady") not in planned_jobs(workdir)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    planned = planned_jobs(study)
+    assert ("train", "wild") in planned and ("train", steady) not in planned
