@@ -223,9 +223,11 @@ def test_every_rule_fingerprints_the_modules_its_script_imports():
     """A rule whose ``code_fingerprint`` misses a module its script runs would not rerun
     when that code changes; one naming more would rerun for code it never runs."""
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=rule \w+:)", smk.read_text()):
+        # rules defined under an `if` (data.smk's per-source rules) are indented
+        for block in re.split(r"\n(?=\s*(?:checkpoint|rule) \w+:)", smk.read_text()):
+            block = block.lstrip()
             script = re.search(r'script:\s*"\.\./scripts/([\w.]+)"', block)
-            if not block.startswith("rule ") or not script:
+            if not block.startswith(("rule ", "checkpoint ")) or not script:
                 continue
             code = re.search(r"code=code_fingerprint\(([^)]*)\)", block)
             assert code, f"{smk.name}: {block.split(':')[0]} has no code fingerprint"

@@ -122,7 +122,7 @@ rule check_prompts:
     output:
         "outputs/data/prompts_in_training_text.csv",
     params:
-        code=code_fingerprint("tga.seen_prompts"),
+        code=code_fingerprint("tga.seen_prompts", "tga.prompt_windows"),
         prompts=config["geometry"]["prompts"],
         where=(describe_hf_training_text if HF_SOURCE else describe_training_text)(
             config["data"], "outputs/data/corpus/train.txt"

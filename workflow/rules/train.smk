@@ -30,7 +30,7 @@ checkpoint train:
         log="outputs/models/{variant}/seed{seed}/train_log.csv",
         checkpoints=directory("outputs/models/{variant}/seed{seed}/checkpoints"),
     params:
-        code=code_fingerprint("tga.train"),
+        code=code_fingerprint("tga.train", "tga.distributed", "tga.resume"),
         settings=variant_settings,
         # Inductor's and AOTAutograd's caches, shared: one job per graph compiles, the rest load
         compile_cache="outputs/cache/torch-compile",
