@@ -24,7 +24,8 @@
 #      Copy the offline data into the checkout too, so that it travels to the device:
 #        mkdir -p shared/data && cp -r ../shared/data/wikitext-2-raw ../shared/data/gpt2 shared/data/
 #   2. on the device machine (tool run, carry [".whl"], timeout_s 600):
-#        bash benchmarks/gpu_check.sh
+#        bash benchmarks/gpu_check.sh          # issue 22's measurements, or
+#        bash benchmarks/gpu_check.sh scale    # issue 23's: GPT-2 small through the workflow (see "scale" below)
 # (b)-(d) need shared/data/wikitext-2-raw/wiki.{valid,test}.raw and shared/data/gpt2/
 # {encoder.json,vocab.bpe} in the repository (or in ../shared/data beside it).
 set -uo pipefail
@@ -42,7 +43,7 @@ from packaging.requirements import Requirement
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 on_device = {"attrs", "certifi", "charset-normalizer", "idna", "jinja2", "markupsafe", "packaging", "psutil",
              "pyyaml", "requests", "tabulate", "typing-extensions", "urllib3", "wrapt"}
-seen, todo = {}, ["snakemake", "jsonschema"]
+seen, todo = {}, ["snakemake", "jsonschema", "datasets"]  # datasets: data.source hf (scale)
 while todo:
     name = norm(todo.pop())
     if name in seen:
@@ -95,6 +96,62 @@ fi
   git -C "$ROOT" rev-parse HEAD 2>/dev/null; } >>"$OUT/env.txt" 2>&1
 clip() { tail -c 2000000 "$1" >"$1.tmp" && mv "$1.tmp" "$1"; }  # logs stay well under the 16 MiB a file
 TMP=$(mktemp -d)
+
+# scale ------------------------------------- issue 23: GPT-2 small on one GPU, in the workflow
+# `bash benchmarks/gpu_check.sh scale`: the recipe for 200 steps (benchmarks/gpt2-small-check.yaml),
+# then its test perplexity and its geometry on 128 test windows of 1024 tokens, all on the
+# GPU; GPU memory sampled by nvidia-smi. Writes summary.txt, scale.log, gpu_memory.csv,
+# train_log.csv, perplexity.json, summary.csv and the rules' benchmark tables under $OUT.
+if [ "${1:-}" = scale ]; then
+    DATA=$ROOT/shared/data
+    [ -f "$DATA/wikitext-2-raw/wiki.valid.raw" ] || DATA=$ROOT/../shared/data
+    mkdir -p gpu_check_data
+    "$PY" - "$DATA/wikitext-2-raw" gpu_check_data <<'PYEOF'
+import json, re, sys
+from pathlib import Path
+source, out = Path(sys.argv[1]), Path(sys.argv[2])
+for name, split in (("wiki.valid.raw", "train"), ("wiki.test.raw", "test")):
+    articles = [a for a in re.split(r"\n(?= = [^=].* = \n)", (source / name).read_text(encoding="utf-8")) if a.strip()]
+    (out / f"{split}.jsonl").write_text("".join(json.dumps({"text": a}) + "\n" for a in articles), encoding="utf-8")
+PYEOF
+    export TIKTOKEN_CACHE_DIR=${TIKTOKEN_CACHE_DIR:-$DATA/gpt2/tiktoken_cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 500 >"$OUT/gpu_memory.csv" &
+    sampler=$!
+    start=$SECONDS
+    timeout "${LIMIT_SCALE:-540}" "$PY" -m snakemake outputs/eval/llama-preln/seed0/perplexity.json \
+        outputs/geometry/llama-preln/seed0/summary.csv --cores 16 --resources gpu=1 \
+        --configfile config/recipes/gpt2-small.yaml benchmarks/gpt2-small-check.yaml >"$OUT/scale.log" 2>&1
+    echo "scale: snakemake exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+    kill "$sampler" 2>/dev/null
+    cp outputs/models/llama-preln/seed0/train_log.csv outputs/eval/llama-preln/seed0/perplexity.json \
+        outputs/geometry/llama-preln/seed0/summary.csv "$OUT"/ 2>/dev/null
+    for f in outputs/benchmarks/*/llama-preln/seed0.tsv outputs/benchmarks/tokenize_corpus.tsv; do
+        [ -f "$f" ] && { echo "== $f"; cat "$f"; } >>"$OUT/rule_benchmarks.txt"
+    done
+    "$PY" - "$OUT" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import csv, json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+try:
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    rates = [float(r["tokens_per_s"]) for r in rows if r.get("tokens_per_s")]
+    print(f"train: {rows[-1]['step']} steps, tokens/s per logged interval {[round(r) for r in rates]}, "
+          f"last val_ppl {rows[-1]['val_ppl']}, elapsed {rows[-1]['elapsed_s']} s")
+except (OSError, KeyError, IndexError) as e:
+    print(f"train: no train_log.csv ({e})")
+try:
+    used = [float(line.split(",")[1]) for line in open(out / "gpu_memory.csv") if "," in line]
+    print(f"GPU memory used, peak over the run (nvidia-smi, MiB): {max(used):.0f}")
+except (OSError, ValueError) as e:
+    print(f"GPU memory: unreadable ({e})")
+for name in ("perplexity.json",):
+    try:
+        print("eval:", {k: v for k, v in json.load(open(out / name)).items() if k in ("token_ppl", "bits_per_byte", "n_tokens_scored")})
+    except OSError as e:
+        print(f"eval: none ({e})")
+PYEOF
+    exit 0
+fi
 
 # (a) ------------------------------------------------------------------ benchmark
 # One process per setting (each compiles its own graph): a label, then tga.bench's flags.

@@ -414,3 +414,33 @@ def test_compute_layer_metrics_matches_the_single_functions():
         assert torch.allclose(m[name], v, equal_nan=True), name
     with pytest.raises(GeometryError, match="only 2 distinct token"):
         met.compute_layer_metrics(h[:, :2], direction, baseline)
+
+
+def test_blockwise_twonn_gives_the_whole_matrix_numbers(monkeypatch):
+    """Thousands of pooled tokens go block by block (no (L, N, N) matrix); the values
+    are the whole matrix's, bit for bit, exact duplicates included (kept once)."""
+    import tga.metrics as metrics
+
+    x = torch.randn(3, 300, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[:, 10] = x[:, 3]
+    x[0, 20] = x[0, 3]
+    whole = metrics.twonn_both(x)
+    monkeypatch.setattr(metrics, "DISTANCE_BLOCK_ELEMENTS", 1000)  # 3 rows a block
+    blocks = metrics.twonn_both(x)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+    per_layer = metrics._twonn_log_mu_blockwise(x)
+    assert [len(v) for v in per_layer] == [298, 299, 299]  # the repeated points counted once
+
+
+def test_pooled_points_past_the_cap_are_a_fixed_subset_in_order(monkeypatch):
+    import tga.metrics as metrics
+
+    hidden = [torch.arange(2 * 6 * 4, dtype=torch.float64).reshape(2, 6, 4) + 100 * k for k in range(2)]
+    ids = [[0, 1, 2, 3, 4, 5], [6, 7, 8, 1, 9, 10]]  # 11 distinct ids; id 1 repeats
+    everything = metrics.pooled_distinct(hidden, ids)
+    assert everything.shape[1] == 11
+    monkeypatch.setattr(metrics, "POOLED_TWONN_MAX_POINTS", 5)
+    first, again = metrics.pooled_distinct(hidden, ids), metrics.pooled_distinct(hidden, ids)
+    assert first.shape == (2, 5, 4) and torch.equal(first, again)
+    rows = [next(i for i in range(11) if torch.equal(everything[:, i], first[:, j])) for j in range(5)]
+    assert rows == sorted(rows) and len(set(rows)) == 5  # a subset, in the original order

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -114,6 +114,12 @@ CROSS_PROMPT_METRICS: tuple[str, ...] = (
 METRIC_NAMES: tuple[str, ...] = PROMPT_METRICS + CROSS_PROMPT_METRICS
 
 MIN_TOKENS_TWONN = 3  # a point needs a first and a second neighbour
+# Distances one TwoNN holds at once (float64: 256 MB); more points go block by block.
+DISTANCE_BLOCK_ELEMENTS = 1 << 25
+# Points of the pooled TwoNN (and of its Gaussian floor) at most: past this, a fixed
+# random subset (seed NULL_SEED) of the distinct tokens. The floor's 32 draws cost
+# O(draws x N^2 x d); 4,096 points keep them to minutes on a CPU.
+POOLED_TWONN_MAX_POINTS = 4096
 TWONN_FRACTION = 0.9
 """Share of the smallest ``mu`` Facco et al. (2017) keep for the fit (the tail is noisy)."""
 NULL_SEED = 0
@@ -429,7 +435,8 @@ def pooled_distinct(hidden: Sequence[torch.Tensor], token_ids: Sequence[Sequence
 
     The pooled TwoNN's points: within a prompt each id is analysed once already; across
     prompts a second copy would be identical at layer 0 under rotary positions and close
-    after it, the near-duplicates :func:`tga.geometry.analysed_positions` keeps out.
+    after it, the near-duplicates :func:`tga.geometry.analysed_positions` keeps out. Past
+    :data:`POOLED_TWONN_MAX_POINTS` distinct ids, a fixed random subset of them (in order).
     """
     pooled, sizes = _stacked_prompts(hidden, "the pooled TwoNN")
     ids = [int(t) for seq in token_ids for t in seq]
@@ -439,13 +446,49 @@ def pooled_distinct(hidden: Sequence[torch.Tensor], token_ids: Sequence[Sequence
     for i, tok in enumerate(ids):
         first.setdefault(tok, i)
     keep = sorted(first.values())
+    if len(keep) > POOLED_TWONN_MAX_POINTS:  # thousands of test windows: a fixed subset
+        chosen = np.random.default_rng(NULL_SEED).choice(len(keep), POOLED_TWONN_MAX_POINTS, replace=False)
+        keep = [keep[i] for i in sorted(chosen.tolist())]
     return pooled[:, torch.as_tensor(keep, dtype=torch.long, device=pooled.device)]
 
 
+def _twonn_log_mu_blockwise(x: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_twonn_log_mu` of points ``(L, T, d)`` without the ``(L, T, T)`` distance
+    matrices: per layer, :data:`DISTANCE_BLOCK_ELEMENTS` distances at a time, in two
+    passes (which points repeat an earlier one; then each point's two nearest among the
+    rest). Every distance is computed as the whole matrix computes it, so the numbers are
+    the same; only memory differs (thousands of pooled test-window tokens)."""
+    n = x.shape[1]
+    rows = max(1, DISTANCE_BLOCK_ELEMENTS // n)
+    columns = torch.arange(n, device=x.device)
+    out: list[torch.Tensor] = []
+    for points in x:
+        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+            for start in range(0, n, rows):
+                block = points[start:start + rows]
+                yield start, torch.cdist(block, points, compute_mode="donot_use_mm_for_euclid_dist")
+        dup = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for start, dist in blocks():
+            earlier = columns[None, :] < columns[start:start + dist.shape[0], None]
+            dup[start:start + dist.shape[0]] = ((dist == 0) & earlier).any(dim=-1)
+        r = torch.empty(n, 2, dtype=x.dtype, device=x.device)
+        for start, dist in blocks():
+            b = dist.shape[0]
+            dist[torch.arange(b, device=x.device), columns[start:start + b]] = math.inf
+            dist[:, dup] = math.inf
+            r[start:start + b] = torch.topk(dist, k=2, dim=-1, largest=False).values
+        keep = ~dup & torch.isfinite(r[:, 1])
+        out.append(torch.log(r[:, 1] / r[:, 0].clamp_min(EPS))[keep])
+    return out
+
+
 def twonn_both(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(twonn, twonn_mle)`` of ``(L, T, d)`` from one distance matrix per layer."""
+    """``(twonn, twonn_mle)`` of ``(L, T, d)`` from one distance matrix per layer, or,
+    when those would hold more than :data:`DISTANCE_BLOCK_ELEMENTS` distances, from
+    blocks of it (:func:`_twonn_log_mu_blockwise`: the same numbers)."""
     x, _ = _batched(h, min_tokens=MIN_TOKENS_TWONN, what="twonn")
-    log_mu = _twonn_log_mu(_pairwise_distances(x))
+    whole = x.shape[0] * x.shape[1] * x.shape[1] <= DISTANCE_BLOCK_ELEMENTS
+    log_mu = _twonn_log_mu(_pairwise_distances(x)) if whole else _twonn_log_mu_blockwise(x)
     return _per_layer(log_mu, _twonn_fit, x), _per_layer(log_mu, _twonn_mle, x)
 
 
