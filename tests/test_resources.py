@@ -247,5 +247,27 @@ def test_geometry_on_the_gpu_batches_its_forwards_on_the_device():
     assert sixteen.seconds < one.seconds < cpu.seconds
 
 
+def test_the_scheduler_sizes_gpu_geometry_with_the_batch_the_job_takes():
+    """geometry.batch_size null means 32 prompts per forward on a GPU (tga.geometry's
+    resolve_batch_size) and 1 on a CPU: the workflow's estimate resolves it the same way."""
+    from tga.prompt_windows import DEVICE_BATCH_SIZE
+    from tga.resources import estimate_geometry, estimate_variant_jobs
+    from snakemake.utils import validate
+
+    from tga.schema import SCHEMA_PATH
+    from tga.settings import merged_config, resolve_variant
+
+    root = Path(__file__).resolve().parents[1]
+    config = merged_config([root / "config" / "config.yaml", root / "config" / "recipes" / "gpt2-small.yaml"])
+    validate(config, str(SCHEMA_PATH))
+    config["geometry"] = {**config["geometry"], "batch_size": None, "device": "cuda"}
+    resolved = resolve_variant(config, "llama-preln")
+    job = estimate_variant_jobs(config, resolved, 50257, this_machine=False)["geometry"]
+    model = ModelConfig.from_dict({**resolved["model"], "vocab_size": 50257})
+    expected = estimate_geometry(model, 1024, 128, 2, "cuda", batch_size=DEVICE_BATCH_SIZE)
+    assert job.device_bytes == expected.device_bytes
+    assert job.device_bytes > estimate_geometry(model, 1024, 128, 2, "cuda", batch_size=1).device_bytes
+
+
 if __name__ == "__main__":
     _child(json.loads(sys.argv[1]))

@@ -68,7 +68,8 @@ from tga.metrics import (
     twonn_both,
     twonn_null,
 )
-from tga.prompt_windows import TEST_WINDOW_KEYS, TestWindows, is_test_windows, read_test_windows, window_texts
+from tga.prompt_windows import (DEVICE_BATCH_SIZE, TEST_WINDOW_KEYS, TestWindows, is_test_windows, prompt_batch_size,
+                                read_test_windows, window_texts)
 
 __all__ = [
     "CROSS_PROMPT",
@@ -111,7 +112,6 @@ HEATMAP_PROMPTS = 8
 """With test windows, only windows 0-7 keep similarity matrices (and their tokens) in
 ``similarity.npz``: the figures draw prompt 0, and a thousand windows' matrices would
 make the file hundreds of MB per stage. A prompts file keeps every prompt's."""
-DEVICE_BATCH_SIZE = 32
 """Prompts per forward on a GPU when ``geometry.batch_size`` is null."""
 
 
@@ -496,11 +496,9 @@ def window_prompts(windows: TestWindows, tokenizer: _Tokenizer, block_size: int
 
 
 def resolve_batch_size(setting: int | None, device: str | torch.device) -> int:
-    """``geometry.batch_size``: null = 1 prompt per forward on a CPU (the default study's
-    outputs bit for bit), :data:`DEVICE_BATCH_SIZE` on a GPU; a number as given."""
-    if setting is not None:
-        return int(setting)
-    return 1 if torch.device(device).type == "cpu" else DEVICE_BATCH_SIZE
+    """``geometry.batch_size`` for a job on ``device``
+    (:func:`tga.prompt_windows.prompt_batch_size`)."""
+    return prompt_batch_size(setting, torch.device(device).type)
 
 
 def analyze_checkpoints(

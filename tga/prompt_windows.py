@@ -134,3 +134,15 @@ def window_texts(windows: TestWindows | Sequence[Sequence[int]], tokenizer: _Dec
     """Each window's ids decoded: the prompt text ``prompts.csv`` shows."""
     ids = windows.ids if isinstance(windows, TestWindows) else windows
     return [tokenizer.decode(list(w)) for w in ids]
+
+
+DEVICE_BATCH_SIZE = 32  # prompts per forward pass on a GPU when geometry.batch_size is null
+
+
+def prompt_batch_size(setting: int | None, device_type: str) -> int:
+    """``geometry.batch_size``: null = 1 prompt per forward on a CPU (the default study's
+    outputs bit for bit), :data:`DEVICE_BATCH_SIZE` on a GPU; a number as given. Here,
+    torch-free, so that the workflow's resource estimates resolve it as the job does."""
+    if setting is not None:
+        return int(setting)
+    return 1 if device_type == "cpu" else DEVICE_BATCH_SIZE

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from tga.prompt_windows import prompt_batch_size
 from tga.schema import LOSS_CHUNK_TOKENS, ModelConfig
 
 __all__ = [
@@ -649,7 +650,7 @@ def estimate_variant_jobs(
     geometry = config.get("geometry", {})
     longest, n_prompts = _prompt_shape(geometry.get("prompts", ""))
     geometry_device = job_device_type(str(geometry.get("device", "cpu")), 0, this_machine)
-    batch = int(geometry.get("batch_size", 1) or 1)
+    batch = prompt_batch_size(geometry.get("batch_size"), geometry_device)
     steps = int(training.get("max_steps", 1000))
     interval = int(training.get("checkpoint_interval", 200))
     n_checkpoints = 1 + steps // max(1, interval) + (0 if steps % max(1, interval) == 0 else 1)
