@@ -8,6 +8,7 @@ are on events and conditions, with generous timeouts only against a hang.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -295,3 +296,29 @@ def test_launch_training_gives_torchrun_the_claimed_environment(fake_gpus, tmp_p
     with pytest.raises(distributed.DistributedError):
         distributed.launch_training(job, gpus_per_node=2)
     assert seen["env"] is not None and len(seen["env"]["CUDA_VISIBLE_DEVICES"].split(",")) == 2
+
+
+@pytest.mark.workflow
+def test_analysis_jobs_on_cuda_declare_a_gpu_for_snakemake_to_count(tmp_path):
+    """evaluate, geometry and evolution_geometry declare resources gpu=1 when their device
+    is CUDA, so `--resources gpu=N` queues them with training; 0 with train_gpus: 0 (no
+    GPU accounting) and on a CPU. Dry runs (a CPU machine can plan CUDA jobs)."""
+    from workflow_runs import make_workdir, snakemake, tiny_config
+
+    def gpus(config: dict) -> dict[str, str]:
+        work = make_workdir(tmp_path / str(len(list(tmp_path.iterdir()))), config)
+        out = snakemake(work, "--dry-run", "outputs/eval/llama-preln/seed0/perplexity.json",
+                        "outputs/geometry/llama-preln/seed0/metrics.csv",
+                        "outputs/evolution/llama-preln/seed0/metrics.csv").stdout
+        blocks = {b.split(":", 1)[0].split()[-1]: b for b in out.split("\nrule ")[1:] + out.split("\nlocalrule ")[1:]}
+        found = {rule: re.search(r"resources: .*", blocks[rule]).group(0)
+                 for rule in ("evaluate", "geometry", "evolution_geometry")}
+        return {rule: ("gpu=1" in line) for rule, line in found.items()}
+
+    config = tiny_config()
+    assert not any(gpus(config).values())  # the tiny config runs on the CPU
+    config["evaluation"]["device"] = config["geometry"]["device"] = "cuda"
+    config.setdefault("resources", {})["train_gpus"] = 1
+    assert all(gpus(config).values())
+    config["resources"]["train_gpus"] = 0
+    assert not any(gpus(config).values())
