@@ -42,6 +42,22 @@ def test_hidden_states_are_not_returned_unless_asked():
     assert out.hidden_states is None and out.loss is None
 
 
+def test_hidden_states_alone_skip_the_head_and_are_the_same(monkeypatch):
+    """The geometry asks for hidden states without logits: the same states, bit for bit,
+    and the LM head never runs (at GPT-2 small, batch 32 x 1024, its logits are 6 GB)."""
+    model = build().eval()
+    idx = torch.randint(0, 101, (2, 7))
+    full = model(idx, return_hidden_states=True)
+    calls = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, b=None: calls.append(w.shape) or real_linear(x, w, b))
+    alone = model(idx, return_hidden_states=True, return_logits=False)
+    assert alone.logits is None and alone.loss is None
+    assert all(torch.equal(a, b) for a, b in zip(full.hidden_states, alone.hidden_states))
+    assert not any(shape[0] == model.config.vocab_size for shape in calls)  # no (vocab x d) product
+
+
 def test_pre_and_post_ln_give_different_outputs_from_identical_weights():
     pre, post = build(norm_position="pre"), build(norm_position="post")
     post.load_state_dict(pre.state_dict())

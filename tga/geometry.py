@@ -393,7 +393,7 @@ _TWONN = ("twonn", "twonn_mle")
 
 def _forward_hidden(model: torch.nn.Module, idx: torch.Tensor, n_total: int) -> torch.Tensor:
     """The ``(L, B, T, d)`` hidden states of a ``(B, T)`` batch of ids."""
-    hs = model(idx, return_hidden_states=True).hidden_states
+    hs = model(idx, return_hidden_states=True, return_logits=False).hidden_states  # no LM head: unused here
     if hs is None or len(hs) != n_total:
         got = None if hs is None else len(hs)
         raise GeometryError(f"model returned {got} hidden states, expected n_layer + 2 = {n_total}")

@@ -308,13 +308,15 @@ class Transformer(nn.Module):
 
         ``return_logits=False`` (training) computes the loss through the fused,
         chunked head (:mod:`tga.lm_head`), which never holds the full logits, and
-        returns no logits. Otherwise (evaluation, analysis) the logits are computed
-        in full and the loss is F.cross_entropy over them, the exact reference."""
+        returns no logits; without targets (the geometry: hidden states only) it skips
+        the head. Otherwise (evaluation) the logits are computed in full and the loss
+        is F.cross_entropy over them, the exact reference."""
         _, seq = idx.shape
         if seq > self.config.block_size:
             raise ValueError(f"sequence of {seq} tokens exceeds block_size={self.config.block_size}")
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False computes only the loss: give targets")
+        if not return_logits and targets is None and not return_hidden_states:
+            raise ValueError("return_logits=False computes only the loss or the hidden states: give targets, "
+                             "or return_hidden_states=True")
         x = self.token_embedding(idx)
         if self.position_embedding is not None:
             x = x + self.position_embedding(torch.arange(seq, device=idx.device))
@@ -333,6 +335,8 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if hidden is not None:
             hidden.append(x)
+        if not return_logits and targets is None:  # hidden states only: no head
+            return ModelOutput(None, None, hidden, sums)
         vocab = self.config.vocab_size
         if not return_logits and self.loss_head == "chunked":
             loss = chunked_cross_entropy(x, self.token_embedding.weight, self.logit_bias, targets, vocab,

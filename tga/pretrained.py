@@ -225,13 +225,13 @@ class HFCausalLM:
         return [h.to("cpu", torch.float32) for h in mapped]
 
     def __call__(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                 return_hidden_states: bool = False) -> Any:
-        return self.forward(idx, targets, return_hidden_states)
+                 return_hidden_states: bool = False, return_logits: bool = True) -> Any:
+        return self.forward(idx, targets, return_hidden_states, return_logits)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                return_hidden_states: bool = False) -> Any:
-        """tga's ``ModelOutput``: the hidden states when asked for (no logits: the
-        geometry never reads them), or the mean NLL of ``targets`` (-100 = not scored),
+                return_hidden_states: bool = False, return_logits: bool = True) -> Any:
+        """tga's ``ModelOutput``: the hidden states when asked for (no logits, whatever
+        ``return_logits`` says: the geometry never reads them), or the mean NLL of ``targets`` (-100 = not scored),
         computed in float32 over micro-batches whose logits stay under
         :data:`LOGITS_BYTES`; ``logits`` is then None (only the loss is used)."""
         import torch
