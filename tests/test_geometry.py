@@ -43,7 +43,7 @@ class FakeModel(nn.Module):
         self.grad_enabled_in_forward: list[bool] = []
         self.training_in_forward: list[bool] = []
 
-    def forward(self, idx, targets=None, return_hidden_states=False):
+    def forward(self, idx, targets=None, return_hidden_states=False, return_logits=True):
         self.forward_calls.append(tuple(idx.shape))
         self.grad_enabled_in_forward.append(torch.is_grad_enabled())
         self.training_in_forward.append(self.training)
@@ -54,7 +54,8 @@ class FakeModel(nn.Module):
             hs.append(x)
         x = self.norm(x)
         hs.append(x)
-        return SimpleNamespace(logits=x, loss=None, hidden_states=hs if return_hidden_states else None)
+        return SimpleNamespace(logits=x if return_logits else None, loss=None,
+                               hidden_states=hs if return_hidden_states else None)
 
 
 class CharTok:
