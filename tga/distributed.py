@@ -253,9 +253,10 @@ def launch_training(job: dict[str, Any], gpus_per_node: int, nodes: int = 1) -> 
     command = torchrun_command(job_file, per_node, nodes)
     # On one node with more GPUs than the job's, it claims its own (tga.gpu_slots); the
     # ranks see exactly those. On several nodes SLURM's allocation is the job's.
-    device_setting = str(job["settings"]["training"].get("device", "auto")) if nodes == 1 else "cpu"
+    claim = (launcher_environment(str(job["settings"]["training"].get("device", "auto")), per_node) if nodes == 1
+             else nullcontext())
     try:
-        with launcher_environment(device_setting, per_node) as env:
+        with claim as env:
             if env is not None:
                 print(f"tga train: on GPUs {env['CUDA_VISIBLE_DEVICES']} (claimed)", file=sys.stderr, flush=True)
             print(f"tga train: {' '.join(command)}", file=sys.stderr, flush=True)

@@ -240,6 +240,30 @@ def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
 
 
+def _repeats_earlier(rows: torch.Tensor, start: int) -> torch.Tensor:
+    """``(..., B)``: whether each point of distance rows ``(..., B, T)`` (points ``start``
+    to ``start + B - 1``) coincides with an earlier point (an exact 0 distance, ``j < i``)."""
+    b, t = rows.shape[-2:]
+    earlier = torch.arange(t, device=rows.device)[None, :] < torch.arange(start, start + b, device=rows.device)[:, None]
+    return ((rows == 0) & earlier).any(dim=-1)
+
+
+def _two_nearest(rows: torch.Tensor, start: int, dup: torch.Tensor) -> torch.Tensor:
+    """``(..., B, 2)``: the first and second nearest-neighbour distances of those rows'
+    points, neither the point itself nor a repeated point (``dup``: ``(..., T)``)."""
+    b, t = rows.shape[-2:]
+    itself = torch.arange(t, device=rows.device)[None, :] == torch.arange(start, start + b, device=rows.device)[:, None]
+    d = rows.masked_fill(itself, math.inf).masked_fill(dup.unsqueeze(-2), math.inf)
+    return torch.topk(d, k=2, dim=-1, largest=False).values
+
+
+def _kept_log_mu(r: torch.Tensor, dup: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, ``log(r2 / r1)`` of the points that repeat no earlier one."""
+    keep = ~dup & torch.isfinite(r[..., 1])
+    log_mu = torch.log(r[..., 1] / r[..., 0].clamp_min(EPS))
+    return [log_mu[layer][keep[layer]] for layer in range(r.shape[0])]
+
+
 def _twonn_log_mu(dist: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, ``log(r2 / r1)`` of every point, exact duplicates kept once.
 
@@ -248,15 +272,8 @@ def _twonn_log_mu(dist: torch.Tensor) -> list[torch.Tensor]:
     repeated tokens, so in the pipeline this guard only matters for distinct tokens that
     coincide.
     """
-    _, t, _ = dist.shape
-    eye = torch.eye(t, dtype=torch.bool, device=dist.device)
-    earlier = torch.ones(t, t, dtype=torch.bool, device=dist.device).tril(-1)  # j < i
-    dup = ((dist == 0) & earlier).any(dim=-1)  # (L, T)
-    d = dist.masked_fill(eye, math.inf).masked_fill(dup.unsqueeze(-2), math.inf)
-    r = torch.topk(d, k=2, dim=-1, largest=False).values  # (L, T, 2)
-    keep = ~dup & torch.isfinite(r[..., 1])
-    log_mu = torch.log(r[..., 1] / r[..., 0].clamp_min(EPS))
-    return [log_mu[layer][keep[layer]] for layer in range(dist.shape[0])]
+    dup = _repeats_earlier(dist, 0)  # (L, T)
+    return _kept_log_mu(_two_nearest(dist, 0, dup), dup)
 
 
 def _twonn_fit(log_mu: torch.Tensor) -> float:
@@ -456,29 +473,19 @@ def _twonn_log_mu_blockwise(x: torch.Tensor) -> list[torch.Tensor]:
     """:func:`_twonn_log_mu` of points ``(L, T, d)`` without the ``(L, T, T)`` distance
     matrices: per layer, :data:`DISTANCE_BLOCK_ELEMENTS` distances at a time, in two
     passes (which points repeat an earlier one; then each point's two nearest among the
-    rest). Every distance is computed as the whole matrix computes it, so the numbers are
-    the same; only memory differs (thousands of pooled test-window tokens)."""
+    rest), with the same steps on each block. Every distance is computed as the whole
+    matrix computes it, so the numbers are the same; only memory differs (thousands of
+    pooled test-window tokens)."""
     n = x.shape[1]
     rows = max(1, DISTANCE_BLOCK_ELEMENTS // n)
-    columns = torch.arange(n, device=x.device)
     out: list[torch.Tensor] = []
     for points in x:
         def blocks() -> Iterator[tuple[int, torch.Tensor]]:
             for start in range(0, n, rows):
-                block = points[start:start + rows]
-                yield start, torch.cdist(block, points, compute_mode="donot_use_mm_for_euclid_dist")
-        dup = torch.zeros(n, dtype=torch.bool, device=x.device)
-        for start, dist in blocks():
-            earlier = columns[None, :] < columns[start:start + dist.shape[0], None]
-            dup[start:start + dist.shape[0]] = ((dist == 0) & earlier).any(dim=-1)
-        r = torch.empty(n, 2, dtype=x.dtype, device=x.device)
-        for start, dist in blocks():
-            b = dist.shape[0]
-            dist[torch.arange(b, device=x.device), columns[start:start + b]] = math.inf
-            dist[:, dup] = math.inf
-            r[start:start + b] = torch.topk(dist, k=2, dim=-1, largest=False).values
-        keep = ~dup & torch.isfinite(r[:, 1])
-        out.append(torch.log(r[:, 1] / r[:, 0].clamp_min(EPS))[keep])
+                yield start, torch.cdist(points[start:start + rows], points, compute_mode="donot_use_mm_for_euclid_dist")
+        dup = torch.cat([_repeats_earlier(dist, start) for start, dist in blocks()])
+        r = torch.cat([_two_nearest(dist, start, dup) for start, dist in blocks()])
+        out += _kept_log_mu(r[None], dup[None])
     return out
 
 
